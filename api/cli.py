@@ -1,0 +1,174 @@
+"""The ``shapfleet`` command line.
+
+``shapfleet explain`` runs the whole pipeline in this process. Engine flags are defined once
+(:func:`add_engine_arguments`) so that every command that takes them means the same thing.
+Errors a user can cause print ``shapfleet: error: ...`` and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from workers.engine.errors import InvalidSettingsError, ShapfleetError
+from workers.engine.settings import (
+    CHANNEL_ORDERS,
+    LAYOUTS,
+    OUTPUT_TRANSFORMS,
+    PREPROCESS_PRESETS,
+    SEGMENTERS,
+    ExplainSettings,
+)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The explanation settings, shared by every command that runs or submits an explanation."""
+    seg = parser.add_argument_group("superpixels")
+    seg.add_argument("--segmenter", choices=SEGMENTERS, default="slic")
+    seg.add_argument("--segments", metavar="FILE", help="a label image (.npy or .png) instead of a segmenter")
+    seg.add_argument("--n-segments", type=int, default=50, help="slic: approximate number of superpixels")
+    seg.add_argument("--compactness", type=float, default=10.0, help="slic: colour versus space (higher: squarer)")
+    seg.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing before segmenting")
+    seg.add_argument("--grid", default="8x8", metavar="ROWSxCOLS", help="grid: cells")
+    seg.add_argument("--kernel-size", type=float, default=4.0, help="quickshift: kernel size")
+    seg.add_argument("--max-dist", type=float, default=10.0, help="quickshift: cut-off distance")
+    seg.add_argument("--ratio", type=float, default=0.5, help="quickshift: colour versus space")
+    seg.add_argument("--scale", type=float, default=100.0, help="felzenszwalb: scale (higher: larger segments)")
+    seg.add_argument("--min-size", type=int, default=50, help="felzenszwalb: minimum segment size")
+    game = parser.add_argument_group("masking and classes")
+    game.add_argument("--masker", default="mean",
+                      help="mean | constant:V | constant:R,G,B | blur:KX,KY | inpaint_telea | inpaint_ns | "
+                           "image:PATH | dataset:PATH.npz (default: mean)")
+    classes = game.add_mutually_exclusive_group()
+    classes.add_argument("--labels", type=_int_list, metavar="I,J", help="explain these class indices")
+    classes.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes")
+    classes.add_argument("--all-classes", action="store_true", help="explain every class")
+    game.add_argument("--class-names", metavar="FILE", help="class names: a JSON list or one name per line")
+    est = parser.add_argument_group("estimation")
+    est.add_argument("--nsamples", type=int, help="coalition evaluations (default 2M + 2048, as shap's auto)")
+    est.add_argument("--seed", type=int, default=0)
+    est.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    mod = parser.add_argument_group("model input")
+    mod.add_argument("--layout", choices=LAYOUTS, default="auto")
+    mod.add_argument("--channel-order", choices=CHANNEL_ORDERS, default="rgb")
+    mod.add_argument("--resize", metavar="N|HxW", help="resize the short side to N, or to exactly HxW")
+    mod.add_argument("--center-crop", metavar="N|HxW", help="crop the centre after resizing")
+    mod.add_argument("--preprocess", choices=sorted(PREPROCESS_PRESETS), default=None,
+                     help="(pixel - mean) / std presets: unit (0, 255), raw (0, 1), centered (127, 128), "
+                          "imagenet; default unit")
+    mod.add_argument("--mean", type=_float_list, metavar="M[,M,M]", help="explicit per-channel mean (0..255 units)")
+    mod.add_argument("--std", type=_float_list, metavar="S[,S,S]", help="explicit per-channel std (0..255 units)")
+    mod.add_argument("--output", choices=OUTPUT_TRANSFORMS, default="raw", help="transform the model's outputs")
+
+
+def read_class_names(path: str) -> tuple[str, ...]:
+    """A JSON list of names, or one name per line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidSettingsError(f"cannot read the class names file {path}: {e.strerror or e}") from e
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            names = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise InvalidSettingsError(f"{path} is not a JSON list: {e}") from e
+        if not isinstance(names, list) or not all(isinstance(n, (str, int, float)) for n in names):
+            raise InvalidSettingsError(f"{path} must hold a JSON list of names")
+        return tuple(str(n) for n in names)
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def settings_from_args(args: argparse.Namespace) -> ExplainSettings:
+    if args.preprocess is not None and (args.mean is not None or args.std is not None):
+        raise InvalidSettingsError("give either --preprocess or --mean/--std, not both")
+    return ExplainSettings(
+        segmenter=args.segmenter, n_segments=args.n_segments, compactness=args.compactness, sigma=args.sigma,
+        grid=args.grid, quickshift_kernel_size=args.kernel_size, quickshift_max_dist=args.max_dist,
+        quickshift_ratio=args.ratio, felzenszwalb_scale=args.scale, felzenszwalb_min_size=args.min_size,
+        masker=args.masker, labels=args.labels, top_k=args.top_k, all_classes=args.all_classes,
+        nsamples=args.nsamples, seed=args.seed, batch_size=args.batch_size, layout=args.layout,
+        channel_order=args.channel_order, resize=args.resize, center_crop=args.center_crop,
+        preprocess=None if args.mean is not None else (args.preprocess or "unit"), mean=args.mean, std=args.std,
+        output=args.output, class_names=read_class_names(args.class_names) if args.class_names else None,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shapfleet", description="SHAP explanations of ONNX image classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    explain = commands.add_parser("explain", help="explain images in this process (no services needed)",
+                                  description="Explain each IMAGE for an ONNX classifier, in this process.")
+    explain.add_argument("images", nargs="+", metavar="IMAGE")
+    explain.add_argument("--model", required=True, metavar="MODEL.onnx")
+    explain.add_argument("--out", metavar="DIR", help="write attributions.npz and PNGs here")
+    explain.add_argument("--shards", type=int, help="split the coalitions into this many shards (default: --workers)")
+    explain.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    explain.add_argument("--threads", type=int, help="onnxruntime threads per process")
+    explain.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_arguments(explain)
+    explain.set_defaults(handler=run_explain)
+    return parser
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from workers.engine.local import explain
+    from workers.engine.progress import ProgressBar
+
+    if args.workers < 1:
+        raise InvalidSettingsError(f"--workers must be >= 1, got {args.workers}")
+    if args.shards is not None and args.shards < 1:
+        raise InvalidSettingsError(f"--shards must be >= 1, got {args.shards}")
+    settings = settings_from_args(args)
+    runs = explain(args.images, args.model, settings, segments=args.segments, shards=args.shards,
+                   workers=args.workers, out_dir=args.out, threads=args.threads,
+                   progress=None if args.quiet else (lambda total, label: ProgressBar(total, label)))
+    summaries = []
+    for run in runs:
+        summary = {"image": run.source, **run.explanation.summary()}
+        if run.out_dir is not None:
+            summary["out"] = str(run.out_dir)
+            summary["artifacts"] = sorted(run.artifacts)
+        summaries.append(summary)
+    json.dump(summaries[0] if len(summaries) == 1 else summaries, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ShapfleetError as e:
+        print(f"shapfleet: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"shapfleet: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shapfleet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

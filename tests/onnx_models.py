@@ -1,0 +1,95 @@
+"""Small ONNX models built with onnx.helper, whose behaviour the tests know exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _model(nodes, inputs, outputs, initializers) -> bytes:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _image_input(height: int, width: int, channels: int, layout: str, batch="N", dtype=TensorProto.FLOAT):
+    shape = [batch, channels, height, width] if layout == "nchw" else [batch, height, width, channels]
+    return helper.make_tensor_value_info("image", dtype, shape)
+
+
+def linear_model(weights: np.ndarray, bias: np.ndarray, layout: str = "nchw", double: bool = False) -> bytes:
+    """f(x) = sum_p W[p, k] x_p + bias_k, with ``weights`` of shape H x W x C x K in pixel order
+    (whatever the input layout) so the test can compute Shapley values in closed form. ``double``
+    builds it in float64, so that comparisons are not limited by float32 round-off."""
+    height, width, channels, classes = weights.shape
+    ordered = weights.transpose(2, 0, 1, 3) if layout == "nchw" else weights
+    numpy_type, onnx_type = (np.float64, TensorProto.DOUBLE) if double else (np.float32, TensorProto.FLOAT)
+    matrix = ordered.reshape(-1, classes).astype(numpy_type)
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["scores"]),
+    ]
+    inits = [numpy_helper.from_array(matrix, "W"), numpy_helper.from_array(bias.astype(numpy_type), "b")]
+    return _model(nodes, [_image_input(height, width, channels, layout, dtype=onnx_type)],
+                  [helper.make_tensor_value_info("scores", onnx_type, ["N", classes])], inits)
+
+
+def conv_model(height: int, width: int, channels: int = 3, classes: int = 3, layout: str = "nchw", seed: int = 0,
+               double: bool = False) -> bytes:
+    """Conv(4 filters, 3x3) -> ReLU -> Flatten -> Gemm -> Softmax: a small non-linear classifier
+    (weights scaled for inputs of order 1, i.e. ``--preprocess unit``)."""
+    rng = np.random.default_rng(seed)
+    numpy_type, onnx_type = (np.float64, TensorProto.DOUBLE) if double else (np.float32, TensorProto.FLOAT)
+    filters = 4
+    kernel = rng.normal(0, 0.5, (filters, channels, 3, 3)).astype(numpy_type)
+    conv_bias = rng.normal(0, 0.1, filters).astype(numpy_type)
+    dense = rng.normal(0, 3.0 / np.sqrt(filters * height * width), (filters * height * width, classes)).astype(numpy_type)
+    dense_bias = rng.normal(0, 0.1, classes).astype(numpy_type)
+    nodes = []
+    source = "image"
+    if layout == "nhwc":
+        nodes.append(helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]))
+        source = "nchw"
+    nodes += [
+        helper.make_node("Conv", [source, "K", "kb"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("Flatten", ["relu"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "D", "db"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((kernel, "K"), (conv_bias, "kb"), (dense, "D"), (dense_bias, "db"))]
+    return _model(nodes, [_image_input(height, width, channels, layout, dtype=onnx_type)],
+                  [helper.make_tensor_value_info("probs", onnx_type, ["N", classes])], inits)
+
+
+def nan_model(height: int, width: int, channels: int = 3) -> bytes:
+    """Returns NaN for every input: log(-1 - |x|) per class."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
+        helper.make_node("Abs", ["flat"], ["absval"]),
+        helper.make_node("Sub", ["minus_one", "absval"], ["negative"]),
+        helper.make_node("Log", ["negative"], ["out"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([-1.0], np.float32), "minus_one")]
+    return _model(nodes, [_image_input(height, width, channels, "nchw")],
+                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", channels])], inits)
+
+
+def two_input_model(height: int, width: int) -> bytes:
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Flatten", ["s"], ["out"], axis=1)]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3, height, width]) for name in ("a", "b")]
+    return _model(nodes, inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", None])], [])
+
+
+def vector_input_model(features: int = 10) -> bytes:
+    """A model whose single input is a feature vector, not an image."""
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])], [])

@@ -1,0 +1,173 @@
+"""KernelSHAP as a constrained regression, from shard-additive statistics.
+
+With A = E_p[z z^T] and b = E_p[z (v(z) - v(0))] (one column per class), the Shapley values solve
+
+    min_phi E_p[(v(z) - v(0) - z^T phi)^2]   subject to   1^T phi = v(1) - v(0),
+
+    phi = A^-1 (b - 1 (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1)).
+
+A and b are expectations, so shards return sums: exactly weighted sums over enumerated coalitions
+(weights p(z)) and plain sums over sampled ones (the reducer scales them by q_R / N_S). Summing the
+shards in index order gives the single-process statistics, hence the same phi. Sampled rows are also
+kept (as packed bits and their centred values) so that the reducer can form per-group statistics for
+the delete-a-group jackknife: with G groups of sample blocks,
+
+    Var(phi) ~ (G - 1) / G * sum_g (phi_(-g) - mean_g phi_(-g))^2.
+
+Enumerated coalitions are not random and contribute no variance: an exact answer has std 0.
+All arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from .design import CoalitionDesign
+from .errors import EstimationError
+
+#: Above this condition number the regression is treated as singular.
+MAX_CONDITION = 1e12
+
+
+@dataclass
+class ShardStatistics:
+    """One shard's additive statistics (M players, K classes)."""
+
+    shard_index: int
+    n_coalitions: int
+    n_evaluations: int
+    enumerated_zz: np.ndarray  # M x M, sum of p(z) z z^T over enumerated coalitions
+    enumerated_zy: np.ndarray  # M x K, sum of p(z) z (v(z) - v(0))
+    sampled_zz: np.ndarray  # M x M, sum of z z^T over sampled coalitions
+    sampled_zy: np.ndarray  # M x K, sum of z (v(z) - v(0))
+    sampled_count: int
+    sampled_block: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s
+    sampled_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_s x ceil(M/8)
+    sampled_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n_s x K
+
+    @classmethod
+    def zeros(cls, shard_index: int, n_players: int, n_classes: int) -> "ShardStatistics":
+        m, k = n_players, n_classes
+        return cls(shard_index, 0, 0, np.zeros((m, m)), np.zeros((m, k)), np.zeros((m, m)), np.zeros((m, k)), 0,
+                   np.zeros(0, np.int64), np.zeros((0, (m + 7) // 8), np.uint8), np.zeros((0, k)))
+
+    def add_enumerated(self, z: np.ndarray, weights: np.ndarray, y: np.ndarray) -> None:
+        zf = z.astype(np.float64)
+        weighted = zf * weights[:, None]
+        self.enumerated_zz += weighted.T @ zf
+        self.enumerated_zy += weighted.T @ y
+        self.n_coalitions += len(z)
+
+    def add_sampled(self, z: np.ndarray, block: int, y: np.ndarray) -> None:
+        zf = z.astype(np.float64)
+        self.sampled_zz += zf.T @ zf
+        self.sampled_zy += zf.T @ y
+        self.sampled_count += len(z)
+        self.n_coalitions += len(z)
+        self.sampled_block = np.concatenate([self.sampled_block, np.full(len(z), block, np.int64)])
+        self.sampled_bits = np.concatenate([self.sampled_bits, np.packbits(z, axis=1)])
+        self.sampled_y = np.concatenate([self.sampled_y, y])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ShardStatistics":
+        values = {f.name: arrays[f.name] for f in fields(cls)}
+        for name in ("shard_index", "n_coalitions", "n_evaluations", "sampled_count"):
+            values[name] = int(values[name])
+        return cls(**values)
+
+
+def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
+    """Sum shard statistics in shard-index order after checking that indices 0..n_shards-1 each
+    arrived exactly once (a duplicate or a missing shard is an error, never silently absorbed)."""
+    indices = sorted(s.shard_index for s in shards)
+    if indices != list(range(n_shards)):
+        raise EstimationError(f"expected shard statistics 0..{n_shards - 1} once each, got indices {indices}")
+    ordered = sorted(shards, key=lambda s: s.shard_index)
+    total = ordered[0]
+    total = ShardStatistics(-1, total.n_coalitions, total.n_evaluations, total.enumerated_zz.copy(),
+                            total.enumerated_zy.copy(), total.sampled_zz.copy(), total.sampled_zy.copy(),
+                            total.sampled_count, total.sampled_block, total.sampled_bits, total.sampled_y)
+    for shard in ordered[1:]:
+        total.n_coalitions += shard.n_coalitions
+        total.n_evaluations += shard.n_evaluations
+        total.enumerated_zz += shard.enumerated_zz
+        total.enumerated_zy += shard.enumerated_zy
+        total.sampled_zz += shard.sampled_zz
+        total.sampled_zy += shard.sampled_zy
+        total.sampled_count += shard.sampled_count
+        total.sampled_block = np.concatenate([total.sampled_block, shard.sampled_block])
+        total.sampled_bits = np.concatenate([total.sampled_bits, shard.sampled_bits])
+        total.sampled_y = np.concatenate([total.sampled_y, shard.sampled_y])
+    return total
+
+
+def solve_constrained(a: np.ndarray, b: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """phi = A^-1 (b - 1 (1^T A^-1 b - total) / (1^T A^-1 1)): the minimiser of the quadratic form
+    phi^T A phi - 2 b^T phi subject to 1^T phi = total, column by column. Arrays in, array out."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    m = a.shape[0]
+    if m == 0:
+        raise EstimationError("there are no superpixels to explain")
+    condition = np.linalg.cond(a)
+    if not np.isfinite(condition) or condition > MAX_CONDITION:
+        raise EstimationError(
+            "the coalitions evaluated do not determine every superpixel's value (the regression is "
+            f"singular, condition number {condition:.3g}); increase nsamples or use fewer superpixels"
+        )
+    solved = np.linalg.solve(a, np.column_stack([b, np.ones(m)]))
+    a_inv_b, a_inv_1 = solved[:, :-1], solved[:, -1]
+    correction = (a_inv_b.sum(axis=0) - np.asarray(total, dtype=np.float64)) / a_inv_1.sum()
+    return a_inv_b - np.outer(a_inv_1, correction)
+
+
+def _regression(design: CoalitionDesign, stats: ShardStatistics, sampled_zz: np.ndarray,
+                sampled_zy: np.ndarray, n_sampled: int) -> tuple[np.ndarray, np.ndarray]:
+    scale = design.sampled_mass / n_sampled if n_sampled else 0.0
+    return stats.enumerated_zz + scale * sampled_zz, stats.enumerated_zy + scale * sampled_zy
+
+
+@dataclass(frozen=True)
+class Estimate:
+    values: np.ndarray  # M x K
+    std: np.ndarray  # M x K (0 where exact; NaN where fewer than 2 sample groups)
+    additivity_residual: np.ndarray  # K: sum(values) - (v(1) - v(0))
+
+
+def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray) -> Estimate:
+    """Shapley values and jackknife standard errors from combined statistics."""
+    v_empty = np.asarray(v_empty, dtype=np.float64)
+    v_full = np.asarray(v_full, dtype=np.float64)
+    total = v_full - v_empty
+    m = design.n_players
+    if m == 1:
+        values = total[None, :].copy()
+        return Estimate(values, np.zeros_like(values), np.zeros_like(total))
+    a, b = _regression(design, stats, stats.sampled_zz, stats.sampled_zy, stats.sampled_count)
+    values = solve_constrained(a, b, total)
+    std = np.zeros_like(values) if stats.sampled_count == 0 else _jackknife_std(design, stats, total)
+    return Estimate(values, std, values.sum(axis=0) - total)
+
+
+def _jackknife_std(design: CoalitionDesign, stats: ShardStatistics, total: np.ndarray) -> np.ndarray:
+    groups = design.n_groups
+    m, k = stats.sampled_zy.shape
+    if groups < 2:
+        return np.full((m, k), np.nan)
+    z = np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(np.float64)
+    membership = stats.sampled_block % groups
+    replicates = []
+    for g in range(groups):
+        rows = membership == g
+        zg = z[rows]
+        a, b = _regression(design, stats, stats.sampled_zz - zg.T @ zg, stats.sampled_zy - zg.T @ stats.sampled_y[rows],
+                           stats.sampled_count - int(rows.sum()))
+        replicates.append(solve_constrained(a, b, total))
+    replicates = np.stack(replicates)
+    variance = (groups - 1) / groups * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0)
+    return np.sqrt(variance)

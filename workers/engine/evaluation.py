@@ -1,0 +1,62 @@
+"""Shard evaluation: compose masked images for a shard's coalitions, run the model, accumulate statistics.
+
+``evaluate_shard`` is pure apart from calling ``predict``: the same plan and shard index give the same
+statistics on any machine. ``predict(images) -> outputs`` takes float32 ``B x H x W x C`` pixels
+(0..255) and returns ``B x classes`` outputs; onnxruntime is one such callable, a test's linear
+model is another.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import Canceled, ModelOutputError
+from .estimation import ShardStatistics
+from .planning import JobPlan
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray) -> np.ndarray:
+    """v(z) for a batch of coalitions (``B x M`` bool): the mean model output over the masker's
+    backgrounds for the explained classes, ``B x K`` float64."""
+    pixel_masks = coalitions[:, plan.segments]
+    composites = plan.masker.compose(plan.image, pixel_masks)
+    outputs = np.asarray(predict(composites), dtype=np.float64)
+    if outputs.ndim != 2 or outputs.shape[0] != len(composites):
+        raise ModelOutputError(f"predict returned shape {outputs.shape} for {len(composites)} images")
+    if not np.all(np.isfinite(outputs)):
+        raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
+    per_background = outputs.reshape(len(coalitions), plan.masker.n_backgrounds, -1)
+    return per_background.mean(axis=1)[:, plan.classes]
+
+
+def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
+                   on_progress: Callable[[int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> ShardStatistics:
+    """Evaluate shard ``shard_index`` of ``plan.n_shards`` and return its additive statistics.
+
+    ``on_progress(n)`` is called after every model batch with the number of model evaluations it
+    made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true.
+    """
+    units = plan.shard_units[shard_index]
+    stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
+    per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
+    for unit in units:
+        z, weights = plan.design.coalitions(unit)
+        for start in range(0, len(z), per_batch):
+            if should_stop is not None and should_stop():
+                raise Canceled(f"shard {shard_index} stopped: the job was canceled")
+            zb = z[start:start + per_batch]
+            y = game_values(plan, predict, zb) - plan.v_empty
+            if unit.kind == "enumerated":
+                stats.add_enumerated(zb, weights[start:start + per_batch], y)
+            else:
+                stats.add_sampled(zb, unit.block, y)
+            evaluations = len(zb) * plan.masker.n_backgrounds
+            stats.n_evaluations += evaluations
+            if on_progress is not None:
+                on_progress(evaluations)
+    return stats

@@ -1,0 +1,124 @@
+"""Reading images into float32 ``H x W x C`` arrays of 0..255 pixels, and fitting them to a model.
+
+Decoding is guarded: a pixel-count limit is checked from the header before any pixel is decoded
+(decompression bombs), and truncated or unreadable files raise :class:`ImageError`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+from .settings import parse_size
+
+#: Images with more pixels than this are refused before decoding.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def load_image(source: str | os.PathLike[str] | bytes | BinaryIO, channels: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an image file to a float32 ``H x W x channels`` array of 0..255 pixels.
+
+    ``channels`` is 1 (greyscale, ITU-R 601 luma) or 3 (RGB); alpha is dropped. ``.npy`` files are
+    read as arrays in pixel units (``H x W`` or ``H x W x C``).
+    """
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npy"):
+        try:
+            array = np.load(source, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ImageError(f"cannot read {name}: {e}") from e
+        return as_pixel_array(array, channels, name)
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{name} has {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+                if width == 0 or height == 0:
+                    raise ImageError(f"{name} is empty ({width}x{height})")
+                image.load()
+                converted = image.convert("L" if channels == 1 else "RGB")
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f"no such image file: {name}") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot read {name} as an image: {e}") from e
+    return as_pixel_array(np.asarray(converted), channels, name)
+
+
+def as_pixel_array(array: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
+    """Check and convert an ``H x W`` or ``H x W x C`` array to float32 ``H x W x channels``."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageError(f"{name} must be an H x W or H x W x C array with H, W > 0, got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+        raise ImageError(f"{name} must hold finite numbers")
+    if array.shape[2] == channels:
+        pass
+    elif array.shape[2] == 1 and channels == 3:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] in (3, 4) and channels == 1:
+        array = (array[:, :, :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))[:, :, None]
+    elif array.shape[2] == 4 and channels == 3:
+        array = array[:, :, :3]
+    else:
+        raise ImageError(f"{name} has {array.shape[2]} channels; the model takes {channels}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    channels = image.shape[2]
+    planes = [
+        np.asarray(Image.fromarray(image[:, :, c].astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+        for c in range(channels)
+    ]
+    return np.stack(planes, axis=2).astype(np.float32)
+
+
+def fit_to_model(image: np.ndarray, model_size: tuple[int | None, int | None], resize: str | None,
+                 center_crop: str | None, name: str = "image") -> np.ndarray:
+    """Apply ``resize`` (``N``: short side to N; ``HxW``: exactly) then ``center_crop`` (``N`` or
+    ``HxW``), and check the result against the model's input size (``None`` = any size).
+
+    This is torchvision's ``Resize(N)`` + ``CenterCrop(S)`` convention, so ``resize="256",
+    center_crop="224"`` reproduces the usual ImageNet evaluation transform.
+    """
+    if resize is not None:
+        size = parse_size(resize, "resize")
+        h, w = image.shape[:2]
+        if isinstance(size, int):
+            scale = size / min(h, w)
+            target = (max(1, round(h * scale)), max(1, round(w * scale)))
+        else:
+            target = size
+        if target != (h, w):
+            image = _resize(image, *target)
+    if center_crop is not None:
+        size = parse_size(center_crop, "center_crop")
+        ch, cw = (size, size) if isinstance(size, int) else size
+        h, w = image.shape[:2]
+        if ch > h or cw > w:
+            raise ImageError(f"{name} is {h}x{w}, smaller than the centre crop {ch}x{cw}; resize it first")
+        top, left = (h - ch) // 2, (w - cw) // 2
+        image = image[top:top + ch, left:left + cw]
+    want_h, want_w = model_size
+    h, w = image.shape[:2]
+    if (want_h is not None and want_h != h) or (want_w is not None and want_w != w):
+        wanted = f"{want_h or h}x{want_w or w}"
+        raise ImageError(
+            f"{name} is {h}x{w} (HxW) but the model takes {wanted}; pass --resize {wanted} to resize it, "
+            f"or --resize N --center-crop {wanted} to resize the short side and crop"
+        )
+    return np.ascontiguousarray(image, dtype=np.float32)

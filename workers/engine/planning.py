@@ -1,0 +1,160 @@
+"""Planning an explanation: segment, build the masker, evaluate v(full) and v(empty), pick the classes,
+and fix the coalition design and its split into shards.
+
+A :class:`JobPlan` is everything a shard needs. It converts to plain arrays plus a JSON-able dict
+(``to_arrays``/``metadata``) so that the distributed pipeline can store it once and every worker can
+rebuild it, and so that the in-process path hands the very same object to its shard functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from .design import CoalitionDesign, WorkUnit
+from .errors import InvalidSettingsError, ModelOutputError
+from .maskers import Masker, build_masker, masker_from_arrays
+from .model import transform_outputs
+from .segmentation import segment
+from .settings import ExplainSettings
+
+
+@dataclass
+class JobPlan:
+    """One image's explanation plan (M superpixels, K explained classes)."""
+
+    settings: ExplainSettings
+    image: np.ndarray  # H x W x C float32 pixels, 0..255
+    segments: np.ndarray  # H x W int32, labels 0..M-1
+    masker: Masker
+    classes: np.ndarray  # K class indices
+    class_names: list[str]  # K names
+    full_outputs: np.ndarray  # all classes' outputs on the unmasked image
+    empty_outputs: np.ndarray  # all classes' outputs with every superpixel hidden
+    design: CoalitionDesign
+    n_shards: int
+
+    @property
+    def v_full(self) -> np.ndarray:
+        return self.full_outputs[self.classes]
+
+    @property
+    def v_empty(self) -> np.ndarray:
+        return self.empty_outputs[self.classes]
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def n_players(self) -> int:
+        return self.design.n_players
+
+    @property
+    def planning_evaluations(self) -> int:
+        """Model evaluations spent on v(full) and v(empty)."""
+        return 1 + self.masker.n_backgrounds
+
+    @property
+    def total_evaluations(self) -> int:
+        return self.planning_evaluations + self.design.n_coalitions * self.masker.n_backgrounds
+
+    @cached_property
+    def shard_units(self) -> list[tuple[WorkUnit, ...]]:
+        return self.design.shard_units(self.n_shards)
+
+    def shard_evaluations(self, shard_index: int) -> int:
+        return sum(u.n_coalitions for u in self.shard_units[shard_index]) * self.masker.n_backgrounds
+
+    # -- storage -------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "settings": self.settings.to_dict(),
+            "masker_kind": self.masker.kind,
+            "class_names": list(self.class_names),
+            "design": self.design.to_dict(),
+            "n_shards": self.n_shards,
+        }
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "image": self.image,
+            "segments": self.segments,
+            "classes": np.asarray(self.classes, dtype=np.int64),
+            "full_outputs": self.full_outputs,
+            "empty_outputs": self.empty_outputs,
+            "metadata": np.array(json.dumps(self.metadata())),
+        }
+        if self.masker.backgrounds is not None:
+            arrays["backgrounds"] = self.masker.backgrounds
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "JobPlan":
+        meta = json.loads(str(arrays["metadata"]))
+        backgrounds = arrays["backgrounds"] if "backgrounds" in arrays else None
+        return cls(
+            settings=ExplainSettings.from_dict(meta["settings"]),
+            image=np.asarray(arrays["image"], dtype=np.float32),
+            segments=np.asarray(arrays["segments"], dtype=np.int32),
+            masker=masker_from_arrays(meta["masker_kind"], backgrounds),
+            classes=np.asarray(arrays["classes"], dtype=np.int64),
+            class_names=list(meta["class_names"]),
+            full_outputs=np.asarray(arrays["full_outputs"], dtype=np.float64),
+            empty_outputs=np.asarray(arrays["empty_outputs"], dtype=np.float64),
+            design=CoalitionDesign.from_dict(meta["design"]),
+            n_shards=int(meta["n_shards"]),
+        )
+
+
+def choose_classes(settings: ExplainSettings, full_outputs: np.ndarray) -> np.ndarray:
+    """The explained classes: ``labels``, else the ``top_k`` by output, else all; top-1 by default."""
+    n_classes = len(full_outputs)
+    if settings.labels is not None:
+        bad = [c for c in settings.labels if c >= n_classes]
+        if bad:
+            raise InvalidSettingsError(f"label(s) {bad} out of range: the model has {n_classes} classes (0..{n_classes - 1})")
+        return np.asarray(settings.labels, dtype=np.int64)
+    if settings.all_classes:
+        return np.arange(n_classes, dtype=np.int64)
+    k = settings.top_k or 1
+    if k > n_classes:
+        raise InvalidSettingsError(f"top_k={k} exceeds the model's {n_classes} classes")
+    return np.argsort(-full_outputs, kind="stable")[:k].astype(np.int64)
+
+
+def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], settings: ExplainSettings,
+                     segments: np.ndarray | None = None, n_shards: int = 1,
+                     load_reference: Callable[[str], np.ndarray] | None = None) -> JobPlan:
+    """Plan the explanation of ``image`` (float32 ``H x W x C`` pixels) for ``predict``.
+
+    ``segments`` overrides the segmenter (already validated and renumbered); ``load_reference``
+    reads and fits the ``image:PATH`` masker's reference image.
+    """
+    if segments is None:
+        segments = segment(image, settings)
+    n_players = int(segments.max()) + 1
+    masker = build_masker(settings.masker_spec, image, load_reference)
+    full_outputs = _outputs(predict, image[None])[0]
+    empty = masker.compose(image, np.zeros((1,) + segments.shape, dtype=bool))
+    empty_outputs = _outputs(predict, empty).mean(axis=0)
+    classes = choose_classes(settings, full_outputs)
+    names = settings.class_names
+    if names is not None and len(names) != len(full_outputs):
+        raise InvalidSettingsError(f"{len(names)} class names were given but the model has {len(full_outputs)} classes")
+    class_names = [names[c] if names is not None else f"class {c}" for c in classes]
+    design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
+    plan = JobPlan(settings, image, segments, masker, classes, class_names, full_outputs, empty_outputs, design, 1)
+    plan.n_shards = len(design.shard_units(n_shards))
+    return plan
+
+
+def _outputs(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    out = np.asarray(predict(images), dtype=np.float64)
+    if out.ndim != 2 or out.shape[0] != len(images):
+        raise ModelOutputError(f"the model returned shape {list(out.shape)} for {len(images)} images; expected batch x classes")
+    return transform_outputs(out, "raw")  # checks finiteness; the adapter already applied --output

@@ -1,0 +1,110 @@
+"""Pictures of an explanation, in ``shap.image_plot``'s convention.
+
+The image is drawn in greyscale at low alpha; over it, each pixel's attribution in a map that runs from
+blue (negative) through transparent (zero) to red (positive), on a symmetric scale whose limit is the
+99.9th percentile of |value| (as shap does), with a colour bar. Functions return PNG bytes; nothing
+here solves or stores anything.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .result import Explanation
+
+_BLUE = (0.0, 0.545, 0.984)
+_RED = (1.0, 0.0, 0.318)
+
+
+def _colormap():
+    from matplotlib.colors import LinearSegmentedColormap
+
+    # Opaque blue at -1, transparent at 0, opaque red at +1.
+    colors = [(*(_BLUE if p < 0 else _RED), abs(p)) for p in np.linspace(-1, 1, 101)]
+    return LinearSegmentedColormap.from_list("red_transparent_blue", colors)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    return image[:, :, :3] @ np.array([0.2989, 0.5870, 0.1140])
+
+
+def _scale(values: np.ndarray) -> float:
+    limit = float(np.nanpercentile(np.abs(values), 99.9)) if values.size else 0.0
+    return limit if limit > 0 else 1e-12
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _draw_attribution(ax, image: np.ndarray, pixel_values: np.ndarray, limit: float):
+    ax.imshow(_grey(image), cmap="gray", alpha=0.15, extent=(-1, pixel_values.shape[1], pixel_values.shape[0], -1))
+    mappable = ax.imshow(pixel_values, cmap=_colormap(), vmin=-limit, vmax=limit)
+    ax.axis("off")
+    return mappable
+
+
+def class_overlay_png(explanation: Explanation, k: int) -> bytes:
+    """The overlay for the k-th explained class, with its own symmetric scale and a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    pixel_values = explanation.pixel_values[:, :, k]
+    fig, ax = plt.subplots(figsize=(4.2, 4.6))
+    mappable = _draw_attribution(ax, explanation.image, pixel_values, _scale(pixel_values))
+    probability = explanation.probabilities()[k]
+    ax.set_title(f"{explanation.class_names[k]} (p={probability:.3f})", fontsize=10)
+    bar = fig.colorbar(mappable, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
+    bar.set_label("SHAP value")
+    return _figure_bytes(fig)
+
+
+def summary_png(explanation: Explanation) -> bytes:
+    """The image, then one column per class on a shared symmetric scale (``shap.image_plot``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(explanation.classes)
+    pixel_values = explanation.pixel_values
+    limit = _scale(pixel_values)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3 * (n + 1), 3.6), squeeze=False)
+    image = explanation.image
+    shown = image[:, :, 0] if image.shape[2] == 1 else image
+    axes[0, 0].imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
+    axes[0, 0].axis("off")
+    axes[0, 0].set_title("image", fontsize=10)
+    probabilities = explanation.probabilities()
+    mappable = None
+    for k in range(n):
+        mappable = _draw_attribution(axes[0, k + 1], image, pixel_values[:, :, k], limit)
+        axes[0, k + 1].set_title(f"{explanation.class_names[k]} (p={probabilities[k]:.3f})", fontsize=10)
+    bar = fig.colorbar(mappable, ax=list(axes[0]), orientation="horizontal", fraction=0.05, pad=0.05, aspect=40)
+    bar.set_label("SHAP value")
+    return _figure_bytes(fig)
+
+
+def artifact_name(k: int, class_index: int, class_name: str) -> str:
+    """``class-<index>-<name>.png`` with the name reduced to safe characters."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in class_name.strip())[:40].strip("_")
+    return f"class-{class_index}-{safe}.png" if safe else f"class-{class_index}.png"
+
+
+def render_artifacts(explanation: Explanation) -> dict[str, bytes]:
+    """Every artifact of a result: ``attributions.npz``, ``summary.png`` and one PNG per class."""
+    artifacts = {"attributions.npz": explanation.to_npz_bytes(), "summary.png": summary_png(explanation)}
+    for k, c in enumerate(explanation.classes):
+        artifacts[artifact_name(k, int(c), explanation.class_names[k])] = class_overlay_png(explanation, k)
+    return artifacts

@@ -1,0 +1,120 @@
+"""The explanation result: what the reducer produces, what ``attributions.npz`` holds.
+
+``reduce_shards`` turns a plan and its shards' statistics into an :class:`Explanation`; it is the
+same function in-process and in the fleet's reduce task.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .estimation import ShardStatistics, combine, estimate
+from .planning import JobPlan
+
+
+@dataclass
+class Explanation:
+    """Shapley values of one image's M superpixels for K classes."""
+
+    values: np.ndarray  # M x K
+    std: np.ndarray  # M x K
+    segments: np.ndarray  # H x W
+    image: np.ndarray  # H x W x C pixels (the image as the model saw it, before normalisation)
+    classes: np.ndarray  # K
+    class_names: list[str]
+    base_values: np.ndarray  # K, v(empty)
+    outputs: np.ndarray  # K, v(full)
+    all_outputs: np.ndarray  # every class's output on the unmasked image
+    n_evaluations: int
+    n_coalitions: int
+    exact: bool
+    seed: int
+    settings: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """H x W x K: each pixel carries its superpixel's value."""
+        return self.values[self.segments]
+
+    @property
+    def additivity_residual(self) -> np.ndarray:
+        """K: sum of values minus (v(full) - v(empty)); zero up to round-off by construction."""
+        return self.values.sum(axis=0) - (self.outputs - self.base_values)
+
+    def probabilities(self) -> np.ndarray:
+        """The explained classes' probabilities: the outputs themselves when they already form a
+        distribution, else their softmax over all classes."""
+        out = self.all_outputs
+        if np.all(out >= 0) and abs(out.sum() - 1) < 1e-3:
+            probs = out
+        else:
+            e = np.exp(out - out.max())
+            probs = e / e.sum()
+        return probs[self.classes]
+
+    def to_npz_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(
+            buffer,
+            values=self.values, std=self.std, pixel_values=self.pixel_values, segments=self.segments,
+            image=self.image, classes=self.classes, class_names=np.array(self.class_names, dtype=str),
+            base_values=self.base_values, outputs=self.outputs, all_outputs=self.all_outputs,
+            n_evaluations=np.int64(self.n_evaluations), n_coalitions=np.int64(self.n_coalitions),
+            exact=np.bool_(self.exact), seed=np.int64(self.seed),
+            additivity_residual=self.additivity_residual,
+            settings=np.array(json.dumps(self.settings)),
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, source: str | Path | bytes) -> "Explanation":
+        """Read an ``attributions.npz`` written by :meth:`to_npz_bytes`."""
+        data = np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False)
+        return cls(
+            values=data["values"], std=data["std"], segments=data["segments"], image=data["image"],
+            classes=data["classes"], class_names=[str(n) for n in data["class_names"]],
+            base_values=data["base_values"], outputs=data["outputs"], all_outputs=data["all_outputs"],
+            n_evaluations=int(data["n_evaluations"]), n_coalitions=int(data["n_coalitions"]),
+            exact=bool(data["exact"]), seed=int(data["seed"]), settings=json.loads(str(data["settings"])),
+        )
+
+    def summary(self, top: int = 3) -> dict[str, Any]:
+        """A short JSON-able description: classes, the strongest superpixels, additivity, cost."""
+        probabilities = self.probabilities()
+        classes = []
+        for k, c in enumerate(self.classes):
+            order = np.argsort(self.values[:, k])
+            classes.append({
+                "class": int(c), "name": self.class_names[k], "output": float(self.outputs[k]),
+                "probability": float(probabilities[k]), "base_value": float(self.base_values[k]),
+                "most_positive": [{"superpixel": int(i), "value": float(self.values[i, k]), "std": float(self.std[i, k])}
+                                  for i in order[::-1][:top] if self.values[i, k] > 0],
+                "most_negative": [{"superpixel": int(i), "value": float(self.values[i, k]), "std": float(self.std[i, k])}
+                                  for i in order[:top] if self.values[i, k] < 0],
+            })
+        return {
+            "superpixels": int(self.values.shape[0]), "classes": classes,
+            "additivity_residual": float(np.max(np.abs(self.additivity_residual))),
+            "evaluations": self.n_evaluations, "coalitions": self.n_coalitions, "exact": self.exact,
+            "seed": self.seed, **self.extra,
+        }
+
+
+def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
+    """Sum the shards' statistics in index order, solve, and package the result."""
+    total = combine(shards, plan.n_shards)
+    result = estimate(plan.design, total, plan.v_empty, plan.v_full)
+    return Explanation(
+        values=result.values, std=result.std, segments=plan.segments, image=plan.image,
+        classes=np.asarray(plan.classes), class_names=list(plan.class_names), base_values=plan.v_empty,
+        outputs=plan.v_full, all_outputs=plan.full_outputs,
+        n_evaluations=plan.planning_evaluations + total.n_evaluations, n_coalitions=total.n_coalitions,
+        exact=plan.design.is_exact, seed=plan.design.seed, settings=plan.settings.to_dict(),
+    )

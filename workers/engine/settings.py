@@ -1,0 +1,207 @@
+"""Explanation settings: one frozen, validated object shared by the CLI, the API and the workers.
+
+Every field has the meaning of the same-named ``shapfleet explain`` flag. ``to_dict``/``from_dict``
+round-trip through JSON, which is how settings travel in job records and land in ``attributions.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidSettingsError
+
+SEGMENTERS = ("slic", "quickshift", "felzenszwalb", "grid")
+LAYOUTS = ("auto", "nchw", "nhwc")
+CHANNEL_ORDERS = ("rgb", "bgr")
+OUTPUT_TRANSFORMS = ("raw", "softmax", "logit")
+
+#: ``(pixel - mean) / std`` per channel, on 0..255 pixels.
+PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "unit": ((0.0,), (255.0,)),
+    "raw": ((0.0,), (1.0,)),
+    "centered": ((127.0,), (128.0,)),
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+}
+
+#: Maskers that need no argument; the others are ``kind:argument``.
+PLAIN_MASKERS = ("mean", "inpaint_telea", "inpaint_ns")
+ARGUMENT_MASKERS = ("constant", "blur", "image", "dataset")
+
+_SIZE_RE = re.compile(r"^(\d+)(?:x(\d+))?$")
+
+
+@dataclass(frozen=True)
+class MaskerSpec:
+    """A parsed masker string: ``kind`` and its argument (a number list or a path)."""
+
+    kind: str
+    values: tuple[float, ...] = ()
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "MaskerSpec":
+        """Parse ``mean``, ``constant:V`` or ``constant:R,G,B``, ``blur:KX,KY``, ``inpaint_telea``,
+        ``inpaint_ns``, ``image:PATH`` or ``dataset:PATH.npz``."""
+        kind, sep, argument = spec.partition(":")
+        if kind in PLAIN_MASKERS and not sep:
+            return cls(kind)
+        if kind in ("constant", "blur") and sep:
+            try:
+                values = tuple(float(v) for v in argument.split(","))
+            except ValueError:
+                raise InvalidSettingsError(
+                    f"masker {spec!r}: {kind} takes comma-separated numbers, e.g. "
+                    + ("constant:0 or constant:255,255,255" if kind == "constant" else "blur:128,128")
+                ) from None
+            if kind == "constant" and (len(values) not in (1, 3) or not all(0 <= v <= 255 for v in values)):
+                raise InvalidSettingsError(
+                    f"masker {spec!r}: constant takes one value or R,G,B, each in 0..255 pixel units"
+                )
+            if kind == "blur" and (len(values) != 2 or not all(v >= 1 and v == int(v) for v in values)):
+                raise InvalidSettingsError(f"masker {spec!r}: blur takes two positive integer kernel sizes KX,KY")
+            return cls(kind, values=values)
+        if kind in ("image", "dataset") and argument:
+            return cls(kind, path=argument)
+        raise InvalidSettingsError(
+            f"unknown masker {spec!r}; use one of: mean, constant:V, constant:R,G,B, blur:KX,KY, "
+            "inpaint_telea, inpaint_ns, image:PATH, dataset:PATH.npz"
+        )
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.kind}:{self.path}"
+        if self.values:
+            return f"{self.kind}:" + ",".join(f"{v:g}" for v in self.values)
+        return self.kind
+
+
+def parse_size(text: str, what: str) -> tuple[int, int] | int:
+    """``"256"`` -> 256 (a short side or a square), ``"224x200"`` -> (224, 200) as (height, width)."""
+    match = _SIZE_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0 or (match.group(2) is not None and int(match.group(2)) == 0):
+        raise InvalidSettingsError(f"{what} {text!r} is not a size; write N or HxW with positive integers")
+    if match.group(2) is None:
+        return int(match.group(1))
+    return int(match.group(1)), int(match.group(2))
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What to explain and how. Validated on construction; raises :class:`InvalidSettingsError`."""
+
+    # Superpixels
+    segmenter: str = "slic"
+    n_segments: int = 50
+    compactness: float = 10.0
+    sigma: float = 1.0
+    grid: str = "8x8"
+    quickshift_kernel_size: float = 4.0
+    quickshift_max_dist: float = 10.0
+    quickshift_ratio: float = 0.5
+    felzenszwalb_scale: float = 100.0
+    felzenszwalb_min_size: int = 50
+    # Masker
+    masker: str = "mean"
+    # Classes: labels, else top_k, else all_classes; top-1 when none is given
+    labels: tuple[int, ...] | None = None
+    top_k: int | None = None
+    all_classes: bool = False
+    # Estimation
+    nsamples: int | None = None
+    seed: int = 0
+    batch_size: int = 64
+    # Model adapter
+    layout: str = "auto"
+    channel_order: str = "rgb"
+    resize: str | None = None
+    center_crop: str | None = None
+    preprocess: str | None = "unit"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    output: str = "raw"
+    class_names: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(int(v) for v in self.labels))
+        for name in ("mean", "std", "class_names"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                raise InvalidSettingsError(message)
+
+        require(self.segmenter in SEGMENTERS, f"unknown segmenter {self.segmenter!r}; use one of {', '.join(SEGMENTERS)}")
+        require(self.n_segments > 0, f"n_segments must be a positive integer, got {self.n_segments}")
+        require(self.compactness > 0, f"compactness must be positive, got {self.compactness}")
+        require(self.sigma >= 0, f"sigma must be >= 0, got {self.sigma}")
+        grid = parse_size(self.grid, "grid")
+        require(not isinstance(grid, int) or grid > 0, "grid must be ROWSxCOLS")
+        MaskerSpec.parse(self.masker)
+        if self.labels is not None:
+            require(len(self.labels) > 0, "labels must name at least one class")
+            require(all(v >= 0 for v in self.labels), f"labels must be class indices >= 0, got {list(self.labels)}")
+            require(len(set(self.labels)) == len(self.labels), f"labels repeat a class: {list(self.labels)}")
+        if self.top_k is not None:
+            require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        chosen = sum([self.labels is not None, self.top_k is not None, bool(self.all_classes)])
+        require(chosen <= 1, "choose the classes one way only: labels, top_k or all_classes")
+        if self.nsamples is not None:
+            require(self.nsamples >= 1, f"nsamples must be a positive integer, got {self.nsamples}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
+        require(self.channel_order in CHANNEL_ORDERS, f"channel_order must be rgb or bgr, got {self.channel_order!r}")
+        require(self.output in OUTPUT_TRANSFORMS, f"output must be one of {', '.join(OUTPUT_TRANSFORMS)}, got {self.output!r}")
+        if self.resize is not None:
+            parse_size(self.resize, "resize")
+        if self.center_crop is not None:
+            parse_size(self.center_crop, "center_crop")
+        if self.mean is None and self.std is None:
+            require(self.preprocess in PREPROCESS_PRESETS,
+                    f"unknown preprocessing preset {self.preprocess!r}; use one of {', '.join(PREPROCESS_PRESETS)} or mean/std")
+        else:
+            require(self.mean is not None and self.std is not None, "give both mean and std, or a preprocessing preset")
+            require(len(self.mean) in (1, 3) and len(self.std) in (1, 3), "mean and std take 1 or 3 values")
+            require(all(s != 0 for s in self.std), "std values must be non-zero")
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def masker_spec(self) -> MaskerSpec:
+        return MaskerSpec.parse(self.masker)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        grid = parse_size(self.grid, "grid")
+        return (grid, grid) if isinstance(grid, int) else grid
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The per-channel ``(mean, std)`` applied to 0..255 pixels before the model."""
+        if self.mean is not None and self.std is not None:
+            return self.mean, self.std
+        return PREPROCESS_PRESETS[self.preprocess or "unit"]
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("labels", "mean", "std", "class_names"):
+            if data[name] is not None:
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExplainSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidSettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ExplainSettings":
+        return dataclasses.replace(self, **changes)
