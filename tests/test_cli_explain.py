@@ -1,0 +1,130 @@
+"""``shapfleet explain``: outputs on disk, the JSON summary, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.cli import main
+from conftest import REPO
+from onnx_models import conv_model, nan_model, two_input_model, vector_input_model
+from workers.engine import Explanation, explain
+
+EXAMPLE_MODEL = REPO / "examples" / "shapes.onnx"
+EXAMPLE_IMAGE = REPO / "examples" / "triangle.png"
+EXAMPLE_NAMES = REPO / "examples" / "class_names.json"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_explain_writes_npz_pngs_and_a_json_summary(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        capsys, "explain", str(EXAMPLE_IMAGE), "--model", str(EXAMPLE_MODEL), "--out", str(out),
+        "--class-names", str(EXAMPLE_NAMES), "--n-segments", "30", "--top-k", "2", "--nsamples", "500", "--seed", "4")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert [c["name"] for c in summary["classes"]][0] == "triangle"
+    assert summary["evaluations"] == 502 and summary["additivity_residual"] < 1e-8
+    assert "wall_seconds" in summary and summary["classes"][0]["most_positive"]
+    assert "evaluations" in stderr and "502/502" in stderr  # the progress bar's final line
+    assert sorted(p.name for p in out.iterdir()) == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png", "summary.png"]
+    for png in out.glob("*.png"):
+        with Image.open(png) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 100
+    data = np.load(out / "attributions.npz")
+    m = int(data["segments"].max()) + 1
+    assert data["values"].shape == data["std"].shape == (m, 2)
+    assert data["pixel_values"].shape == (32, 32, 2)
+    assert list(data["classes"]) == [2, 0] and list(data["class_names"]) == ["triangle", "circle"]
+    assert int(data["seed"]) == 4 and int(data["n_evaluations"]) == 502
+    assert json.loads(str(data["settings"]))["n_segments"] == 30
+    np.testing.assert_allclose(data["values"].sum(axis=0), data["outputs"] - data["base_values"], atol=1e-10)
+    loaded = Explanation.load(out / "attributions.npz")
+    np.testing.assert_array_equal(loaded.pixel_values, data["pixel_values"])
+
+
+def test_several_images_each_get_a_folder_and_the_python_api_writes_nothing(tmp_path, capsys):
+    code, stdout, stderr = run_cli(
+        capsys, "explain", str(EXAMPLE_IMAGE), str(REPO / "examples" / "circle.png"), "--model", str(EXAMPLE_MODEL),
+        "--out", str(tmp_path), "--segmenter", "grid", "--grid", "4x4", "--nsamples", "300", "--quiet")
+    assert code == 0, stderr
+    summaries = json.loads(stdout)
+    assert len(summaries) == 2 and stderr == ""
+    assert (tmp_path / "0-triangle" / "attributions.npz").exists() and (tmp_path / "1-circle" / "summary.png").exists()
+    runs = explain([str(EXAMPLE_IMAGE)], str(EXAMPLE_MODEL))
+    assert runs[0].out_dir is None and runs[0].artifacts == {}
+    assert runs[0].explanation.values.shape[1] == 1  # top-1 by default
+
+
+def test_local_process_pool_gives_the_single_process_answer(tmp_path, capsys):
+    common = [str(EXAMPLE_IMAGE), "--model", str(EXAMPLE_MODEL), "--n-segments", "40", "--nsamples", "1200",
+              "--all-classes", "--quiet", "--seed", "2"]
+    assert run_cli(capsys, "explain", *common, "--out", str(tmp_path / "one"))[0] == 0
+    assert run_cli(capsys, "explain", *common, "--out", str(tmp_path / "two"), "--workers", "2", "--shards", "5")[0] == 0
+    one = np.load(tmp_path / "one" / "attributions.npz")
+    two = np.load(tmp_path / "two" / "attributions.npz")
+    np.testing.assert_allclose(two["values"], one["values"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(two["std"], one["std"], rtol=0, atol=1e-10)
+
+
+def _image(tmp_path, size=(12, 12)) -> str:
+    path = tmp_path / f"img-{size[0]}x{size[1]}.png"
+    Image.fromarray(np.full(size + (3,), 120, np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not_onnx", "not an ONNX model"),
+    ("two_inputs", "has 2 inputs"),
+    ("vector_input", "image input is"),
+    ("does_not_fit", "but the model takes 12x12; pass --resize 12x12"),
+    ("unreadable_image", "cannot read"),
+    ("missing_image", "no such image file"),
+    ("n_segments_zero", "n_segments must be a positive integer"),
+    ("nsamples_too_small", "too small to solve"),
+    ("labels_out_of_range", "out of range: the model has 3 classes"),
+    ("top_k_too_large", "exceeds the model's 3 classes"),
+    ("nan_model", "returned NaN"),
+    ("bad_masker", "unknown masker"),
+    ("missing_model", "cannot read the model file"),
+])
+def test_bad_input_gives_a_message_and_a_non_zero_exit(tmp_path, capsys, write_file, case, expected):
+    model = write_file("m.onnx", conv_model(12, 12))
+    image = _image(tmp_path)
+    args = {
+        "not_onnx": ["explain", image, "--model", write_file("x.onnx", b"this is not a model")],
+        "two_inputs": ["explain", image, "--model", write_file("two.onnx", two_input_model(12, 12))],
+        "vector_input": ["explain", image, "--model", write_file("vec.onnx", vector_input_model())],
+        "does_not_fit": ["explain", _image(tmp_path, (20, 16)), "--model", model],
+        "unreadable_image": ["explain", write_file("broken.png", b"\x89PNG\r\n\x1a\nbroken"), "--model", model],
+        "missing_image": ["explain", str(tmp_path / "nope.png"), "--model", model],
+        "n_segments_zero": ["explain", image, "--model", model, "--n-segments", "0"],
+        "nsamples_too_small": ["explain", image, "--model", model, "--segmenter", "grid", "--grid", "6x6", "--nsamples", "10"],
+        "labels_out_of_range": ["explain", image, "--model", model, "--labels", "0,7"],
+        "top_k_too_large": ["explain", image, "--model", model, "--top-k", "4"],
+        "nan_model": ["explain", image, "--model", write_file("nan.onnx", nan_model(12, 12))],
+        "bad_masker": ["explain", image, "--model", model, "--masker", "$(rm -rf /)"],
+        "missing_model": ["explain", image, "--model", str(tmp_path / "absent.onnx")],
+    }[case]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 1
+    assert stderr.startswith("shapfleet: error: ") and expected in stderr, stderr
+    assert "Traceback" not in stderr and stdout == ""
+
+
+def test_the_installed_command_exits_cleanly_on_bad_input(tmp_path, write_file):
+    """Through a real process: a message on stderr, exit status 1, no traceback."""
+    result = subprocess.run([sys.executable, "-m", "api.cli", "explain", _image(tmp_path), "--model",
+                             write_file("x.onnx", b"garbage")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,107 @@
+"""The coalition design and the shard-additive statistics, without any model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from workers.engine.design import CoalitionDesign, default_nsamples, size_distribution
+from workers.engine.errors import EstimationError, InvalidSettingsError
+from workers.engine.estimation import ShardStatistics, combine, solve_constrained
+
+
+def all_rows(design: CoalitionDesign, n_shards: int = 1):
+    rows = []
+    for shard in design.shard_units(n_shards):
+        for unit in shard:
+            z, w = design.coalitions(unit)
+            rows.append((unit.kind, z, w))
+    return rows
+
+
+def test_full_budget_enumerates_every_coalition_once_with_kernel_weights():
+    design = CoalitionDesign.create(6, 10_000, seed=0)
+    assert design.is_exact and design.n_pairs == 0
+    z = np.concatenate([z for _, z, _ in all_rows(design)])
+    w = np.concatenate([w for _, _, w in all_rows(design)])
+    assert len(z) == 2 ** 6 - 2 == len({tuple(r) for r in z})
+    # p(z) = q(|z|) / C(M, |z|) sums to one over 0 < |z| < M.
+    q = size_distribution(6)
+    np.testing.assert_allclose(w, [q[r.sum()] / math.comb(6, r.sum()) for r in z])
+    assert w.sum() == pytest.approx(1.0)
+
+
+def test_partial_budget_enumerates_outer_sizes_then_samples_complementary_pairs():
+    design = CoalitionDesign.create(12, 600, seed=1)
+    assert design.enumerated_sizes == (1, 11, 2, 10)
+    assert design.n_enumerated == 2 * 12 + 2 * 66
+    assert design.n_coalitions <= 600 and design.n_coalitions >= 599
+    for kind, z, w in all_rows(design):
+        if kind == "sampled":
+            assert np.all(z[0::2] == ~z[1::2])  # complementary pairs
+            assert set(z.sum(axis=1)) <= set(range(3, 10))
+    # Enumerated mass plus sampled mass is the whole distribution.
+    enumerated = sum(w.sum() for kind, _, w in all_rows(design) if kind == "enumerated")
+    assert enumerated + design.sampled_mass == pytest.approx(1.0)
+
+
+def test_coalitions_do_not_depend_on_the_shard_count():
+    design = CoalitionDesign.create(20, 3000, seed=7)
+    reference = np.concatenate([z for _, z, _ in all_rows(design, 1)])
+    for n in (2, 3, 8, 1000):
+        shards = design.shard_units(n)
+        assert len(shards) == min(n, len(design.units)) and all(shards)
+        np.testing.assert_array_equal(np.concatenate([z for _, z, _ in all_rows(design, n)]), reference)
+
+
+def test_sampled_sizes_follow_the_kernel():
+    design = CoalitionDesign(10, 3, (), 0, 20_000, 64)  # nothing enumerated: every size is sampled
+    sizes = np.concatenate([z.sum(axis=1) for _, z, _ in all_rows(design)])
+    observed = np.bincount(sizes, minlength=11) / len(sizes)
+    np.testing.assert_allclose(observed, size_distribution(10), atol=0.01)
+
+
+def test_budget_checks():
+    assert default_nsamples(50) == 2148
+    with pytest.raises(InvalidSettingsError, match="too small"):
+        CoalitionDesign.create(50, 40, seed=0)
+    assert CoalitionDesign.create(3, 7, seed=0).is_exact  # tiny games are enumerated whatever is asked
+    assert CoalitionDesign.from_dict(CoalitionDesign.create(30, 500, 2).to_dict()) == CoalitionDesign.create(30, 500, 2)
+
+
+def test_solve_constrained_meets_the_constraint_and_the_normal_equations():
+    rng = np.random.default_rng(0)
+    root = rng.normal(size=(6, 6))
+    a = root @ root.T + 6 * np.eye(6)
+    b = rng.normal(size=(6, 2))
+    total = np.array([1.5, -2.0])
+    phi = solve_constrained(a, b, total)
+    np.testing.assert_allclose(phi.sum(axis=0), total, atol=1e-12)
+    # KKT: A phi - b is a multiple of the ones vector (the constraint's Lagrange multiplier).
+    residual = a @ phi - b
+    np.testing.assert_allclose(residual - residual.mean(axis=0), 0, atol=1e-12)
+
+
+def test_singular_regression_is_a_domain_error():
+    with pytest.raises(EstimationError, match="increase nsamples"):
+        solve_constrained(np.ones((3, 3)), np.ones((3, 1)), np.ones(1))
+
+
+def test_combine_requires_each_shard_exactly_once():
+    parts = [ShardStatistics.zeros(i, 4, 2) for i in range(3)]
+    with pytest.raises(EstimationError, match="once each"):
+        combine(parts + [ShardStatistics.zeros(1, 4, 2)], 3)
+    with pytest.raises(EstimationError, match="once each"):
+        combine(parts[:2], 3)
+    assert combine(list(reversed(parts)), 3).n_coalitions == 0
+
+
+def test_statistics_round_trip_through_arrays():
+    stats = ShardStatistics.zeros(2, 5, 3)
+    z = np.array([[1, 0, 1, 0, 1], [0, 1, 0, 1, 0]], dtype=bool)
+    stats.add_sampled(z, block=4, y=np.ones((2, 3)))
+    again = ShardStatistics.from_arrays(stats.to_arrays())
+    assert again.shard_index == 2 and again.sampled_count == 2
+    np.testing.assert_array_equal(np.unpackbits(again.sampled_bits, axis=1, count=5).astype(bool), z)

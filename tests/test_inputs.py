@@ -1,0 +1,208 @@
+"""Every masker, segmenter, layout, channel count and preprocessing preset, against known answers."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnx_models import conv_model, linear_model
+from workers.engine.errors import ImageError, InvalidSettingsError, ModelError
+from workers.engine.images import fit_to_model, load_image
+from workers.engine.local import explain, explain_array
+from workers.engine.maskers import InpaintMasker, build_masker
+from workers.engine.model import OnnxClassifier, inspect_model
+from workers.engine.segmentation import check_segments, renumber, segment
+from workers.engine.settings import ExplainSettings, MaskerSpec
+
+
+def linear_expected(weights, image, background, segments, mean=0.0, std=1.0):
+    difference = (np.asarray(image, np.float64) - np.asarray(background, np.float64)) / np.asarray(std, np.float64)
+    contribution = weights * difference[..., None]
+    return np.stack([contribution[segments == s].sum(axis=(0, 1)) for s in range(int(segments.max()) + 1)])
+
+
+@pytest.fixture
+def colour_image(rng):
+    return rng.uniform(0, 255, (10, 12, 3)).astype(np.float32)
+
+
+# -- maskers --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, background", [
+    ("constant:30", lambda img: np.full_like(img, 30)),
+    ("constant:10,20,30", lambda img: np.broadcast_to(np.array([10, 20, 30], np.float32), img.shape)),
+    ("mean", lambda img: np.broadcast_to(img.mean(axis=(0, 1)), img.shape)),
+    ("blur:3,5", lambda img: cv2.blur(img, (3, 5), borderType=cv2.BORDER_REFLECT_101)),
+])
+def test_background_maskers_give_the_linear_closed_form(rng, colour_image, spec, background):
+    weights = rng.normal(size=(10, 12, 3, 2))
+    settings = ExplainSettings(segmenter="grid", grid="2x3", masker=spec, all_classes=True, preprocess="raw")
+    model = OnnxClassifier(linear_model(weights, np.zeros(2), double=True), settings)
+    result = explain_array(colour_image, model.predict, settings)
+    np.testing.assert_allclose(result.values, linear_expected(weights, colour_image, background(colour_image), result.segments),
+                               atol=1e-6)
+
+
+def test_image_and_dataset_maskers(rng, colour_image, tmp_path):
+    weights = rng.normal(size=(10, 12, 3, 2))
+    model_bytes = linear_model(weights, np.zeros(2), "nhwc", double=True)
+    reference = rng.uniform(0, 255, colour_image.shape).astype(np.uint8)
+    Image.fromarray(colour_image.astype(np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(reference).save(tmp_path / "ref.png")
+    backgrounds = rng.uniform(0, 255, (5,) + colour_image.shape).astype(np.float32)
+    np.savez(tmp_path / "bg.npz", images=backgrounds)
+    image = colour_image.astype(np.uint8).astype(np.float32)
+    base = ExplainSettings(segmenter="grid", grid="2x2", all_classes=True, preprocess="raw")
+    (ref_run,) = explain([str(tmp_path / "x.png")], model_bytes, base.replace(masker=f"image:{tmp_path / 'ref.png'}"))
+    np.testing.assert_allclose(ref_run.explanation.values,
+                               linear_expected(weights, image, reference, ref_run.explanation.segments), atol=1e-6)
+    # A background set: v(z) is the mean output over the set, so for a linear model the values are
+    # the closed form against the mean background, and v(empty) is the mean output on the set.
+    (set_run,) = explain([str(tmp_path / "x.png")], model_bytes, base.replace(masker=f"dataset:{tmp_path / 'bg.npz'}"))
+    result = set_run.explanation
+    np.testing.assert_allclose(result.values, linear_expected(weights, image, backgrounds.astype(np.float64).mean(axis=0), result.segments), atol=1e-6)
+    flat = weights.reshape(-1, 2)
+    np.testing.assert_allclose(result.base_values, (backgrounds.reshape(5, -1) @ flat).mean(axis=0), atol=1e-6)
+    assert result.n_evaluations == 1 + 5 + 14 * 5  # v(full), v(empty) over 5, 14 coalitions x 5
+
+
+@pytest.mark.parametrize("method", ["telea", "ns"])
+def test_inpaint_maskers_fill_hidden_pixels_from_visible_ones(colour_image, method):
+    masker = build_masker(MaskerSpec.parse(f"inpaint_{method}"), colour_image)
+    assert isinstance(masker, InpaintMasker)
+    keep = np.zeros((3, 10, 12), dtype=bool)
+    keep[1, :, :6] = True
+    keep[2] = True
+    out = masker.compose(colour_image, keep)
+    np.testing.assert_array_equal(out[0], np.broadcast_to(colour_image.mean(axis=(0, 1)), colour_image.shape))
+    np.testing.assert_array_equal(out[1][:, :6], colour_image[:, :6])
+    expected = cv2.inpaint(np.rint(colour_image).astype(np.uint8), (~keep[1]).astype(np.uint8), 3,
+                           cv2.INPAINT_TELEA if method == "telea" else cv2.INPAINT_NS)
+    np.testing.assert_array_equal(out[1][:, 6:], expected[:, 6:])
+    np.testing.assert_array_equal(out[2], colour_image)
+    settings = ExplainSettings(segmenter="grid", grid="2x2", masker=f"inpaint_{method}", top_k=2)
+    model = OnnxClassifier(conv_model(10, 12), settings)
+    result = explain_array(colour_image, model.predict, settings)
+    assert result.exact and np.max(np.abs(result.additivity_residual)) < 1e-10
+
+
+@pytest.mark.parametrize("spec", ["nothing", "constant:abc", "constant:1,2", "constant:300", "blur:0,3", "blur:3",
+                                  "mean:1", "image:", "rm -rf /", "../../etc/passwd"])
+def test_bad_masker_strings_are_refused(spec):
+    with pytest.raises(InvalidSettingsError):
+        MaskerSpec.parse(spec)
+
+
+# -- segmenters -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("segmenter, extra", [
+    ("slic", {"n_segments": 12, "compactness": 10}),
+    ("quickshift", {"quickshift_kernel_size": 3, "quickshift_max_dist": 6}),
+    ("felzenszwalb", {"felzenszwalb_scale": 50, "felzenszwalb_min_size": 10}),
+    ("grid", {"grid": "4x3"}),
+])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_segmenters_label_zero_to_m_minus_one(rng, segmenter, extra, channels):
+    image = np.zeros((40, 48, channels), np.float32)
+    image[:20] = 200
+    image[:, :24] += 40
+    image += rng.uniform(0, 10, image.shape).astype(np.float32)
+    labels = segment(image, ExplainSettings(segmenter=segmenter, **extra))
+    assert labels.shape == (40, 48) and labels.dtype == np.int32
+    assert set(np.unique(labels)) == set(range(labels.max() + 1)) and labels.max() >= 1
+    if segmenter == "grid":
+        assert labels.max() + 1 == 12
+
+
+def test_user_segments_are_renumbered_whatever_their_start(tmp_path, rng):
+    labels = np.repeat(np.repeat(np.array([[5, 9], [9, 1]]), 5, axis=0), 6, axis=1)
+    assert set(np.unique(renumber(labels))) == {0, 1, 2}
+    np.save(tmp_path / "seg.npy", labels)
+    Image.fromarray(labels.astype(np.uint8)).save(tmp_path / "seg.png")
+    image = rng.uniform(0, 255, (10, 12, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    settings = ExplainSettings(all_classes=True)
+    for path in ("seg.npy", "seg.png"):
+        (run,) = explain([str(tmp_path / "x.png")], conv_model(10, 12), settings, segments=str(tmp_path / path))
+        assert run.explanation.values.shape == (3, 3) and run.explanation.exact
+    with pytest.raises(ImageError, match="is 3x4 but the image is 10x12"):
+        check_segments(np.zeros((3, 4), int), (10, 12))
+
+
+def test_segment_count_checks():
+    with pytest.raises(InvalidSettingsError, match="n_segments"):
+        ExplainSettings(n_segments=0)
+    with pytest.raises(InvalidSettingsError, match="exceeds"):
+        segment(np.zeros((4, 4, 3), np.float32), ExplainSettings(n_segments=17))
+
+
+# -- model adapter: layouts, channels, preprocessing ------------------------------------------------
+PRESETS = [("unit", 0.0, 255.0), ("raw", 0.0, 1.0), ("centered", 127.0, 128.0),
+           ("imagenet", np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375]))]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("channels, preset, mean, std", [
+    (channels, *preset) for channels in (1, 3) for preset in PRESETS
+    if not (channels == 1 and preset[0] == "imagenet")  # the ImageNet preset is per RGB channel
+])
+def test_layouts_channels_and_presets(rng, layout, channels, preset, mean, std):
+    weights = rng.normal(size=(8, 10, channels, 2))
+    model_bytes = linear_model(weights, np.ones(2), layout, double=True)
+    info = inspect_model(model_bytes)
+    assert (info.layout, info.channels, info.height, info.width) == (layout, channels, 8, 10)
+    image = rng.uniform(0, 255, (8, 10, channels)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="2x2", masker="constant:50", all_classes=True, preprocess=preset)
+    model = OnnxClassifier(model_bytes, settings)
+    direct = ((image.astype(np.float64) - mean) / std).reshape(-1) @ weights.reshape(-1, 2) + 1
+    np.testing.assert_allclose(model.predict(image[None])[0], direct, rtol=1e-10)
+    result = explain_array(image, model.predict, settings)
+    np.testing.assert_allclose(result.values, linear_expected(weights, image, np.full_like(image, 50), result.segments, std=std),
+                               atol=1e-6)
+
+
+def test_explicit_mean_std_and_bgr_order(rng):
+    weights = rng.normal(size=(6, 6, 3, 1))
+    settings = ExplainSettings(mean=(10, 20, 30), std=(2, 4, 8), channel_order="bgr")
+    model = OnnxClassifier(linear_model(weights, np.zeros(1), double=True), settings)
+    image = rng.uniform(0, 255, (6, 6, 3))
+    bgr = image[..., ::-1]
+    expected = ((bgr - np.array([10, 20, 30])) / np.array([2, 4, 8])).reshape(-1) @ weights.reshape(-1, 1)
+    np.testing.assert_allclose(model.predict(image[None].astype(np.float32))[0], expected, rtol=1e-6)
+
+
+def test_output_transforms(rng):
+    weights = rng.normal(size=(4, 4, 3, 3)) * 0.01
+    model_bytes = linear_model(weights, np.zeros(3), double=True)
+    image = rng.uniform(0, 255, (1, 4, 4, 3)).astype(np.float32)
+    raw = OnnxClassifier(model_bytes, ExplainSettings()).predict(image)
+    soft = OnnxClassifier(model_bytes, ExplainSettings(output="softmax")).predict(image)
+    np.testing.assert_allclose(soft, np.exp(raw) / np.exp(raw).sum(axis=1, keepdims=True))
+    probabilities = OnnxClassifier(conv_model(4, 4), ExplainSettings()).predict(image)
+    logits = OnnxClassifier(conv_model(4, 4), ExplainSettings(output="logit")).predict(image)
+    np.testing.assert_allclose(logits, np.log(probabilities / (1 - probabilities)), rtol=1e-6)
+
+
+def test_layout_detection_and_forcing():
+    ambiguous = linear_model(np.zeros((3, 3, 3, 2)), np.zeros(2), "nchw")
+    with pytest.raises(ModelError, match="--layout"):
+        inspect_model(ambiguous)
+    assert inspect_model(ambiguous, layout="nchw").layout == "nchw"
+
+
+# -- images ---------------------------------------------------------------------------------------
+def test_resize_and_centre_crop(rng, tmp_path):
+    image = rng.uniform(0, 255, (60, 90, 3)).astype(np.float32)
+    assert fit_to_model(image, (40, 40), "40", "40", "x").shape == (40, 40, 3)
+    assert fit_to_model(image, (32, 48), "32x48", None, "x").shape == (32, 48, 3)
+    assert fit_to_model(image, (None, None), None, None, "x").shape == (60, 90, 3)
+    with pytest.raises(ImageError, match="--resize 40x40"):
+        fit_to_model(image, (40, 40), None, None, "x")
+    Image.fromarray(image.astype(np.uint8)).save(tmp_path / "a.png")
+    grey = load_image(str(tmp_path / "a.png"), channels=1)
+    assert grey.shape == (60, 90, 1)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ImageError, match="cannot read"):
+        load_image(str(tmp_path / "bad.png"), 3)
+    with pytest.raises(ImageError, match="limit"):
+        load_image(str(tmp_path / "a.png"), 3, max_pixels=100)
