@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_arguments(explain)
     explain.set_defaults(handler=run_explain)
+
+    worker = commands.add_parser("worker", help="run a Celery worker of the fleet",
+                                 description="Run a Celery worker for the plan, shards and/or reduce queues, "
+                                             "configured from SHAPFLEET_* environment variables.")
+    worker.add_argument("--queues", default="plan,shards,reduce",
+                        help="comma-separated queues to consume (default: all three)")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="worker processes; on GPU hosts one per GPU (default 1)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--hostname", help="Celery node name (default: shapfleet-<queues>@<host>)")
+    worker.set_defaults(handler=run_worker)
     return parser
 
 
@@ -151,6 +162,29 @@ def run_explain(args: argparse.Namespace) -> int:
         summaries.append(summary)
     json.dump(summaries[0] if len(summaries) == 1 else summaries, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from broker.celery_app import create_celery
+    from broker.settings import ServiceSettings
+
+    settings = ServiceSettings.from_env()
+    known = {settings.queue_plan, settings.queue_shards, settings.queue_reduce}
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in known]
+    if not queues or unknown:
+        raise InvalidSettingsError(f"unknown queue(s) {unknown or args.queues!r}; use some of {', '.join(sorted(known))}")
+    if args.concurrency < 1:
+        raise InvalidSettingsError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if settings.ort_threads is None:
+        # Each process gets its share of the cores, so that processes do not fight over them.
+        settings = settings.replace(ort_threads=max(1, (os.cpu_count() or 1) // args.concurrency))
+    app = create_celery(settings)
+    hostname = args.hostname or f"shapfleet-{'-'.join(queues)}@%h"
+    app.worker_main(["worker", f"--queues={','.join(queues)}", f"--concurrency={args.concurrency}",
+                     f"--loglevel={args.loglevel}", "--pool=prefork", f"--hostname={hostname}",
+                     "--without-gossip", "--without-mingle"])
     return 0
 
 

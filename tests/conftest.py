@@ -29,3 +29,68 @@ def write_file(tmp_path):
         return str(path)
 
     return write
+
+
+# -- real servers ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from servers import RedisServer
+
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    from servers import SeaweedServer
+
+    server = SeaweedServer.start(tmp_path_factory.mktemp("seaweed"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def service_settings(redis_server, seaweed, request):
+    """Settings for one test: a fresh Redis database state and its own bucket."""
+    import re
+
+    import redis
+
+    from broker.settings import ServiceSettings
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    bucket = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return ServiceSettings(
+        redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
+        s3_secret_key=seaweed.secret_key, s3_bucket=bucket, shard_evaluations=128, ort_threads=1,
+        visibility_timeout=600,
+    )
+
+
+@pytest.fixture
+def services(service_settings):
+    from broker.services import Services
+
+    return Services.from_settings(service_settings)
+
+
+@pytest.fixture
+def start_workers(service_settings, tmp_path):
+    """start_workers(count, concurrency=1, queues=...) -> list of running worker processes."""
+    import os
+
+    from servers import WorkerProcess
+
+    started = []
+
+    def start(count: int = 1, concurrency: int = 1, queues: str = "plan,shards,reduce", settings=None):
+        env = {**os.environ, **(settings or service_settings).environment()}
+        for _ in range(count):
+            index = len(started)
+            started.append(WorkerProcess.start(env, tmp_path / f"worker-{index}.log", queues, concurrency, f"w{index}"))
+        return started
+
+    yield start
+    for worker in started:
+        worker.stop()

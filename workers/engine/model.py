@@ -157,14 +157,32 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def create_session(model_bytes: bytes, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An onnxruntime session for already-inspected model bytes (built-in operators only)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=list(providers or default_providers()))
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ModelError(f"onnxruntime cannot load the model: {e}") from e
+
+
 class OnnxClassifier:
-    """An onnxruntime session wrapped as ``predict(B x H x W x C pixels) -> B x K float64``."""
+    """An onnxruntime session wrapped as ``predict(B x H x W x C pixels) -> B x K float64``.
+
+    ``session`` lets a worker reuse one session (created once per process and model) for jobs with
+    different preprocessing settings; ``info`` (from :func:`inspect_model` with ``settings.layout``)
+    saves parsing the model again.
+    """
 
     def __init__(self, model_bytes: bytes, settings: ExplainSettings, providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        self.info = inspect_model(model_bytes, settings.layout)
+                 threads: int | None = None, session=None, info: ModelInfo | None = None) -> None:
+        self.info = info if info is not None else inspect_model(model_bytes, settings.layout)
         self.settings = settings
         mean, std = settings.normalization()
         channels = self.info.channels
@@ -176,16 +194,7 @@ class OnnxClassifier:
         self._work_dtype = np.float64 if self._dtype == np.float64 else np.float32
         self._mean = np.broadcast_to(np.asarray(mean, dtype=self._work_dtype), (channels,)).copy()
         self._std = np.broadcast_to(np.asarray(std, dtype=self._work_dtype), (channels,)).copy()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(model_bytes, sess_options=options,
-                                                providers=list(providers or default_providers()))
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ModelError(f"onnxruntime cannot load the model: {e}") from e
+        self.session = session if session is not None else create_session(model_bytes, providers, threads)
 
     @property
     def input_size(self) -> tuple[int | None, int | None]:

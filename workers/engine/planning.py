@@ -67,6 +67,16 @@ class JobPlan:
     def shard_units(self) -> list[tuple[WorkUnit, ...]]:
         return self.design.shard_units(self.n_shards)
 
+    def split(self, n_shards: int) -> None:
+        """Split the design into (at most) ``n_shards`` shards; the coalitions do not change."""
+        self.n_shards = len(self.design.shard_units(n_shards))
+        self.__dict__.pop("shard_units", None)
+
+    def shards_for(self, target_evaluations: int, max_shards: int) -> int:
+        """How many shards give about ``target_evaluations`` model evaluations each."""
+        evaluations = self.design.n_coalitions * self.masker.n_backgrounds
+        return max(1, min(max_shards, -(-evaluations // max(1, target_evaluations))))
+
     def shard_evaluations(self, shard_index: int) -> int:
         return sum(u.n_coalitions for u in self.shard_units[shard_index]) * self.masker.n_backgrounds
 
@@ -149,7 +159,7 @@ def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarr
     class_names = [names[c] if names is not None else f"class {c}" for c in classes]
     design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
     plan = JobPlan(settings, image, segments, masker, classes, class_names, full_outputs, empty_outputs, design, 1)
-    plan.n_shards = len(design.shard_units(n_shards))
+    plan.split(n_shards)
     return plan
 
 

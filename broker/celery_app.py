@@ -1,0 +1,51 @@
+"""The Celery app, built by a function from :class:`ServiceSettings` (creating it connects to nothing).
+
+Queues: ``plan`` (CPU: segment, plan, launch the chord), ``shards`` (GPU or CPU: evaluate coalitions)
+and ``reduce`` (CPU: sum, solve, render). Tasks are looked up by name, so the API can enqueue a plan
+without importing the engine.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import ServiceSettings
+
+PLAN_TASK = "shapfleet.plan"
+SHARD_TASK = "shapfleet.shard"
+REDUCE_TASK = "shapfleet.reduce"
+JOB_FAILED_TASK = "shapfleet.job_failed"
+WATCHDOG_TASK = "shapfleet.watchdog"
+
+
+def create_celery(settings: ServiceSettings) -> Celery:
+    app = Celery("shapfleet", broker=settings.celery_broker_url, backend=settings.celery_result_backend,
+                 include=["workers.tasks"])
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # A task is acknowledged after it finishes, and requeued if its worker dies mid-task:
+        # shards are idempotent, so a redelivery costs time, never correctness.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        task_routes={
+            PLAN_TASK: {"queue": settings.queue_plan},
+            WATCHDOG_TASK: {"queue": settings.queue_plan},
+            SHARD_TASK: {"queue": settings.queue_shards},
+            REDUCE_TASK: {"queue": settings.queue_reduce},
+            JOB_FAILED_TASK: {"queue": settings.queue_reduce},
+        },
+        task_default_queue=settings.queue_plan,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    app.shapfleet_settings = settings
+    return app

@@ -1,0 +1,214 @@
+"""Job records in Redis and their state machine.
+
+    queued --start--> running --succeed--> succeeded
+       |                 |----fail-------> failed
+       |                 +----cancel-----> canceled
+       +--fail / cancel--------------------^
+
+A record is a Redis hash ``shapfleet:job:<id>``, written before anything is enqueued. Transitions run
+as one Lua script that checks the current status, so concurrent workers, a watchdog and a cancel
+request cannot move a job out of a final state: every job reaches exactly one.
+
+Progress is kept so that a redelivered shard is never counted twice: shards done is a set of shard
+names, and evaluations done is the planning evaluations plus a per-shard counter that a shard
+overwrites (not increments) as its batches finish, so a shard that restarts starts again from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+PREFIX = "shapfleet"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class JobNotFound(KeyError):
+    """Raised when no record exists for a job id (or it belongs to another tenant)."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    tenant: str
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    settings: dict[str, Any]
+    model_sha256: str
+    inputs: list[str]
+    shards_total: int
+    shards_done: int
+    evaluations_total: int
+    evaluations_done: int
+    error: dict[str, Any] | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    deadline: float | None = None
+
+    @property
+    def n_images(self) -> int:
+        return len(self.inputs)
+
+
+# KEYS[1] job hash, KEYS[2] active-jobs zset; ARGV: job id, new status, n allowed, allowed..., then
+# field/value pairs. Returns {1, status} when applied, {0, current status} when refused.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, ''} end
+local n = tonumber(ARGV[3])
+local allowed = false
+for i = 1, n do if ARGV[3 + i] == current then allowed = true end end
+if not allowed then return {0, current} end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return {1, ARGV[2]}
+"""
+
+
+class JobStore:
+    """Reads and writes job records. ``redis`` is a ``redis.Redis`` client (decode_responses=False)."""
+
+    def __init__(self, redis) -> None:
+        self.redis = redis
+        self._transition = redis.register_script(_TRANSITION)
+
+    # -- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def shards_key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}:shards"
+
+    @staticmethod
+    def progress_key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}:progress"
+
+    @staticmethod
+    def tenant_key(tenant: str) -> str:
+        return f"{PREFIX}:tenant:{tenant}:jobs"
+
+    ACTIVE = f"{PREFIX}:jobs:active"
+
+    # -- creation and reading -----------------------------------------------------------------
+    def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
+               deadline_seconds: float, job_id: str | None = None) -> JobRecord:
+        job_id = job_id or new_job_id()
+        now = time.time()
+        fields = {
+            "id": job_id, "tenant": tenant, "status": JobStatus.QUEUED.value, "created_at": repr(now),
+            "settings": json.dumps(settings), "model_sha256": model_sha256, "inputs": json.dumps(inputs),
+            "shards_total": 0, "evaluations_total": 0, "evaluations_done": 0,
+            "deadline": repr(now + deadline_seconds),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key(job_id), mapping=fields)
+        pipe.zadd(self.tenant_key(tenant), {job_id: now})
+        pipe.zadd(self.ACTIVE, {job_id: now + deadline_seconds})
+        pipe.execute()
+        return self.get(job_id)
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The record; :class:`JobNotFound` if absent or (when ``tenant`` is given) another tenant's."""
+        raw = self.redis.hgetall(self.key(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        if tenant is not None and data["tenant"] != tenant:
+            raise JobNotFound(job_id)
+
+        def number(name: str) -> float | None:
+            return float(data[name]) if data.get(name) else None
+
+        return JobRecord(
+            id=data["id"], tenant=data["tenant"], status=JobStatus(data["status"]),
+            created_at=float(data["created_at"]), started_at=number("started_at"), completed_at=number("completed_at"),
+            settings=json.loads(data["settings"]), model_sha256=data["model_sha256"], inputs=json.loads(data["inputs"]),
+            shards_total=int(data.get("shards_total", 0)), shards_done=int(self.redis.scard(self.shards_key(job_id))),
+            evaluations_total=int(data.get("evaluations_total", 0)),
+            evaluations_done=int(data.get("evaluations_done", 0)) + sum(int(v) for v in self.redis.hvals(self.progress_key(job_id))),
+            error=json.loads(data["error"]) if data.get("error") else None,
+            results=json.loads(data["results"]) if data.get("results") else [],
+            deadline=number("deadline"),
+        )
+
+    def status(self, job_id: str) -> JobStatus | None:
+        value = self.redis.hget(self.key(job_id), "status")
+        return JobStatus(value.decode()) if value else None
+
+    def list_ids(self, tenant: str, limit: int, before: float | None = None) -> list[tuple[str, float]]:
+        """The tenant's job ids, newest first, created strictly before ``before`` (a cursor)."""
+        upper = f"({before}" if before is not None else "+inf"
+        rows = self.redis.zrevrangebyscore(self.tenant_key(tenant), upper, "-inf", start=0, num=limit, withscores=True)
+        return [(member.decode(), score) for member, score in rows]
+
+    def overdue(self, now: float | None = None) -> list[str]:
+        """Ids of jobs that are not final and past their deadline."""
+        return [m.decode() for m in self.redis.zrangebyscore(self.ACTIVE, "-inf", now or time.time())]
+
+    # -- transitions --------------------------------------------------------------------------
+    def _move(self, job_id: str, to: JobStatus, allowed: tuple[JobStatus, ...], **fields: Any) -> bool:
+        args: list[Any] = [job_id, to.value, len(allowed), *(s.value for s in allowed)]
+        for name, value in fields.items():
+            args += [name, value]
+        applied, _ = self._transition(keys=[self.key(job_id), self.ACTIVE], args=args)
+        return bool(applied)
+
+    def start(self, job_id: str) -> bool:
+        """queued -> running."""
+        return self._move(job_id, JobStatus.RUNNING, (JobStatus.QUEUED,), started_at=repr(time.time()))
+
+    def succeed(self, job_id: str, results: list[dict[str, Any]]) -> bool:
+        """running -> succeeded, with the artifacts' descriptions."""
+        return self._move(job_id, JobStatus.SUCCEEDED, (JobStatus.RUNNING,), results=json.dumps(results),
+                          completed_at=repr(time.time()))
+
+    def fail(self, job_id: str, error_type: str, message: str) -> bool:
+        """queued | running -> failed, with an error a person can act on."""
+        error = json.dumps({"type": error_type, "message": message})
+        return self._move(job_id, JobStatus.FAILED, (JobStatus.QUEUED, JobStatus.RUNNING), error=error,
+                          completed_at=repr(time.time()))
+
+    def cancel(self, job_id: str) -> bool:
+        """queued | running -> canceled."""
+        return self._move(job_id, JobStatus.CANCELED, (JobStatus.QUEUED, JobStatus.RUNNING),
+                          completed_at=repr(time.time()))
+
+    # -- progress -----------------------------------------------------------------------------
+    def set_totals(self, job_id: str, shards_total: int, evaluations_total: int, planning_evaluations: int) -> None:
+        """Set when the plan is made: shard and evaluation totals, and the evaluations planning spent."""
+        self.redis.hset(self.key(job_id), mapping={"shards_total": shards_total, "evaluations_total": evaluations_total,
+                                                   "evaluations_done": planning_evaluations})
+
+    def set_shard_progress(self, job_id: str, shard_name: str, evaluations: int) -> None:
+        """The evaluations shard ``shard_name`` has made so far in its current run."""
+        self.redis.hset(self.progress_key(job_id), shard_name, int(evaluations))
+
+    def shard_done(self, job_id: str, shard_name: str) -> bool:
+        """Record a finished shard; returns False if it was already recorded."""
+        return bool(self.redis.sadd(self.shards_key(job_id), shard_name))
+
+
+def new_job_id() -> str:
+    """Time-ordered ids: 12 hex digits of milliseconds, then 16 random hex digits."""
+    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:16]}"

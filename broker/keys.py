@@ -1,0 +1,35 @@
+"""Object keys, in one place (the layout is documented in :mod:`broker.store`)."""
+
+from __future__ import annotations
+
+
+def model_key(sha256: str) -> str:
+    return f"models/{sha256}.onnx"
+
+
+def input_key(job_id: str, image_index: int) -> str:
+    return f"jobs/{job_id}/inputs/{image_index}"
+
+
+def plan_key(job_id: str, image_index: int) -> str:
+    return f"jobs/{job_id}/plans/{image_index}.npz"
+
+
+def shard_key(job_id: str, image_index: int, shard_index: int) -> str:
+    return f"jobs/{job_id}/shards/{image_index}/{shard_index}.npz"
+
+
+def parse_shard_key(key: str) -> tuple[str, int, int]:
+    """``jobs/<id>/shards/<n>/<i>.npz`` -> (id, n, i)."""
+    parts = key.split("/")
+    if len(parts) != 5 or parts[0] != "jobs" or parts[2] != "shards" or not parts[4].endswith(".npz"):
+        raise ValueError(f"not a shard key: {key!r}")
+    return parts[1], int(parts[3]), int(parts[4][:-4])
+
+
+def result_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/results/"
+
+
+def result_key(job_id: str, name: str) -> str:
+    return f"{result_prefix(job_id)}{name}"

@@ -1,0 +1,204 @@
+"""The object store: S3 (boto3, path-style, any endpoint) or a local folder, behind one small interface.
+
+Key layout::
+
+    models/<sha256>.onnx                 uploaded models, content-addressed
+    jobs/<id>/inputs/<n>.<ext>           the job's images (and optional segment maps)
+    jobs/<id>/plans/<n>.npz              each image's plan (image, segments, backgrounds, design)
+    jobs/<id>/shards/<n>/<i>.npz         shard i's statistics for image n (deterministic: a rerun overwrites)
+    jobs/<id>/results/...                attributions.npz, summary.png, class-*.png
+
+Errors: :class:`ObjectNotFound` for a missing key; :class:`TransientStoreError` for failures worth
+retrying (connection refused, timeouts, 5xx, throttling); anything else is :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from .settings import ServiceSettings
+
+
+class StoreError(Exception):
+    """Raised when the object store refuses an operation for a reason retrying will not fix."""
+
+
+class TransientStoreError(StoreError):
+    """Raised when the store is unreachable or overloaded; the operation may succeed if retried."""
+
+
+class ObjectNotFound(StoreError):
+    """Raised when a key does not exist."""
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def presigned_url(self, key: str, expires: int) -> str | None: ...
+
+    def check(self) -> None: ...
+
+
+def _safe_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStore:
+    """Objects as files under a folder; writes are atomic (write to a temporary name, then rename)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _safe_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        folder = base if base.is_dir() else base.parent
+        if not folder.exists():
+            return []
+        keys = [str(p.relative_to(self.root)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self._path(key).unlink(missing_ok=True)
+
+    def presigned_url(self, key: str, expires: int) -> str | None:
+        return None  # a folder has no URLs; the API streams artifacts instead
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StoreError(f"the store folder {self.root} is not writable")
+
+
+class S3Store:
+    """An S3-compatible bucket (AWS, SeaweedFS, ...), created if missing."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(s3={"addressing_style": "path"}, signature_version="s3v4",
+                        retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+        credentials = dict(aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
+                           region_name=settings.s3_region)
+        self.bucket = settings.s3_bucket
+        self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint, config=config, **credentials)
+        public = settings.s3_public_endpoint or settings.s3_endpoint
+        self.public_client = boto3.client("s3", endpoint_url=public, config=config, **credentials)
+        self._bucket_ready = False
+
+    def _call(self, operation: str, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+        if not self._bucket_ready and operation != "create_bucket":
+            self._ensure_bucket()
+        try:
+            return getattr(self.client, operation)(**kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(kwargs.get("Key", "")) from e
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"):
+                raise TransientStoreError(f"object store {operation} failed ({code or status}); retry later") from e
+            raise StoreError(f"object store {operation} refused: {code or status}") from e
+        except (BotoConnectionError, BotoCoreError, OSError) as e:
+            raise TransientStoreError(f"object store unreachable during {operation}: {type(e).__name__}") from e
+
+    def _ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise StoreError(f"cannot create bucket {self.bucket}: {e}") from e
+        except Exception as e:
+            raise TransientStoreError(f"object store unreachable: {type(e).__name__}") from e
+        self._bucket_ready = True
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call("put_object", Bucket=self.bucket, Key=_safe_key(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get_object", Bucket=self.bucket, Key=_safe_key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head_object", Bucket=self.bucket, Key=_safe_key(key))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def size(self, key: str) -> int:
+        return int(self._call("head_object", Bucket=self.bucket, Key=_safe_key(key))["ContentLength"])
+
+    def list(self, prefix: str) -> list[str]:
+        keys, token = [], None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self._call("list_objects_v2", **kwargs)
+            keys += [item["Key"] for item in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            token = page["NextContinuationToken"]
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self._call("delete_object", Bucket=self.bucket, Key=key)
+
+    def presigned_url(self, key: str, expires: int) -> str | None:
+        return self.public_client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": _safe_key(key)}, ExpiresIn=int(expires))
+
+    def check(self) -> None:
+        self._bucket_ready = False
+        self._ensure_bucket()
+
+
+def open_store(settings: ServiceSettings) -> ObjectStore:
+    """S3 when ``s3_endpoint`` is set, else the local folder ``store_dir``."""
+    return S3Store(settings) if settings.s3_endpoint else LocalStore(settings.store_dir)

@@ -1,0 +1,207 @@
+"""The distributed pipeline with real Redis, SeaweedFS and Celery worker processes."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+
+from broker.jobs import JobStatus
+from broker.keys import result_prefix, shard_key
+from broker.submission import store_model, submit_job
+from conftest import REPO
+from onnx_models import conv_model, nan_model
+from workers.engine import ExplainSettings, Explanation, explain
+
+pytestmark = pytest.mark.service
+
+EXAMPLE_MODEL = (REPO / "examples" / "shapes.onnx").read_bytes()
+EXAMPLE_IMAGE = (REPO / "examples" / "triangle.png").read_bytes()
+SETTINGS = ExplainSettings(n_segments=30, all_classes=True, nsamples=1200, seed=11, batch_size=32)
+
+
+def wait_final(services, job_id: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = services.jobs.get(job_id)
+        if record.status.is_final:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not final after {timeout}s: {services.jobs.get(job_id)}")
+
+
+def in_process(settings: ExplainSettings, model: bytes = EXAMPLE_MODEL, image: bytes = EXAMPLE_IMAGE) -> Explanation:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    (run,) = explain([pixels], model, settings)
+    return run.explanation
+
+
+def fleet_result(services, record) -> Explanation:
+    names = {r["name"] for r in record.results}
+    assert {"attributions.npz", "summary.png"} <= names
+    assert all(services.store.exists(r["key"]) and services.store.size(r["key"]) == r["size"] for r in record.results)
+    return Explanation.load(services.store.get(f"{result_prefix(record.id)}attributions.npz"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fleet_job_equals_the_in_process_engine(services, start_workers, workers):
+    start_workers(workers)
+    sha = store_model(services, EXAMPLE_MODEL)
+    record = submit_job(services, "tenant-a", sha, [EXAMPLE_IMAGE], SETTINGS)
+    assert record.status == JobStatus.QUEUED
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert final.shards_total > 1 and final.shards_done == final.shards_total
+    assert final.evaluations_done == final.evaluations_total
+    assert final.started_at >= final.created_at and final.completed_at >= final.started_at
+    fleet = fleet_result(services, final)
+    local = in_process(SETTINGS)
+    np.testing.assert_allclose(fleet.values, local.values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(fleet.std, local.std, rtol=0, atol=1e-10)
+    assert fleet.n_evaluations == local.n_evaluations == final.evaluations_total
+
+
+def test_progress_is_visible_while_a_job_runs(services, start_workers):
+    start_workers(1)
+    sha = store_model(services, EXAMPLE_MODEL)
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE], SETTINGS.replace(nsamples=6000, n_segments=60))
+    seen = set()
+    while True:
+        current = services.jobs.get(record.id)
+        seen.add((current.shards_done, current.evaluations_done))
+        if current.status.is_final:
+            break
+        time.sleep(0.05)
+    assert current.status == JobStatus.SUCCEEDED, current.error
+    shards_seen = sorted({s for s, _ in seen})
+    assert len(shards_seen) >= 3 and shards_seen[-1] == current.shards_total  # it rose step by step
+    assert 0 < min(e for s, e in seen if s == 0 and e > 0) < current.evaluations_total
+
+
+def test_cancel_mid_job_stops_shards_and_writes_no_result(services, start_workers):
+    start_workers(1)
+    sha = store_model(services, EXAMPLE_MODEL)
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE], SETTINGS.replace(nsamples=40000, n_segments=60, batch_size=16))
+    deadline = time.monotonic() + 60
+    while services.jobs.get(record.id).evaluations_done < 500:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert services.jobs.cancel(record.id)
+    canceled_at = time.monotonic()
+    final = services.jobs.get(record.id)
+    assert final.status == JobStatus.CANCELED
+    # The shard in flight stops at its next batch: evaluations stop growing within seconds.
+    time.sleep(2.0)
+    settled = services.jobs.get(record.id).evaluations_done
+    time.sleep(2.0)
+    assert services.jobs.get(record.id).evaluations_done == settled < final.evaluations_total
+    assert time.monotonic() - canceled_at < 30
+    assert services.store.list(result_prefix(record.id)) == []
+    assert services.jobs.get(record.id).status == JobStatus.CANCELED
+
+
+def test_a_model_failing_in_shards_fails_the_job_quickly(services, start_workers):
+    start_workers(1)
+    # The planner's v(full) and v(empty) succeed only for finite outputs, so the NaN model fails the
+    # job while planning, with the model's error.
+    sha = store_model(services, nan_model(32, 32))
+    started = time.monotonic()
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE], ExplainSettings(segmenter="grid", grid="4x4"))
+    final = wait_final(services, record.id, timeout=30)
+    assert final.status == JobStatus.FAILED and "NaN" in final.error["message"]
+    assert final.error["type"] == "ModelOutputError" and time.monotonic() - started < 30
+
+
+def test_a_model_that_fails_only_on_masked_images_fails_the_job_from_a_shard(services, start_workers):
+    """A model that is finite on the image and its background but NaN on mixed images: the shard
+    fails, the job fails with the model's error, and nothing hangs."""
+    start_workers(1)
+    sha = store_model(services, _nan_on_mixed_model())
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE],
+                        ExplainSettings(segmenter="grid", grid="4x4", masker="constant:3", preprocess="raw", nsamples=500))
+    final = wait_final(services, record.id, timeout=60)
+    assert final.status == JobStatus.FAILED, final
+    assert final.shards_total > 1  # planning succeeded: the failure came from a shard
+    assert "NaN" in final.error["message"] and final.error["type"] == "ModelOutputError"
+
+
+def _nan_on_mixed_model() -> bytes:
+    """Outputs NaN exactly when pixel (0, 0) equals 3 (its background under ``constant:3``) while
+    pixel (31, 31) does not: finite on the image and on the all-hidden image, NaN on coalitions that
+    hide the top-left cell but keep the bottom-right one."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def pixel(row: int, col: int, out: str) -> list:
+        return [
+            helper.make_node("Gather", ["image", "i0"], [f"{out}_c"], axis=1),
+            helper.make_node("Gather", [f"{out}_c", f"r{row}"], [f"{out}_r"], axis=1),
+            helper.make_node("Gather", [f"{out}_r", f"r{col}"], [out], axis=1),
+        ]
+
+    nodes = pixel(0, 0, "top_left") + pixel(31, 31, "bottom_right") + [
+        helper.make_node("Equal", ["top_left", "three"], ["hidden"]),
+        helper.make_node("Equal", ["bottom_right", "three"], ["also_hidden"]),
+        helper.make_node("Not", ["also_hidden"], ["kept"]),
+        helper.make_node("And", ["hidden", "kept"], ["mixed"]),
+        helper.make_node("Where", ["mixed", "nan", "one"], ["value"]),
+        helper.make_node("Unsqueeze", ["value", "axis1"], ["column"]),
+        helper.make_node("Mul", ["column", "ones"], ["out"]),
+    ]
+    scalars = {"i0": (0, np.int64), "r0": (0, np.int64), "r31": (31, np.int64), "three": (3, np.float32),
+               "nan": (np.nan, np.float32), "one": (1, np.float32)}
+    inits = [numpy_helper.from_array(np.array(v, t), n) for n, (v, t) in scalars.items()]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "axis1"), numpy_helper.from_array(np.ones((1, 2), np.float32), "ones")]
+    graph = helper.make_graph(nodes, "mixed_nan", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_a_shard_run_twice_leaves_one_object_and_the_same_answer(services, start_workers):
+    start_workers(1)
+    sha = store_model(services, EXAMPLE_MODEL)
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE], SETTINGS)
+    first = wait_final(services, record.id)
+    assert first.status == JobStatus.SUCCEEDED
+    before = services.store.list(f"jobs/{record.id}/shards/")
+    key = shard_key(record.id, 0, 1)
+    stored = services.store.get(key)
+    # Deliver shard 1 again, by name, as a redelivery would: the stored statistics stay as they were.
+    from broker.celery_app import SHARD_TASK
+
+    services.redis.hset(services.jobs.key(record.id), "status", "running")  # as if it were still running
+    result = services.celery.send_task(SHARD_TASK, args=[record.id, 0, 1], queue=services.settings.queue_shards)
+    assert result.get(timeout=60) == key
+    assert services.store.list(f"jobs/{record.id}/shards/") == before and services.store.get(key) == stored
+    # Rerunning the whole reduction over the stored shards gives the identical answer.
+    from workers.pipeline import reduce_job
+    from workers.tasks import runtime_of
+
+    runtime = runtime_of(services.celery)
+    reduce_job(runtime, record.id, before * 2)  # duplicates in the list are harmless
+    again = Explanation.load(services.store.get(f"{result_prefix(record.id)}attributions.npz"))
+    np.testing.assert_array_equal(again.values, fleet_result(services, first).values)
+
+
+def test_conv_model_multi_image_job(services, start_workers):
+    """Two images in one job: both reduced, artifacts under 0/ and 1/, each equal to in-process."""
+    start_workers(1)
+    model = conv_model(32, 32, classes=3)
+    sha = store_model(services, model)
+    settings = ExplainSettings(segmenter="grid", grid="4x4", top_k=2, nsamples=600, seed=3)
+    circle = (REPO / "examples" / "circle.png").read_bytes()
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE, circle], settings)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert {"0/attributions.npz", "1/attributions.npz", "0/summary.png", "1/summary.png"} <= {r["name"] for r in final.results}
+    for index, image in enumerate((EXAMPLE_IMAGE, circle)):
+        fleet = Explanation.load(services.store.get(f"{result_prefix(record.id)}{index}/attributions.npz"))
+        np.testing.assert_allclose(fleet.values, in_process(settings, model, image).values, rtol=0, atol=1e-10)

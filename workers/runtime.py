@@ -1,0 +1,75 @@
+"""Per-worker-process state: the services, onnxruntime sessions cached by model sha256, recent plans.
+
+Sessions are created lazily, in the process that uses them (after Celery's fork), once per model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from broker.keys import model_key, plan_key
+from broker.services import Services
+from workers.engine.estimation import ShardStatistics
+from workers.engine.model import ModelInfo, OnnxClassifier, create_session, inspect_model
+from workers.engine.planning import JobPlan
+from workers.engine.settings import ExplainSettings
+
+PLAN_CACHE_SIZE = 8
+
+
+class WorkerRuntime:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._pid = os.getpid()
+        self._models: dict[str, tuple[bytes, object]] = {}
+        self._infos: dict[tuple[str, str], ModelInfo] = {}
+        self._plans: OrderedDict[tuple[str, int], JobPlan] = OrderedDict()
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():  # never share sessions across a fork
+            self.__init__(self.services)
+
+    def classifier(self, sha256: str, settings: ExplainSettings) -> OnnxClassifier:
+        """An adapter for the job's settings around this process's one session for the model."""
+        self._check_fork()
+        if sha256 not in self._models:
+            data = self.services.store.get(model_key(sha256))
+            threads = self.services.settings.ort_threads
+            self._models[sha256] = (data, create_session(data, threads=threads))
+        data, session = self._models[sha256]
+        info_key = (sha256, settings.layout)
+        if info_key not in self._infos:
+            self._infos[info_key] = inspect_model(data, settings.layout)
+        return OnnxClassifier(data, settings, session=session, info=self._infos[info_key])
+
+    def plan(self, job_id: str, image_index: int) -> JobPlan:
+        self._check_fork()
+        key = (job_id, image_index)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        plan = load_plan(self.services.store.get(plan_key(job_id, image_index)))
+        self._plans[key] = plan
+        while len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_plan(data: bytes) -> JobPlan:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return JobPlan.from_arrays({name: arrays[name] for name in arrays.files})
+
+
+def load_statistics(data: bytes) -> ShardStatistics:
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return ShardStatistics.from_arrays({name: arrays[name] for name in arrays.files})
