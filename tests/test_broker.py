@@ -1,0 +1,182 @@
+"""Job records, the object stores, settings and the RabbitMQ broker, against real servers."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from broker.jobs import JobNotFound, JobStatus, JobStore, new_job_id
+from broker.settings import ServiceSettings
+from broker.store import LocalStore, ObjectNotFound, S3Store, StoreError, TransientStoreError
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture
+def jobs(services) -> JobStore:
+    return services.jobs
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    """GET a URL; (status, body), closing the connection whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read()
+
+
+def make(jobs: JobStore, tenant: str = "t") -> str:
+    return jobs.create(tenant, {"seed": 1}, "0" * 64, ["jobs/x/inputs/0"], deadline_seconds=60).id
+
+
+def test_state_machine_reaches_exactly_one_final_state(jobs):
+    job_id = make(jobs)
+    assert jobs.get(job_id).status == JobStatus.QUEUED
+    assert not jobs.succeed(job_id, [])  # queued cannot succeed
+    assert jobs.start(job_id) and not jobs.start(job_id)
+    record = jobs.get(job_id)
+    assert record.status == JobStatus.RUNNING and record.started_at >= record.created_at
+    assert jobs.succeed(job_id, [{"name": "a"}])
+    # Once final, nothing moves it: not a late failure, a cancel, or a second success.
+    assert not jobs.fail(job_id, "X", "late") and not jobs.cancel(job_id) and not jobs.succeed(job_id, [])
+    final = jobs.get(job_id)
+    assert final.status == JobStatus.SUCCEEDED and final.error is None and final.results == [{"name": "a"}]
+    assert final.completed_at >= final.started_at
+    assert job_id not in jobs.overdue(now=time.time() + 3600)  # final jobs leave the active set
+
+
+def test_cancel_and_fail_from_queued_and_concurrent_transitions(jobs):
+    a, b = make(jobs), make(jobs)
+    assert jobs.cancel(a) and jobs.get(a).status == JobStatus.CANCELED
+    assert jobs.fail(b, "ModelError", "bad model") and jobs.get(b).error == {"type": "ModelError", "message": "bad model"}
+    c = make(jobs)
+    jobs.start(c)
+    outcomes = [jobs.succeed(c, []), jobs.fail(c, "X", "y"), jobs.cancel(c)]
+    assert outcomes == [True, False, False]
+
+
+def test_progress_counts_each_shard_once(jobs):
+    job_id = make(jobs)
+    jobs.set_totals(job_id, shards_total=3, evaluations_total=300, planning_evaluations=2)
+    jobs.set_shard_progress(job_id, "0/0", 50)
+    jobs.set_shard_progress(job_id, "0/0", 98)  # the same shard later (or rerun): overwritten, not added
+    assert jobs.shard_done(job_id, "0/0") and not jobs.shard_done(job_id, "0/0")
+    record = jobs.get(job_id)
+    assert (record.shards_done, record.evaluations_done) == (1, 100)
+
+
+def test_tenant_listing_and_isolation(jobs):
+    ids = [make(jobs, "alpha") for _ in range(5)]
+    other = make(jobs, "beta")
+    listed = [i for i, _ in jobs.list_ids("alpha", limit=10)]
+    assert listed == list(reversed(ids))
+    first_page = jobs.list_ids("alpha", limit=2)
+    second_page = jobs.list_ids("alpha", limit=2, before=first_page[-1][1])
+    assert [i for i, _ in first_page + second_page] == list(reversed(ids))[:4]
+    with pytest.raises(JobNotFound):
+        jobs.get(other, tenant="alpha")
+    with pytest.raises(JobNotFound):
+        jobs.get(new_job_id())
+
+
+def test_deadline_index(jobs):
+    job_id = jobs.create("t", {}, "0" * 64, [], deadline_seconds=-1).id
+    assert job_id in jobs.overdue()
+
+
+@pytest.mark.parametrize("kind", ["s3", "local"])
+def test_object_store_round_trip(kind, service_settings, tmp_path):
+    store = S3Store(service_settings) if kind == "s3" else LocalStore(tmp_path / "store")
+    store.put("jobs/a/results/x.npz", b"abc")
+    store.put("jobs/a/results/1/y.png", b"defg")
+    store.put("jobs/b/inputs/0", b"z")
+    assert store.get("jobs/a/results/x.npz") == b"abc" and store.size("jobs/a/results/1/y.png") == 4
+    assert store.exists("jobs/b/inputs/0") and not store.exists("jobs/b/inputs/1")
+    assert store.list("jobs/a/") == ["jobs/a/results/1/y.png", "jobs/a/results/x.npz"]
+    with pytest.raises(ObjectNotFound):
+        store.get("jobs/a/nothing")
+    for bad in ("../etc/passwd", "jobs/../../x", "/abs", "jobs//x"):
+        with pytest.raises(StoreError):
+            store.put(bad, b"")
+    store.delete_prefix("jobs/a/")
+    assert store.list("jobs/a/") == [] and store.exists("jobs/b/inputs/0")
+    store.check()
+
+
+def test_s3_bucket_is_created_and_presigned_urls_work_and_expire(service_settings):
+    settings = service_settings.replace(s3_bucket="fresh-bucket-" + new_job_id()[-8:])
+    store = S3Store(settings)
+    store.put("jobs/j/results/a.png", b"png bytes")  # creates the bucket on first use
+    url = store.presigned_url("jobs/j/results/a.png", expires=60)
+    assert fetch(url) == (200, b"png bytes")
+    assert fetch(url.split("?")[0])[0] == 403  # no signature, no access
+    short = store.presigned_url("jobs/j/results/a.png", expires=1)
+    time.sleep(2.5)
+    assert fetch(short)[0] == 403
+
+
+def test_presigned_urls_use_the_public_endpoint(service_settings):
+    public = service_settings.replace(s3_public_endpoint="http://files.example.test:9000")
+    url = S3Store(public).presigned_url("jobs/j/results/a.png", 60)
+    assert url.startswith("http://files.example.test:9000/")
+
+
+def test_unreachable_store_is_a_transient_error(service_settings):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = S3Store(service_settings.replace(s3_endpoint=f"http://127.0.0.1:{port}"))
+    with pytest.raises(TransientStoreError):
+        store.get("jobs/x")
+
+
+def test_settings_from_environment():
+    settings = ServiceSettings.from_env({"SHAPFLEET_REDIS_URL": "redis://h:1/2", "SHAPFLEET_SHARD_EVALUATIONS": "99",
+                                         "SHAPFLEET_MAX_NSAMPLES": "5", "SHAPFLEET_S3_SECRET_KEY": "hidden"})
+    assert settings.redis_url == settings.celery_broker_url == "redis://h:1/2"
+    assert settings.shard_evaluations == 99 and settings.limits.max_nsamples == 5
+    assert "hidden" not in repr(settings)
+    assert ServiceSettings.from_env(settings.environment()) == settings
+    with pytest.raises(ValueError, match="SHAPFLEET_MAX_SHARDS must be an integer"):
+        ServiceSettings.from_env({"SHAPFLEET_MAX_SHARDS": "many"})
+
+
+def _rabbitmq_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _rabbitmq_reachable(), reason="no RabbitMQ on 127.0.0.1:5672 (the broker test needs one)")
+def test_rabbitmq_as_broker(service_settings, start_workers):
+    from broker.services import Services
+    from broker.submission import store_model, submit_job
+    from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
+    from workers.engine import ExplainSettings, Explanation
+
+    # RabbitMQ keeps queues between runs: private queue names keep this run's messages apart.
+    suffix = new_job_id()[-6:]
+    settings = service_settings.replace(broker_url="amqp://guest:guest@127.0.0.1:5672//", queue_plan=f"plan-{suffix}",
+                                        queue_shards=f"shards-{suffix}", queue_reduce=f"reduce-{suffix}")
+    services = Services.from_settings(settings)
+    start_workers(1, settings=settings, queues=f"plan-{suffix},shards-{suffix},reduce-{suffix}")
+    explain_settings = ExplainSettings(n_segments=20, top_k=1, nsamples=300, seed=2)
+    try:
+        record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings)
+        final = wait_final(services, record.id)
+    finally:
+        with services.celery.connection_for_write() as connection:
+            for queue in (settings.queue_plan, settings.queue_shards, settings.queue_reduce):
+                connection.default_channel.queue_delete(queue)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    fleet = Explanation.load(services.store.get(f"jobs/{record.id}/results/attributions.npz"))
+    np.testing.assert_allclose(fleet.values, in_process(explain_settings).values, rtol=0, atol=1e-10)
