@@ -66,8 +66,9 @@ class JobRecord:
         return len(self.inputs)
 
 
-# KEYS[1] job hash, KEYS[2] active-jobs zset; ARGV: job id, new status, n allowed, allowed..., then
-# field/value pairs. Returns {1, status} when applied, {0, current status} when refused.
+# KEYS[1] job hash, KEYS[2] active-jobs zset, KEYS[3] jobs-by-status counters; ARGV: job id, new
+# status, n allowed, allowed..., then field/value pairs. Returns {1, status} when applied,
+# {0, current status} when refused.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
@@ -76,6 +77,8 @@ local allowed = false
 for i = 1, n do if ARGV[3 + i] == current then allowed = true end end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('HINCRBY', KEYS[3], current, -1)
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -109,6 +112,7 @@ class JobStore:
         return f"{PREFIX}:tenant:{tenant}:jobs"
 
     ACTIVE = f"{PREFIX}:jobs:active"
+    BY_STATUS = f"{PREFIX}:metrics:jobs_by_status"
 
     # -- creation and reading -----------------------------------------------------------------
     def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
@@ -125,6 +129,7 @@ class JobStore:
         pipe.hset(self.key(job_id), mapping=fields)
         pipe.zadd(self.tenant_key(tenant), {job_id: now})
         pipe.zadd(self.ACTIVE, {job_id: now + deadline_seconds})
+        pipe.hincrby(self.BY_STATUS, JobStatus.QUEUED.value, 1)
         pipe.execute()
         return self.get(job_id)
 
@@ -162,6 +167,12 @@ class JobStore:
         rows = self.redis.zrevrangebyscore(self.tenant_key(tenant), upper, "-inf", start=0, num=limit, withscores=True)
         return [(member.decode(), score) for member, score in rows]
 
+    def counts_by_status(self) -> dict[str, int]:
+        raw = self.redis.hgetall(self.BY_STATUS)
+        counts = {status.value: 0 for status in JobStatus}
+        counts.update({k.decode(): int(v) for k, v in raw.items()})
+        return counts
+
     def overdue(self, now: float | None = None) -> list[str]:
         """Ids of jobs that are not final and past their deadline."""
         return [m.decode() for m in self.redis.zrangebyscore(self.ACTIVE, "-inf", now or time.time())]
@@ -171,7 +182,7 @@ class JobStore:
         args: list[Any] = [job_id, to.value, len(allowed), *(s.value for s in allowed)]
         for name, value in fields.items():
             args += [name, value]
-        applied, _ = self._transition(keys=[self.key(job_id), self.ACTIVE], args=args)
+        applied, _ = self._transition(keys=[self.key(job_id), self.ACTIVE, self.BY_STATUS], args=args)
         return bool(applied)
 
     def start(self, job_id: str) -> bool:
@@ -207,6 +218,23 @@ class JobStore:
     def shard_done(self, job_id: str, shard_name: str) -> bool:
         """Record a finished shard; returns False if it was already recorded."""
         return bool(self.redis.sadd(self.shards_key(job_id), shard_name))
+
+
+#: Upper bounds (seconds) of the shard-duration histogram buckets.
+SHARD_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+SHARD_METRICS = f"{PREFIX}:metrics:shards"
+
+
+def record_shard_metrics(redis, seconds: float, evaluations: int) -> None:
+    """Add one finished shard to the fleet-wide counters that ``/metrics`` exposes."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrbyfloat(SHARD_METRICS, "seconds_sum", seconds)
+    pipe.hincrby(SHARD_METRICS, "count", 1)
+    pipe.hincrby(SHARD_METRICS, "evaluations", int(evaluations))
+    for bound in SHARD_SECONDS_BUCKETS:
+        if seconds <= bound:
+            pipe.hincrby(SHARD_METRICS, f"le_{bound}", 1)
+    pipe.execute()
 
 
 def new_job_id() -> str:

@@ -66,6 +66,11 @@ class ServiceSettings:
     presign_expiry: int = DEFAULT_PRESIGN_EXPIRY
     ort_threads: int | None = None  # onnxruntime intra-op threads per worker process
     storage_retries: int = 5  # bounded retries for transient store errors
+    # API authentication: "KEY:TENANT,KEY:TENANT" and/or a file of "TENANT KEY" lines (or a JSON
+    # object {"KEY": "TENANT"}). auth_disabled=1 is the explicit development mode (tenant "default").
+    api_keys: str | None = field(default=None, repr=False)
+    api_keys_file: str | None = None
+    auth_disabled: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -111,6 +116,10 @@ class ServiceSettings:
 
 def _convert(name: str, raw: str, type_name) -> object:
     text = str(type_name)
+    if text == "bool":
+        if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"SHAPFLEET_{name.upper()} must be 1/0, true/false or yes/no, got {raw!r}")
+        return raw.strip().lower() in ("1", "true", "yes")
     if "int" in text:
         try:
             return int(raw)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from broker.jobs import JobStatus
+from broker.jobs import JobStatus, record_shard_metrics
 from broker.keys import input_key, parse_shard_key, plan_key, result_key, shard_key
 from broker.store import ObjectNotFound
 from workers.engine.errors import Canceled, InvalidSettingsError, ShapfleetError
@@ -74,6 +74,7 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
     plan = runtime.plan(job_id, image_index)
     job = services.jobs.get(job_id)
     model = runtime.classifier(job.model_sha256, plan.settings)
+    started = time.monotonic()
     done, last_write = 0, 0.0
 
     def on_progress(n: int) -> None:
@@ -88,7 +89,8 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
                            should_stop=lambda: services.jobs.status(job_id) != JobStatus.RUNNING)
     services.store.put(key, npz_bytes(stats.to_arrays()))
     services.jobs.set_shard_progress(job_id, name, stats.n_evaluations)
-    services.jobs.shard_done(job_id, name)
+    if services.jobs.shard_done(job_id, name):
+        record_shard_metrics(services.redis, time.monotonic() - started, stats.n_evaluations)
     return key
 
 

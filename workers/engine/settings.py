@@ -78,6 +78,30 @@ class MaskerSpec:
         return self.kind
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    if value is None:
+        if "None" not in annotation:
+            raise InvalidSettingsError(f"{name} must not be null")
+        return
+    if annotation.startswith("tuple"):
+        element = annotation[annotation.index("[") + 1:annotation.index(",")]
+        if not isinstance(value, (list, tuple)):
+            raise InvalidSettingsError(f"{name} must be a list, got {type(value).__name__}")
+        for item in value:
+            _check_type(name + "[]", item, element)
+        return
+    base = annotation.split("|")[0].strip()
+    ok = {"int": _is_int(value), "float": _is_int(value) or isinstance(value, float),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}[base]
+    if not ok:
+        kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
+        raise InvalidSettingsError(f"{name} must be {kind}, got {value!r}")
+
+
 def parse_size(text: str, what: str) -> tuple[int, int] | int:
     """``"256"`` -> 256 (a short side or a square), ``"224x200"`` -> (224, 200) as (height, width)."""
     match = _SIZE_RE.match(text.strip())
@@ -197,10 +221,16 @@ class ExplainSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ExplainSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Build from JSON-like data, checking each value's type (so ``"nsamples": "abc"`` is a
+        clear :class:`InvalidSettingsError`, not a ``TypeError`` deep inside)."""
+        if not isinstance(data, dict):
+            raise InvalidSettingsError("settings must be a JSON object")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(types))
         if unknown:
-            raise InvalidSettingsError(f"unknown setting(s): {', '.join(unknown)}")
+            raise InvalidSettingsError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(types))}")
+        for name, value in data.items():
+            _check_type(name, value, types[name])
         return cls(**data)
 
     def replace(self, **changes: Any) -> "ExplainSettings":

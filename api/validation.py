@@ -1,0 +1,200 @@
+"""Parsing and checking uploads and job submissions. Everything here runs before anything is stored
+or enqueued; every failure is a :class:`Problem` (4xx) whose detail names the limit or the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+
+from flask import request
+
+from broker.keys import model_key
+from broker.services import Services
+from broker.settings import Limits
+from workers.engine.errors import ImageError, ModelError
+from workers.engine.images import fit_to_model, load_image
+from workers.engine.model import ModelInfo, create_session, inspect_model
+from workers.engine.settings import ExplainSettings
+
+from .problems import Problem
+
+MODEL_META = "shapfleet:model:{}"
+TENANT_MODELS = "shapfleet:tenant:{}:models"
+TENANT_IMAGES = "shapfleet:tenant:{}:images"
+
+
+def image_key(sha256: str) -> str:
+    return f"images/{sha256}"
+
+
+# -- models -----------------------------------------------------------------------------------------
+def validate_model(data: bytes, limits: Limits) -> ModelInfo:
+    """Parse, check the single image input and external data, and load it in onnxruntime."""
+    if not data:
+        raise Problem(422, "Invalid model", "the model upload is empty")
+    if len(data) > limits.max_model_bytes:
+        raise Problem(413, "Payload Too Large", f"the model is {len(data)} bytes; the limit is {limits.max_model_bytes}")
+    info = inspect_model(data)  # ModelError -> 422
+    create_session(data, providers=["CPUExecutionProvider"], threads=1)  # it must load, with built-in operators
+    return info
+
+
+def store_model_for(services: Services, tenant: str, data: bytes, info: ModelInfo | None = None) -> tuple[ModelInfo, bool]:
+    """Validate (unless ``info`` says it was) and store a model for a tenant; returns its description
+    and whether it was new."""
+    info = info or validate_model(data, services.settings.limits)
+    key = model_key(info.sha256)
+    created = not services.store.exists(key)
+    if created:
+        services.store.put(key, data)
+    services.redis.set(MODEL_META.format(info.sha256), json.dumps({**info.to_dict(), "size": len(data)}))
+    services.redis.sadd(TENANT_MODELS.format(tenant), info.sha256)
+    return info, created
+
+
+def model_for(services: Services, tenant: str, model_id: str) -> dict:
+    """A tenant's model description, or 404 (another tenant's model is as absent as a missing one)."""
+    if not isinstance(model_id, str) or not services.redis.sismember(TENANT_MODELS.format(tenant), model_id):
+        raise Problem(404, "Not Found", f"no model {model_id!r} for this tenant; upload it with POST /v1/models")
+    meta = services.redis.get(MODEL_META.format(model_id))
+    return json.loads(meta) if meta else {}
+
+
+def read_upload(field: str) -> bytes:
+    """A file from multipart field ``field``, or the raw body for application/octet-stream."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get(field)
+        if upload is None:
+            raise Problem(400, "Bad Request", f"the multipart body has no file field {field!r}")
+        return upload.read()
+    if request.mimetype in ("application/octet-stream", "application/onnx", "image/png", "image/jpeg"):
+        return request.get_data(cache=False)
+    raise Problem(415, "Unsupported Media Type",
+                  f"send multipart/form-data with a {field!r} file, or the raw bytes as application/octet-stream; "
+                  f"got {request.mimetype or 'no content type'}")
+
+
+# -- images -----------------------------------------------------------------------------------------
+def check_image(data: bytes, limits: Limits, name: str, channels: int = 3):
+    """Decode fully (catches truncated files) under the pixel limit; returns the pixel array."""
+    if not data:
+        raise Problem(422, "Invalid image", f"{name} is empty")
+    try:
+        return load_image(data, channels, max_pixels=limits.max_image_pixels)
+    except ImageError as e:
+        raise Problem(422, "Invalid image", f"{name}: {e}") from e
+
+
+def store_image_for(services: Services, tenant: str, data: bytes) -> tuple[str, tuple[int, int]]:
+    pixels = check_image(data, services.settings.limits, "the image")
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not services.store.exists(image_key(sha256)):
+        services.store.put(image_key(sha256), data)
+    services.redis.sadd(TENANT_IMAGES.format(tenant), sha256)
+    return sha256, pixels.shape[:2]
+
+
+# -- job submissions ------------------------------------------------------------------------------
+@dataclass
+class JobRequest:
+    model_id: str | None
+    model_bytes: bytes | None
+    images: list[bytes]
+    settings: ExplainSettings
+
+    def fingerprint(self, model_sha256: str) -> str:
+        """What makes two submissions the same job (for Idempotency-Key): model, images, settings."""
+        content = {"model": model_sha256, "images": [hashlib.sha256(i).hexdigest() for i in self.images],
+                   "settings": self.settings.to_dict()}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def parse_job_request(services: Services, tenant: str) -> JobRequest:
+    if request.mimetype == "multipart/form-data":
+        settings_text = request.form.get("settings", "{}")
+        try:
+            settings_data = json.loads(settings_text)
+        except json.JSONDecodeError as e:
+            raise Problem(400, "Bad Request", f"the settings field is not valid JSON: {e}") from e
+        model_file = request.files.get("model")
+        images = [f.read() for key in ("image", "images") for f in request.files.getlist(key)]
+        image_ids = request.form.getlist("image_id")
+        model_id = request.form.get("model_id")
+        model_bytes = model_file.read() if model_file is not None else None
+    elif request.mimetype == "application/json":
+        try:
+            body = json.loads(request.get_data(cache=False) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Problem(400, "Bad Request", f"the body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise Problem(400, "Bad Request", "the body must be a JSON object")
+        settings_data = body.get("settings", {})
+        model_id = body.get("model_id")
+        model_bytes = _base64(body["model"], "model") if isinstance(body.get("model"), str) else None
+        images, image_ids = [], []
+        entries = body.get("images", [])
+        if not isinstance(entries, list):
+            raise Problem(422, "Invalid request", "images must be a list of {\"image_id\": ...} or {\"data\": base64}")
+        for n, entry in enumerate(entries):
+            if isinstance(entry, dict) and isinstance(entry.get("image_id"), str):
+                image_ids.append(entry["image_id"])
+            elif isinstance(entry, dict) and isinstance(entry.get("data"), str):
+                images.append(_base64(entry["data"], f"images[{n}].data"))
+            else:
+                raise Problem(422, "Invalid request", f"images[{n}] must be {{\"image_id\": ...}} or {{\"data\": base64}}")
+    else:
+        raise Problem(415, "Unsupported Media Type",
+                      f"send multipart/form-data or application/json; got {request.mimetype or 'no content type'}")
+    if (model_id is None) == (model_bytes is None):
+        raise Problem(422, "Invalid request", "give exactly one of model_id or an inline model")
+    for image_id in image_ids:
+        if not services.redis.sismember(TENANT_IMAGES.format(tenant), image_id):
+            raise Problem(404, "Not Found", f"no image {image_id!r} for this tenant; upload it with POST /v1/images")
+        images.append(services.store.get(image_key(image_id)))
+    settings = ExplainSettings.from_dict(settings_data)  # InvalidSettingsError -> 422
+    return JobRequest(model_id, model_bytes, images, settings)
+
+
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise Problem(422, "Invalid request", f"{what} is not valid base64") from e
+
+
+def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> None:
+    """Limits and model compatibility, with the limit named in each message."""
+    s = job.settings
+    if not job.images:
+        raise Problem(422, "Invalid request", "a job needs at least one image (multipart 'image' files or 'images')")
+    if len(job.images) > limits.max_images_per_job:
+        raise Problem(422, "Limit exceeded", f"{len(job.images)} images; the limit is {limits.max_images_per_job} per job")
+    if s.nsamples is not None and s.nsamples > limits.max_nsamples:
+        raise Problem(422, "Limit exceeded", f"nsamples={s.nsamples}; the limit is {limits.max_nsamples}")
+    segments = s.n_segments if s.segmenter == "slic" else (s.grid_shape[0] * s.grid_shape[1] if s.segmenter == "grid" else None)
+    if segments is not None and segments > limits.max_superpixels:
+        raise Problem(422, "Limit exceeded", f"{segments} superpixels requested; the limit is {limits.max_superpixels}")
+    if s.masker_spec.kind in ("image", "dataset"):
+        raise Problem(422, "Invalid settings", f"masker {s.masker_spec.kind}: is available in `shapfleet explain` only")
+    n_classes = model.get("n_classes")
+    if n_classes:
+        if s.labels is not None and max(s.labels) >= n_classes:
+            raise Problem(422, "Invalid settings", f"labels {list(s.labels)} out of range: the model has {n_classes} classes (0..{n_classes - 1})")
+        if s.top_k is not None and s.top_k > n_classes:
+            raise Problem(422, "Invalid settings", f"top_k={s.top_k} exceeds the model's {n_classes} classes")
+        if s.class_names is not None and len(s.class_names) != n_classes:
+            raise Problem(422, "Invalid settings", f"{len(s.class_names)} class names for a model with {n_classes} classes")
+    channels = model.get("channels", 3)
+    for n, data in enumerate(job.images):
+        name = f"image {n}"
+        pixels = check_image(data, limits, name, channels)
+        try:
+            fitted = fit_to_model(pixels, (model.get("height"), model.get("width")), s.resize, s.center_crop, name)
+        except ImageError as e:
+            raise Problem(422, "Invalid image", str(e)) from e
+        if s.segmenter == "slic" and s.n_segments > fitted.shape[0] * fitted.shape[1]:
+            raise Problem(422, "Invalid settings", f"n_segments={s.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")
