@@ -138,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", help="Celery node name (default: shapfleet-<queues>@<host>)")
     worker.set_defaults(handler=run_worker)
+
+    api = commands.add_parser("api", help="run the HTTP API (development server; deploy with gunicorn api.wsgi:app)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(handler=run_api)
+
+    up = commands.add_parser("up", help="run the whole service on this machine (Redis, SeaweedFS, API, workers)")
+    up.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    up.add_argument("--port", type=int, help="API port (default: a free one)")
+    up.add_argument("--dir", default=".shapfleet", help="state, logs and the env file (default .shapfleet)")
+    up.add_argument("--api-key", help="the API key to accept (default: a new random one)")
+    up.set_defaults(handler=run_up_command)
+
+    from .remote_commands import add_remote_commands
+
+    add_remote_commands(commands, add_engine_arguments)
     return parser
 
 
@@ -188,16 +204,38 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_api(args: argparse.Namespace) -> int:
+    from .app import create_app
+
+    create_app().run(host=args.host, port=args.port, threaded=True)
+    return 0
+
+
+def run_up_command(args: argparse.Namespace) -> int:
+    from .up import run_up
+
+    if args.workers < 1:
+        raise InvalidSettingsError(f"--workers must be >= 1, got {args.workers}")
+    return run_up(Path(args.dir), args.workers, args.port, args.api_key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from .client import ApiError
+    from .stack import StackError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ShapfleetError as e:
+    except (ShapfleetError, StackError, ValueError) as e:
         print(f"shapfleet: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"shapfleet: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+    except ApiError as e:
+        print(f"shapfleet: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # requests' ConnectionError is an OSError too
+        text = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e.strerror or e)
+        print(f"shapfleet: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shapfleet: interrupted", file=sys.stderr)

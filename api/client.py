@@ -27,7 +27,12 @@ class ApiError(Exception):
     def __init__(self, status: int, problem: dict[str, Any]) -> None:
         self.status = status
         self.problem = problem
-        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".strip())
+        prefix = f"{status} " if status else ""
+        super().__init__(f"{prefix}{problem.get('title', '')}: {problem.get('detail', '')}".strip())
+
+
+class ServerUnreachable(ApiError):
+    """Raised when the server cannot be reached at all (refused, DNS, timeout)."""
 
 
 class Client:
@@ -39,7 +44,12 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
-        response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        try:
+            response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            reason = "timed out" if isinstance(e, requests.Timeout) else "connection refused or host unknown"
+            raise ServerUnreachable(0, {"title": "Server unreachable",
+                                        "detail": f"cannot reach {self.base_url} ({reason}); is shapfleet up?"}) from e
         if response.status_code >= 400:
             try:
                 problem = response.json()

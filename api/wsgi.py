@@ -1,0 +1,5 @@
+"""WSGI entry point for gunicorn: ``gunicorn api.wsgi:app`` (settings from SHAPFLEET_* variables)."""
+
+from .app import create_app
+
+app = create_app()

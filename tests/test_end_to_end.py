@@ -1,0 +1,114 @@
+"""The whole service over real HTTP: gunicorn API, Celery workers, Redis, SeaweedFS; and ``shapfleet up``."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from api.client import ApiError, Client
+from conftest import REPO
+from servers import ApiServer, wait_until
+from test_pipeline import in_process
+from workers.engine import ExplainSettings, Explanation
+
+pytestmark = pytest.mark.service
+
+WALKTHROUGH_SUBMIT = ("shapfleet submit examples/triangle.png --model examples/shapes.onnx "
+                      "--class-names examples/class_names.json --n-segments 30 --top-k 2 --nsamples 1000 "
+                      "--wait --out out/service")
+
+
+@pytest.fixture
+def api_server(service_settings, tmp_path):
+    settings = service_settings.replace(api_keys="e2e-key:team")
+    server = ApiServer.start({**os.environ, **settings.environment()}, tmp_path / "api.log")
+    yield server
+    server.stop()
+
+
+def test_submit_poll_download_through_api_and_presigned_urls(api_server, start_workers, tmp_path):
+    start_workers(2)
+    client = Client(api_server.url, "e2e-key")
+    settings = ExplainSettings(n_segments=30, top_k=2, nsamples=800, seed=5)
+    model = client.upload_model(REPO / "examples" / "shapes.onnx")
+    job = client.submit([REPO / "examples" / "square.png"], model_id=model["id"], settings=settings.to_dict())
+    seen = []
+    final = client.wait(job["id"], timeout=120, on_progress=lambda j: seen.append(j["progress"]["evaluations_done"]))
+    assert final["status"] == "succeeded", final["error"]
+    assert seen == sorted(seen) and final["progress"]["fraction"] == 1.0
+    paths = client.download(job["id"], tmp_path / "via-api")
+    assert {p.name for p in paths} >= {"attributions.npz", "summary.png"} and len(paths) == 4
+    for result in final["results"]:
+        with urllib.request.urlopen(result["presigned_url"], timeout=10) as response:
+            assert response.read() == (tmp_path / "via-api" / result["name"]).read_bytes()
+    fleet = Explanation.load(tmp_path / "via-api" / "attributions.npz")
+    local = in_process(settings, image=(REPO / "examples" / "square.png").read_bytes())
+    np.testing.assert_allclose(fleet.values, local.values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(fleet.std, local.std, rtol=0, atol=1e-10)
+    with Image.open(tmp_path / "via-api" / "summary.png") as summary:
+        assert summary.format == "PNG"
+    with pytest.raises(ApiError) as missing:
+        client.get("0" * 28)
+    assert missing.value.status == 404 and missing.value.problem["status"] == 404
+
+
+def test_readme_walkthrough_with_shapfleet_up(tmp_path):
+    """Start `shapfleet up`, run the README's submit command, stop it, and find no process left."""
+    readme = (REPO / "README.md").read_text()
+    assert WALKTHROUGH_SUBMIT in readme and "shapfleet up" in readme and "source .shapfleet/env" in readme
+    shapfleet = str(Path(sys.executable).parent / "shapfleet")
+    state = tmp_path / "stack"
+    up = subprocess.Popen([shapfleet, "up", "--workers", "2", "--dir", str(state)], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: (state / "env").exists(), 120, "shapfleet up")
+        env = dict(os.environ)
+        for line in (state / "env").read_text().splitlines():
+            name, value = line.removeprefix("export ").split("=", 1)
+            env[name] = value
+        work = tmp_path / "work"
+        work.mkdir()
+        os.symlink(REPO / "examples", work / "examples")
+        result = subprocess.run([shapfleet, *WALKTHROUGH_SUBMIT.split()[1:]], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr
+        assert '"status": "succeeded"' in result.stdout and "evaluations" in result.stderr
+        names = sorted(p.name for p in (work / "out" / "service").iterdir())
+        assert names == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png", "summary.png"]
+        children = _descendants(up.pid)
+        assert len(children) >= 5  # redis, weed, gunicorn, two workers (and their pools)
+    finally:
+        os.kill(up.pid, signal.SIGTERM)
+        output = up.communicate(timeout=60)[0].decode()
+    assert up.returncode == 0, output
+    time.sleep(0.5)
+    left = [pid for pid in children if _alive(pid)]
+    assert left == [], f"processes left behind: {left}"
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        out = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout
+        children = [int(p) for p in out.split()]
+        found += children
+        frontier += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
