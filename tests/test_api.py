@@ -288,3 +288,14 @@ def test_inline_model_submission(client):
     response = client.post("/v1/jobs", data=data, headers=auth(), content_type="multipart/form-data")
     assert response.status_code == 202
     assert client.get(f"/v1/models/{response.get_json()['model_id']}", headers=auth()).status_code == 200
+
+
+def test_keys_file_in_both_formats(service_settings, tmp_path):
+    lines = tmp_path / "keys.txt"
+    lines.write_text("# tenant key\nteam-a secret-a\nteam-b secret-b\n")
+    as_json = tmp_path / "keys.json"
+    as_json.write_text('{"secret-c": "team-c"}')
+    for path, key in ((lines, "secret-b"), (as_json, "secret-c")):
+        client = create_app(service_settings.replace(api_keys_file=str(path))).test_client()
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert_problem(client.get("/v1/jobs", headers={"Authorization": "Bearer secret-x"}), 401)
