@@ -65,6 +65,7 @@ class ServiceSettings:
     job_deadline: int = DEFAULT_JOB_DEADLINE
     presign_expiry: int = DEFAULT_PRESIGN_EXPIRY
     ort_threads: int | None = None  # onnxruntime intra-op threads per worker process
+    gpus: int = 0  # GPUs on this worker host: pool process i uses GPU i mod gpus (0: onnxruntime's default)
     storage_retries: int = 5  # bounded retries for transient store errors
     # API authentication: "KEY:TENANT,KEY:TENANT" and/or a file of "TENANT KEY" lines (or a JSON
     # object {"KEY": "TENANT"}). auth_disabled=1 is the explicit development mode (tenant "default").

@@ -21,6 +21,18 @@ from workers.engine.settings import ExplainSettings
 PLAN_CACHE_SIZE = 8
 
 
+#: The prefork pool index of this process (set by the worker at fork); None outside a pool.
+process_index: int | None = None
+
+
+def session_providers(index: int | None, gpus: int, available: list[str]) -> list | None:
+    """Execution providers for a worker process: with ``gpus`` > 0 and the CUDA provider available,
+    pool process ``index`` runs on GPU ``index mod gpus``; otherwise the defaults (CUDA first if any)."""
+    if gpus > 0 and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": (index or 0) % gpus}), "CPUExecutionProvider"]
+    return None
+
+
 class WorkerRuntime:
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -37,9 +49,12 @@ class WorkerRuntime:
         """An adapter for the job's settings around this process's one session for the model."""
         self._check_fork()
         if sha256 not in self._models:
+            import onnxruntime
+
             data = self.services.store.get(model_key(sha256))
-            threads = self.services.settings.ort_threads
-            self._models[sha256] = (data, create_session(data, threads=threads))
+            service = self.services.settings
+            providers = session_providers(process_index, service.gpus, onnxruntime.get_available_providers())
+            self._models[sha256] = (data, create_session(data, providers=providers, threads=service.ort_threads))
         data, session = self._models[sha256]
         info_key = (sha256, settings.layout)
         if info_key not in self._infos:

@@ -17,6 +17,7 @@ import logging
 
 import redis.exceptions
 from celery import chord, current_app, shared_task
+from celery.signals import worker_process_init
 
 from broker.celery_app import JOB_FAILED_TASK, PLAN_TASK, REDUCE_TASK, SHARD_TASK
 from broker.jobs import JobStatus
@@ -29,6 +30,16 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 TRANSIENT = (TransientStoreError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+@worker_process_init.connect
+def _remember_pool_index(**_) -> None:
+    """Record this pool process's index, which picks its GPU on multi-GPU hosts."""
+    from billiard.process import current_process
+
+    from workers import runtime
+
+    runtime.process_index = getattr(current_process(), "index", None)
 
 
 def runtime_of(app) -> WorkerRuntime:

@@ -157,7 +157,8 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def create_session(model_bytes: bytes, providers: Sequence[str] | None = None, threads: int | None = None):
+def create_session(model_bytes: bytes, providers: Sequence[str | tuple[str, dict]] | None = None,
+                   threads: int | None = None):
     """An onnxruntime session for already-inspected model bytes (built-in operators only)."""
     import onnxruntime as ort
 
