@@ -206,3 +206,29 @@ def test_resize_and_centre_crop(rng, tmp_path):
         load_image(str(tmp_path / "bad.png"), 3)
     with pytest.raises(ImageError, match="limit"):
         load_image(str(tmp_path / "a.png"), 3, max_pixels=100)
+
+
+@pytest.mark.parametrize("layout, channels, masker", [("nchw", 3, "mean"), ("nhwc", 3, "blur:3,3"), ("nhwc", 1, "constant:0"),
+                                                       ("nchw", 1, "constant:200")])
+def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channels, masker):
+    from workers.engine.evaluation import coalition_predictor
+    from workers.engine.planning import plan_explanation
+
+    image = rng.uniform(0, 255, (12, 12, channels)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="3x4", masker=masker, all_classes=True, nsamples=600, batch_size=16)
+    model = OnnxClassifier(conv_model(12, 12, channels=channels, layout=layout), settings)
+    plan = plan_explanation(image, model.predict, settings)
+    assert coalition_predictor(model, plan) is not None  # the fused path is really taken
+    fused = explain_array(image, model.predict, settings)
+    numpy_path = explain_array(image, model.predict, settings, fuse=False)
+    np.testing.assert_array_equal(fused.values, numpy_path.values)
+    np.testing.assert_array_equal(fused.std, numpy_path.std)
+
+
+def test_inpainting_is_not_fused(colour_image):
+    from workers.engine.evaluation import coalition_predictor
+    from workers.engine.planning import plan_explanation
+
+    model = OnnxClassifier(conv_model(10, 12), ExplainSettings())
+    plan = plan_explanation(colour_image, model.predict, ExplainSettings(segmenter="grid", grid="2x2", masker="inpaint_telea"))
+    assert coalition_predictor(model, plan) is None

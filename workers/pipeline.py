@@ -12,7 +12,7 @@ from broker.jobs import JobStatus, record_shard_metrics
 from broker.keys import input_key, parse_shard_key, plan_key, result_key, shard_key
 from broker.store import ObjectNotFound
 from workers.engine.errors import Canceled, InvalidSettingsError, ShapfleetError
-from workers.engine.evaluation import evaluate_shard
+from workers.engine.evaluation import coalition_predictor, evaluate_shard
 from workers.engine.images import fit_to_model, load_image
 from workers.engine.planning import JobPlan, plan_explanation
 from workers.engine.rendering import render_artifacts
@@ -86,7 +86,8 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
             services.jobs.set_shard_progress(job_id, name, done)
 
     stats = evaluate_shard(plan, shard_index, model.predict, on_progress=on_progress,
-                           should_stop=lambda: services.jobs.status(job_id) != JobStatus.RUNNING)
+                           should_stop=lambda: services.jobs.status(job_id) != JobStatus.RUNNING,
+                           predict_coalitions=coalition_predictor(model, plan))
     services.store.put(key, npz_bytes(stats.to_arrays()))
     services.jobs.set_shard_progress(job_id, name, stats.n_evaluations)
     if services.jobs.shard_done(job_id, name):

@@ -14,7 +14,7 @@ import numpy as np
 from broker.keys import model_key, plan_key
 from broker.services import Services
 from workers.engine.estimation import ShardStatistics
-from workers.engine.model import ModelInfo, OnnxClassifier, create_session, inspect_model
+from workers.engine.model import ModelInfo, ModelSessions, OnnxClassifier, inspect_model
 from workers.engine.planning import JobPlan
 from workers.engine.settings import ExplainSettings
 
@@ -37,7 +37,7 @@ class WorkerRuntime:
     def __init__(self, services: Services) -> None:
         self.services = services
         self._pid = os.getpid()
-        self._models: dict[str, tuple[bytes, object]] = {}
+        self._models: dict[str, tuple[bytes, ModelSessions]] = {}
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._plans: OrderedDict[tuple[str, int], JobPlan] = OrderedDict()
 
@@ -54,12 +54,12 @@ class WorkerRuntime:
             data = self.services.store.get(model_key(sha256))
             service = self.services.settings
             providers = session_providers(process_index, service.gpus, onnxruntime.get_available_providers())
-            self._models[sha256] = (data, create_session(data, providers=providers, threads=service.ort_threads))
-        data, session = self._models[sha256]
+            self._models[sha256] = (data, ModelSessions(data, providers=providers, threads=service.ort_threads))
+        data, sessions = self._models[sha256]
         info_key = (sha256, settings.layout)
         if info_key not in self._infos:
             self._infos[info_key] = inspect_model(data, settings.layout)
-        return OnnxClassifier(data, settings, session=session, info=self._infos[info_key])
+        return OnnxClassifier(data, settings, sessions=sessions, info=self._infos[info_key])
 
     def plan(self, job_id: str, image_index: int) -> JobPlan:
         self._check_fork()

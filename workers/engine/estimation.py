@@ -46,6 +46,7 @@ class ShardStatistics:
     sampled_block: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s
     sampled_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_s x ceil(M/8)
     sampled_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n_s x K
+    _pending: list = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def zeros(cls, shard_index: int, n_players: int, n_classes: int) -> "ShardStatistics":
@@ -66,16 +67,24 @@ class ShardStatistics:
         self.sampled_zy += zf.T @ y
         self.sampled_count += len(z)
         self.n_coalitions += len(z)
-        self.sampled_block = np.concatenate([self.sampled_block, np.full(len(z), block, np.int64)])
-        self.sampled_bits = np.concatenate([self.sampled_bits, np.packbits(z, axis=1)])
-        self.sampled_y = np.concatenate([self.sampled_y, y])
+        self._pending.append((np.full(len(z), block, np.int64), np.packbits(z, axis=1), y))
+
+    def _flush(self) -> None:
+        """Append the rows added since the last flush (one concatenation, not one per batch)."""
+        if self._pending:
+            blocks, bits, ys = zip(*self._pending)
+            self.sampled_block = np.concatenate([self.sampled_block, *blocks])
+            self.sampled_bits = np.concatenate([self.sampled_bits, *bits])
+            self.sampled_y = np.concatenate([self.sampled_y, *ys])
+            self._pending = []
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self)}
+        self._flush()
+        return {f.name: np.asarray(getattr(self, f.name)) for f in fields(self) if f.init}
 
     @classmethod
     def from_arrays(cls, arrays) -> "ShardStatistics":
-        values = {f.name: arrays[f.name] for f in fields(cls)}
+        values = {f.name: arrays[f.name] for f in fields(cls) if f.init}
         for name in ("shard_index", "n_coalitions", "n_evaluations", "sampled_count"):
             values[name] = int(values[name])
         return cls(**values)
@@ -88,6 +97,8 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
     if indices != list(range(n_shards)):
         raise EstimationError(f"expected shard statistics 0..{n_shards - 1} once each, got indices {indices}")
     ordered = sorted(shards, key=lambda s: s.shard_index)
+    for shard in ordered:
+        shard._flush()
     total = ordered[0]
     total = ShardStatistics(-1, total.n_coalitions, total.n_evaluations, total.enumerated_zz.copy(),
                             total.enumerated_zy.copy(), total.sampled_zz.copy(), total.sampled_zy.copy(),
@@ -106,21 +117,27 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
     return total
 
 
-def solve_constrained(a: np.ndarray, b: np.ndarray, total: np.ndarray) -> np.ndarray:
+def solve_constrained(a: np.ndarray, b: np.ndarray, total: np.ndarray, check: bool = True) -> np.ndarray:
     """phi = A^-1 (b - 1 (1^T A^-1 b - total) / (1^T A^-1 1)): the minimiser of the quadratic form
-    phi^T A phi - 2 b^T phi subject to 1^T phi = total, column by column. Arrays in, array out."""
+    phi^T A phi - 2 b^T phi subject to 1^T phi = total, column by column. Arrays in, array out.
+
+    ``check`` tests A's condition number first (an SVD: the jackknife's replicates skip it, since
+    their A differs from the checked one by a small fraction of the samples)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     m = a.shape[0]
     if m == 0:
         raise EstimationError("there are no superpixels to explain")
-    condition = np.linalg.cond(a)
+    condition = np.linalg.cond(a) if check else 1.0
     if not np.isfinite(condition) or condition > MAX_CONDITION:
         raise EstimationError(
             "the coalitions evaluated do not determine every superpixel's value (the regression is "
             f"singular, condition number {condition:.3g}); increase nsamples or use fewer superpixels"
         )
-    solved = np.linalg.solve(a, np.column_stack([b, np.ones(m)]))
+    try:
+        solved = np.linalg.solve(a, np.column_stack([b, np.ones(m)]))
+    except np.linalg.LinAlgError as e:
+        raise EstimationError("the regression is singular; increase nsamples or use fewer superpixels") from e
     a_inv_b, a_inv_1 = solved[:, :-1], solved[:, -1]
     correction = (a_inv_b.sum(axis=0) - np.asarray(total, dtype=np.float64)) / a_inv_1.sum()
     return a_inv_b - np.outer(a_inv_1, correction)
@@ -167,7 +184,7 @@ def _jackknife_std(design: CoalitionDesign, stats: ShardStatistics, total: np.nd
         zg = z[rows]
         a, b = _regression(design, stats, stats.sampled_zz - zg.T @ zg, stats.sampled_zy - zg.T @ stats.sampled_y[rows],
                            stats.sampled_count - int(rows.sum()))
-        replicates.append(solve_constrained(a, b, total))
+        replicates.append(solve_constrained(a, b, total, check=False))
     replicates = np.stack(replicates)
     variance = (groups - 1) / groups * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0)
     return np.sqrt(variance)

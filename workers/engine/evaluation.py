@@ -19,9 +19,26 @@ from .planning import JobPlan
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray) -> np.ndarray:
+def coalition_predictor(classifier, plan: JobPlan) -> Predict | None:
+    """The classifier's fused ``predict(Z)`` for this plan, when its masker is one fixed background
+    (constant, mean, blur, image) and the model can be fused; None otherwise (inpainting, background
+    sets), and the evaluator composes images in numpy instead."""
+    masker = plan.masker
+    if masker.backgrounds is None or masker.n_backgrounds != 1 or not hasattr(classifier, "coalition_predictor"):
+        return None
+    return classifier.coalition_predictor(plan.image, masker.backgrounds[0], plan.segments)
+
+
+def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
+                predict_coalitions: Predict | None = None) -> np.ndarray:
     """v(z) for a batch of coalitions (``B x M`` bool): the mean model output over the masker's
-    backgrounds for the explained classes, ``B x K`` float64."""
+    backgrounds for the explained classes, ``B x K`` float64. With ``predict_coalitions`` the model
+    composes the images itself (identical values, less data moved)."""
+    if predict_coalitions is not None:
+        outputs = np.asarray(predict_coalitions(coalitions), dtype=np.float64)
+        if outputs.shape[0] != len(coalitions) or not np.all(np.isfinite(outputs)):
+            raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
+        return outputs[:, plan.classes]
     pixel_masks = coalitions[:, plan.segments]
     composites = plan.masker.compose(plan.image, pixel_masks)
     outputs = np.asarray(predict(composites), dtype=np.float64)
@@ -35,11 +52,13 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray) -> np.n
 
 def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
                    on_progress: Callable[[int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> ShardStatistics:
+                   should_stop: Callable[[], bool] | None = None,
+                   predict_coalitions: Predict | None = None) -> ShardStatistics:
     """Evaluate shard ``shard_index`` of ``plan.n_shards`` and return its additive statistics.
 
     ``on_progress(n)`` is called after every model batch with the number of model evaluations it
-    made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true.
+    made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true;
+    ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
     """
     units = plan.shard_units[shard_index]
     stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
@@ -50,7 +69,7 @@ def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
             if should_stop is not None and should_stop():
                 raise Canceled(f"shard {shard_index} stopped: the job was canceled")
             zb = z[start:start + per_batch]
-            y = game_values(plan, predict, zb) - plan.v_empty
+            y = game_values(plan, predict, zb, predict_coalitions) - plan.v_empty
             if unit.kind == "enumerated":
                 stats.add_enumerated(zb, weights[start:start + per_batch], y)
             else:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .estimation import ShardStatistics
-from .evaluation import Predict, evaluate_shard
+from .evaluation import Predict, coalition_predictor, evaluate_shard
 from .images import as_pixel_array, fit_to_model, load_image
 from .model import OnnxClassifier, read_model_file
 from .planning import JobPlan, plan_explanation
@@ -29,17 +29,24 @@ from .settings import ExplainSettings
 ProgressFactory = Callable[[int, str], "object"]  # (total, label) -> object with update(n) and close()
 
 
-def run_shards(plan: JobPlan, predict: Predict, on_progress: Callable[[int], None] | None = None) -> list[ShardStatistics]:
+def run_shards(plan: JobPlan, predict: Predict, on_progress: Callable[[int], None] | None = None,
+               predict_coalitions: Predict | None = None) -> list[ShardStatistics]:
     """Evaluate every shard of ``plan`` in this process, in index order."""
-    return [evaluate_shard(plan, i, predict, on_progress) for i in range(plan.n_shards)]
+    return [evaluate_shard(plan, i, predict, on_progress, predict_coalitions=predict_coalitions)
+            for i in range(plan.n_shards)]
 
 
 def explain_array(image: np.ndarray, predict: Predict, settings: ExplainSettings, *,
                   segments: np.ndarray | None = None, shards: int = 1,
-                  on_progress: Callable[[int], None] | None = None) -> Explanation:
-    """Explain a float32 ``H x W x C`` pixel image for any ``predict(images) -> outputs`` callable."""
+                  on_progress: Callable[[int], None] | None = None, fuse: bool = True) -> Explanation:
+    """Explain a float32 ``H x W x C`` pixel image for any ``predict(images) -> outputs`` callable.
+
+    When ``predict`` is an :class:`OnnxClassifier`'s method and ``fuse`` is true, the masking runs
+    inside the model (see :mod:`workers.engine.fused`); the values are identical either way."""
     plan = plan_explanation(image, predict, settings, segments=segments, n_shards=shards)
-    return reduce_shards(plan, run_shards(plan, predict, on_progress))
+    owner = getattr(predict, "__self__", None)
+    fused = coalition_predictor(owner, plan) if fuse and owner is not None else None
+    return reduce_shards(plan, run_shards(plan, predict, on_progress, fused))
 
 
 # -- the local process pool (one onnxruntime session per process, created once) -------------------
@@ -55,8 +62,9 @@ def _pool_init(model_bytes: bytes, settings: dict, plan_arrays: dict, threads: i
 
 def _pool_shard(shard_index: int) -> dict:
     queue = _pool_state["queue"]
-    stats = evaluate_shard(_pool_state["plan"], shard_index, _pool_state["model"].predict,
-                           on_progress=lambda n: queue.put(n))
+    plan, model = _pool_state["plan"], _pool_state["model"]
+    stats = evaluate_shard(plan, shard_index, model.predict, on_progress=lambda n: queue.put(n),
+                           predict_coalitions=coalition_predictor(model, plan))
     return stats.to_arrays()
 
 
@@ -138,7 +146,7 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
         if workers > 1 and plan.n_shards > 1:
             shard_stats = run_shards_in_pool(plan, model_bytes, min(workers, plan.n_shards), update)
         else:
-            shard_stats = run_shards(plan, classifier.predict, update)
+            shard_stats = run_shards(plan, classifier.predict, update, coalition_predictor(classifier, plan))
         explanation = reduce_shards(plan, shard_stats)
         if bar is not None:
             bar.close()

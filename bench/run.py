@@ -1,0 +1,450 @@
+"""shapfleet benchmarks, measured side by side in one run (run bench/setup.sh first).
+
+    .venv/bin/python bench/run.py [--repeats 3] [--only limit,accuracy,service,scaling]
+
+Writes bench/results/results.json, bench/results/error_vs_time.png and bench/results/README.md.
+What is measured (medians over --repeats, every figure a ratio against a number from the same run):
+
+limit     the inference limit: onnxruntime alone on the same masked images at its best batch size,
+          against shapfleet's engine (plan + shards + reduce, model loaded) and shap.KernelExplainer
+          (l1_reg=False) with a vectorised masking function and with the VGG16 notebook's per-row,
+          per-segment loop, all at the seed notebooks' settings.
+accuracy  relative L2 error against exact Shapley values (full enumeration) for shapfleet and
+          shap.KernelExplainer at nsamples 256..4096 on 12- and 16-superpixel cases, and the time each
+          needs to reach 5%, 2% and 1% error.
+service   a ~2000-evaluation job through the API, Redis, SeaweedFS and 2 workers against the same job
+          in-process.
+scaling   the same job on 1 and on 2 worker processes with one inference thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from workers.engine.images import fit_to_model  # noqa: E402
+from workers.engine.local import explain_array  # noqa: E402
+from workers.engine.model import OnnxClassifier  # noqa: E402
+from workers.engine.planning import plan_explanation  # noqa: E402
+from workers.engine.settings import ExplainSettings  # noqa: E402
+
+MODELS = HERE / "models"
+RESULTS = HERE / "results"
+BATCH_SIZES = (1, 8, 16, 32, 64, 128)
+
+
+def median_time(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# -- cases ----------------------------------------------------------------------------------------
+def mnist_image(index: int = 0) -> np.ndarray:
+    data = np.load(MODELS / "binary-mnist.npz")
+    return data["X_test"][index].reshape(28, 28, 1).astype(np.float32)
+
+
+def photo(name: str = "chelsea") -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)().astype(np.float32)
+
+
+def cases() -> dict:
+    mnist = ExplainSettings(n_segments=200, sigma=0, masker="constant:0", labels=(0, 1), nsamples=1000, preprocess="unit")
+    efficientnet = ExplainSettings(n_segments=50, compactness=30, sigma=3, masker="constant:255", top_k=3, nsamples=1000,
+                                   preprocess="centered", resize="256", center_crop="224")
+    return {
+        "mnist": {"model": MODELS / "mnist_model_tf.onnx", "image": mnist_image(), "settings": mnist},
+        "efficientnet": {"model": MODELS / "efficientnet_lite0.onnx", "image": photo("chelsea"), "settings": efficientnet},
+    }
+
+
+def load_case(case: dict, threads: int | None = None):
+    settings = case["settings"]
+    model_bytes = case["model"].read_bytes()
+    classifier = OnnxClassifier(model_bytes, settings, threads=threads)
+    image = fit_to_model(case["image"], classifier.input_size, settings.resize, settings.center_crop)
+    return model_bytes, classifier, image
+
+
+# -- 1. the inference limit against shapfleet and shap ------------------------------------------------
+def masked_inputs(classifier, image, settings) -> tuple[np.ndarray, object]:
+    """The model-ready inputs of every coalition shapfleet evaluates (the limit runs exactly these)."""
+    plan = plan_explanation(image, classifier.predict, settings)
+    batches = []
+    for shard in plan.shard_units:
+        for unit in shard:
+            z, _ = plan.design.coalitions(unit)
+            composites = plan.masker.compose(image, z[:, plan.segments])
+            batches.append(classifier.to_model_input(composites))
+    return np.concatenate(batches), plan
+
+
+def raw_sessions(model_bytes: bytes) -> dict:
+    """onnxruntime with its default options (threads spin between runs) and without spinning: the
+    limit is the faster of the two."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for spinning in ("1", "0"):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        sessions[f"spinning={spinning}"] = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def best_batch_size(session, input_name: str, inputs: np.ndarray) -> tuple[int, dict]:
+    sample = inputs[:min(len(inputs), 256)]
+    per_image = {}
+    for size in BATCH_SIZES:
+        def run():
+            for start in range(0, len(sample), size):
+                session.run(None, {input_name: sample[start:start + size]})
+        run()  # warm-up: onnxruntime allocates per shape on first use
+        per_image[size] = median_time(run, 2) / len(sample)
+    return min(per_image, key=per_image.get), per_image
+
+
+def shap_value_function(classifier, image, segments, background: float, vectorised: bool, classes):
+    def vectorised_mask(z: np.ndarray) -> np.ndarray:
+        keep = z.astype(bool)[:, segments]
+        return np.where(keep[..., None], image[None], np.float32(background))
+
+    def notebook_mask(z: np.ndarray) -> np.ndarray:
+        # The VGG16 notebook's mask_image: a Python loop over rows and segments.
+        out = np.zeros((z.shape[0],) + image.shape, dtype=np.float32)
+        for i in range(z.shape[0]):
+            out[i] = image
+            for j in range(z.shape[1]):
+                if z[i, j] == 0:
+                    out[i][segments == j, :] = background
+        return out
+
+    mask = vectorised_mask if vectorised else notebook_mask
+
+    def f(z: np.ndarray) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(z), 64):
+            outputs.append(classifier.predict(mask(z[start:start + 64])))
+        return np.concatenate(outputs)[:, classes]
+
+    return f
+
+
+def shap_kernel(classifier, image, segments, background, classes, nsamples: int, vectorised: bool, seed: int = 0):
+    import shap
+
+    m = int(segments.max()) + 1
+    f = shap_value_function(classifier, image, segments, background, vectorised, classes)
+    np.random.seed(seed)  # shap's KernelExplainer samples with the global generator
+    explainer = shap.KernelExplainer(f, np.zeros((1, m)))
+    values = explainer.shap_values(np.ones((1, m)), nsamples=nsamples, l1_reg=False, silent=True)
+    return np.stack([v[0] for v in values], axis=1) if isinstance(values, list) else values[0]
+
+
+def measure_limit(repeats: int) -> dict:
+    results = {}
+    for name, case in cases().items():
+        model_bytes, classifier, image = load_case(case)
+        settings = case["settings"]
+        inputs, plan = masked_inputs(classifier, image, settings)
+        name_in = classifier.info.input_name
+        candidates = {}
+        for label, session in raw_sessions(model_bytes).items():
+            size, per_image = best_batch_size(session, name_in, inputs)
+            candidates[label] = (per_image[size], size, per_image, session)
+        label = min(candidates, key=lambda k: candidates[k][0])
+        _, batch, per_image, raw = candidates[label]
+        tuned = settings.replace(batch_size=batch)
+
+        def limit():
+            for start in range(0, len(inputs), batch):
+                raw.run(None, {name_in: inputs[start:start + batch]})
+
+        def engine():
+            explain_array(image, classifier.predict, tuned)
+
+        def engine_with_load():
+            fresh = OnnxClassifier(model_bytes, tuned)
+            explain_array(image, fresh.predict, tuned)
+
+        background = float(settings.masker_spec.values[0])
+        classes = list(plan.classes)
+        segments = plan.segments
+
+        def shap_vectorised():
+            shap_kernel(classifier, image, segments, background, classes, settings.nsamples, vectorised=True)
+
+        def shap_loop():
+            shap_kernel(classifier, image, segments, background, classes, settings.nsamples, vectorised=False)
+
+        engine()  # warm-up
+        timings = {"limit": median_time(limit, repeats), "shapfleet": median_time(engine, repeats),
+                   "shapfleet_with_model_load": median_time(engine_with_load, repeats),
+                   "shap_vectorised": median_time(shap_vectorised, repeats),
+                   "shap_notebook_loop": median_time(shap_loop, max(1, repeats - 1))}
+        results[name] = {
+            "superpixels": int(plan.n_players), "classes": classes, "evaluations": int(len(inputs)) + plan.planning_evaluations,
+            "best_batch_size": batch, "limit_session": label, "seconds_per_image_by_batch": per_image, "seconds": timings,
+            "ratio_to_limit": {k: v / timings["limit"] for k, v in timings.items()},
+            "evaluations_per_second_limit": len(inputs) / timings["limit"],
+        }
+        print(f"[limit] {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()), flush=True)
+    return results
+
+
+# -- 2. accuracy against exact values ---------------------------------------------------------------
+def exact_cases() -> dict:
+    grid = dict(segmenter="grid", preprocess="unit")
+    return {
+        "mnist-M12": {"model": MODELS / "mnist_model_tf.onnx", "image": mnist_image(1),
+                      "settings": ExplainSettings(grid="3x4", masker="constant:0", labels=(0, 1), **grid)},
+        "mnist-M16": {"model": MODELS / "mnist_model_tf.onnx", "image": mnist_image(2),
+                      "settings": ExplainSettings(grid="4x4", masker="constant:0", labels=(0, 1), **grid)},
+        "efficientnet-M12": {"model": MODELS / "efficientnet_lite0.onnx", "image": photo("coffee"),
+                             "settings": ExplainSettings(segmenter="grid", grid="3x4", masker="constant:255", top_k=2,
+                                                         preprocess="centered", resize="256", center_crop="224")},
+    }
+
+
+def measure_accuracy(budgets: list[int], seeds: int) -> dict:
+    results = {}
+    for name, case in exact_cases().items():
+        _, classifier, image = load_case(case)
+        settings = case["settings"].replace(batch_size=64)
+        exact = explain_array(image, classifier.predict, settings.replace(nsamples=2 ** 20))
+        assert exact.exact
+        m = exact.values.shape[0]
+        reference = exact.values
+        norm = np.linalg.norm(reference)
+        background = float(settings.masker_spec.values[0])
+        classes = list(exact.classes)
+        rows = []
+        for budget in budgets:
+            for tool in ("shapfleet", "shap_vectorised"):
+                errors, times = [], []
+                for seed in range(seeds):
+                    started = time.perf_counter()
+                    if tool == "shapfleet":
+                        values = explain_array(image, classifier.predict, settings.replace(nsamples=budget, seed=seed)).values
+                    else:
+                        values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
+                    times.append(time.perf_counter() - started)
+                    errors.append(float(np.linalg.norm(values - reference) / norm))
+                rows.append({"tool": tool, "nsamples": budget, "relative_l2_error": statistics.median(errors),
+                             "seconds": statistics.median(times)})
+                print(f"[accuracy] {name} {tool} n={budget}: error {rows[-1]['relative_l2_error']:.4f} "
+                      f"in {rows[-1]['seconds']:.2f}s", flush=True)
+        results[name] = {"superpixels": m, "exact_evaluations": exact.n_evaluations, "rows": rows,
+                         "time_to_error": time_to_error(rows)}
+    return results
+
+
+def time_to_error(rows: list[dict]) -> dict:
+    """For each tool and target, the shortest measured time at which the median error is below it."""
+    out = {}
+    for tool in sorted({r["tool"] for r in rows}):
+        mine = [r for r in rows if r["tool"] == tool]
+        out[tool] = {}
+        for target in (0.05, 0.02, 0.01):
+            reached = [r["seconds"] for r in mine if r["relative_l2_error"] <= target]
+            out[tool][f"{target:.0%}"] = min(reached) if reached else None
+    return out
+
+
+# -- 3. service against in-process, and scale-out ---------------------------------------------------------
+def _stack(tmp: Path, workers: int):
+    from api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess
+    from broker.settings import ServiceSettings
+
+    redis_server = RedisServer.start(tmp / "redis")
+    seaweed = SeaweedServer.start(tmp / "seaweed")
+    settings = ServiceSettings(redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
+                               s3_secret_key=seaweed.secret_key, api_keys="bench:bench", ort_threads=1,
+                               shard_evaluations=128)
+    env = {**os.environ, **settings.environment()}
+    api = ApiServer.start(env, tmp / "api.log")
+    started = [WorkerProcess.start(env, tmp / f"worker{n}.log", name=f"bench{n}") for n in range(workers)]
+    return [redis_server, seaweed, api, *started], api.url
+
+
+def _fleet_job_seconds(url: str, model: Path, image_png: bytes, settings: ExplainSettings) -> tuple[float, dict]:
+    from api.client import Client
+
+    client = Client(url, "bench")
+    model_id = client.upload_model(model)["id"]
+    started = time.perf_counter()
+    job = client.submit([image_png], model_id=model_id, settings=settings.to_dict())
+    final = client.wait(job["id"], poll_interval=0.05, max_interval=0.2)
+    elapsed = time.perf_counter() - started
+    assert final["status"] == "succeeded", final
+    return elapsed, final
+
+
+def measure_service(repeats: int) -> dict:
+    from PIL import Image
+
+    from workers.engine.local import explain
+
+    case = cases()["efficientnet"]
+    settings = case["settings"].replace(nsamples=2000, batch_size=32)
+    buffer = io.BytesIO()
+    Image.fromarray(case["image"].astype(np.uint8)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        parts, url = _stack(Path(tmp), workers=2)
+        try:
+            _fleet_job_seconds(url, case["model"], png, settings.replace(nsamples=200))  # warm the workers' sessions
+            fleet = [_fleet_job_seconds(url, case["model"], png, settings)[0] for _ in range(repeats)]
+        finally:
+            for part in reversed(parts):
+                part.stop()
+    in_process = median_time(lambda: explain([case["image"]], case["model"], settings), repeats)
+    results["in_process_seconds"] = in_process
+    results["service_2_workers_seconds"] = statistics.median(fleet)
+    results["ratio_service_to_in_process"] = results["service_2_workers_seconds"] / in_process
+    print(f"[service] in-process {in_process:.2f}s, service {results['service_2_workers_seconds']:.2f}s", flush=True)
+    return results
+
+
+def measure_scaling(repeats: int) -> dict:
+    from PIL import Image
+
+    case = cases()["efficientnet"]
+    settings = case["settings"].replace(nsamples=2000, batch_size=32)
+    buffer = io.BytesIO()
+    Image.fromarray(case["image"].astype(np.uint8)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    seconds = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            parts, url = _stack(Path(tmp), workers=workers)
+            try:
+                _fleet_job_seconds(url, case["model"], png, settings.replace(nsamples=200))
+                runs = [_fleet_job_seconds(url, case["model"], png, settings) for _ in range(repeats)]
+            finally:
+                for part in reversed(parts):
+                    part.stop()
+        seconds[workers] = statistics.median(r[0] for r in runs)
+        evaluations = runs[0][1]["progress"]["evaluations_total"]
+    efficiency = seconds[1] / (2 * seconds[2])
+    print(f"[scaling] 1 worker {seconds[1]:.2f}s, 2 workers {seconds[2]:.2f}s, efficiency {efficiency:.2f}", flush=True)
+    return {"evaluations": evaluations, "seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2],
+            "efficiency": efficiency, "evaluations_per_second_per_worker": evaluations / seconds[1]}
+
+
+# -- report -----------------------------------------------------------------------------------------
+def plot(accuracy: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(accuracy), figsize=(5 * len(accuracy), 4), squeeze=False)
+    for ax, (name, result) in zip(axes[0], accuracy.items()):
+        for tool, style in (("shapfleet", "o-"), ("shap_vectorised", "s--")):
+            rows = [r for r in result["rows"] if r["tool"] == tool]
+            ax.plot([r["seconds"] for r in rows], [max(r["relative_l2_error"], 1e-6) for r in rows], style, label=tool)
+        for target in (0.05, 0.02, 0.01):
+            ax.axhline(target, color="grey", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (M={result['superpixels']})")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("relative L2 error")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Benchmark results\n\nMachine: {results['machine']}. Command: `.venv/bin/python bench/run.py`. "
+             "All ratios are within this one run.\n"]
+    if "limit" in results:
+        lines += ["## Against the inference limit (seed notebooks' settings)\n",
+                  "| case | M | evaluations | batch | limit s | shapfleet s (x limit) | with model load (x) | "
+                  "shap vectorised s (x) | shap notebook loop s (x) |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["limit"].items():
+            s, q = r["seconds"], r["ratio_to_limit"]
+            lines.append(f"| {name} | {r['superpixels']} | {r['evaluations']} | {r['best_batch_size']} | {s['limit']:.2f} | "
+                         f"{s['shapfleet']:.2f} ({q['shapfleet']:.2f}x) | {s['shapfleet_with_model_load']:.2f} "
+                         f"({q['shapfleet_with_model_load']:.2f}x) | {s['shap_vectorised']:.2f} ({q['shap_vectorised']:.2f}x) | "
+                         f"{s['shap_notebook_loop']:.2f} ({q['shap_notebook_loop']:.2f}x) |")
+    if "accuracy" in results:
+        lines += ["\n## Error against exact Shapley values\n", "![error against time](error_vs_time.png)\n",
+                  "| case | tool | nsamples | relative L2 error | seconds |", "|---|---|---|---|---|"]
+        for name, r in results["accuracy"].items():
+            for row in r["rows"]:
+                lines.append(f"| {name} | {row['tool']} | {row['nsamples']} | {row['relative_l2_error']:.4f} | {row['seconds']:.2f} |")
+        lines += ["\nTime to reach an error (seconds; `-`: not reached at the largest budget):\n",
+                  "| case | tool | 5% | 2% | 1% | speed-up at 1% |", "|---|---|---|---|---|---|"]
+        for name, r in results["accuracy"].items():
+            tte = r["time_to_error"]
+            mine, theirs = tte["shapfleet"]["1%"], tte["shap_vectorised"]["1%"]
+            speedup = f"{theirs / mine:.1f}x" if mine and theirs else ("shap did not reach 1%" if mine else "-")
+            for tool in ("shapfleet", "shap_vectorised"):
+                cells = [f"{tte[tool][t]:.2f}" if tte[tool][t] is not None else "-" for t in ("5%", "2%", "1%")]
+                lines.append(f"| {name} | {tool} | {' | '.join(cells)} | {speedup if tool == 'shapfleet' else ''} |")
+    if "service" in results:
+        r = results["service"]
+        lines += ["\n## Service against in-process (EfficientNet-Lite0, ~2000 evaluations)\n",
+                  f"In-process {r['in_process_seconds']:.2f} s; through the API, Redis, SeaweedFS and 2 workers "
+                  f"{r['service_2_workers_seconds']:.2f} s: **{r['ratio_service_to_in_process']:.2f}x**."]
+    if "scaling" in results:
+        r = results["scaling"]
+        lines += ["\n## Scale-out (one inference thread per worker process)\n",
+                  f"1 worker {r['seconds_1_worker']:.2f} s, 2 workers {r['seconds_2_workers']:.2f} s: efficiency "
+                  f"**{r['efficiency']:.2f}**; {r['evaluations_per_second_per_worker']:.1f} evaluations/s per worker "
+                  "process (one CPU core, EfficientNet-Lite0)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per budget in the accuracy study")
+    parser.add_argument("--budgets", default="256,512,1024,2048,4096")
+    parser.add_argument("--only", default="limit,accuracy,service,scaling")
+    args = parser.parse_args()
+    import onnxruntime
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}"}
+    parts = args.only.split(",")
+    if "limit" in parts:
+        results["limit"] = measure_limit(args.repeats)
+    if "accuracy" in parts:
+        results["accuracy"] = measure_accuracy([int(b) for b in args.budgets.split(",")], args.seeds)
+        plot(results["accuracy"], RESULTS / "error_vs_time.png")
+    if "service" in parts:
+        results["service"] = measure_service(args.repeats)
+    if "scaling" in parts:
+        results["scaling"] = measure_scaling(max(1, args.repeats - 1))
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / "README.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
