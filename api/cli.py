@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes; on GPU hosts one per GPU (default 1)")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("--hostname", help="Celery node name (default: shapfleet-<queues>@<host>)")
+    worker.add_argument("--beat", action="store_true",
+                        help="also run the watchdog every SHAPFLEET_WATCHDOG_INTERVAL seconds (embedded scheduler)")
     worker.set_defaults(handler=run_worker)
 
     api = commands.add_parser("api", help="run the HTTP API (development server; deploy with gunicorn api.wsgi:app)")
@@ -200,7 +203,9 @@ def run_worker(args: argparse.Namespace) -> int:
     hostname = args.hostname or f"shapfleet-{'-'.join(queues)}@%h"
     app.worker_main(["worker", f"--queues={','.join(queues)}", f"--concurrency={args.concurrency}",
                      f"--loglevel={args.loglevel}", "--pool=prefork", f"--hostname={hostname}",
-                     "--without-gossip", "--without-mingle"])
+                     "--without-gossip", "--without-mingle",
+                     *(["--beat", f"--schedule={os.path.join(tempfile.gettempdir(), f'shapfleet-beat-{os.getpid()}')}"]
+                       if args.beat else [])])
     return 0
 
 

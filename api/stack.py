@@ -109,11 +109,10 @@ class RedisServer:
     port: int
     process: subprocess.Popen
     directory: Path
+    args: list[str]
 
     @classmethod
     def start(cls, directory: Path, appendonly: bool = False, port: int | None = None) -> "RedisServer":
-        import redis
-
         directory.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
         executable = binary("redis-server", "install it with `apt-get install redis-server` (Debian, Ubuntu) "
@@ -121,19 +120,31 @@ class RedisServer:
         args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                 "--dir", str(directory), "--logfile", str(directory / "redis.log")]
-        process = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        url = f"redis://127.0.0.1:{port}/0"
+        server = cls(f"redis://127.0.0.1:{port}/0", port, None, directory, args)
+        server._launch()
+        return server
+
+    def _launch(self) -> None:
+        import redis
+
+        process = subprocess.Popen(self.args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = process
 
         def ready() -> bool:
-            _exited(process, "redis-server", directory / "redis.log")
-            client = redis.Redis.from_url(url)
+            _exited(process, "redis-server", self.directory / "redis.log")
+            client = redis.Redis.from_url(self.url)
             try:
                 return bool(client.ping())
             finally:
                 client.close()
 
         wait_until(ready, 20, "redis-server")
-        return cls(url, port, process, directory)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop (SIGTERM: an append-only file is flushed) and start again on the same port and data."""
+        self.stop()
+        time.sleep(down_seconds)
+        self._launch()
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -146,12 +157,10 @@ class SeaweedServer:
     secret_key: str
     process: subprocess.Popen
     directory: Path
+    args: list[str]
 
     @classmethod
     def start(cls, directory: Path) -> "SeaweedServer":
-        import boto3
-        from botocore.config import Config
-
         directory.mkdir(parents=True, exist_ok=True)
         access_key, secret_key = "sf" + secrets.token_hex(8), secrets.token_hex(20)
         config = directory / "s3.json"
@@ -165,11 +174,20 @@ class SeaweedServer:
                 f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-s3.config={config}",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
-        log_path = directory / "weed.log"
-        process = _spawn(args, log_path, cwd=directory)
-        endpoint = f"http://127.0.0.1:{ports['s3']}"
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                              region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+        server = cls(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, None, directory, args)
+        server._launch()
+        return server
+
+    def _launch(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        log_path = self.directory / "weed.log"
+        process = _spawn(self.args, log_path, cwd=self.directory)
+        self.process = process
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                              aws_secret_access_key=self.secret_key, region_name="us-east-1",
+                              config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
 
         def ready() -> bool:
             _exited(process, "weed mini", log_path)
@@ -177,7 +195,12 @@ class SeaweedServer:
             return True
 
         wait_until(ready, 60, "SeaweedFS S3", interval=0.3)
-        return cls(endpoint, access_key, secret_key, process, directory)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop and start again on the same ports and data, after ``down_seconds``."""
+        self.stop()
+        time.sleep(down_seconds)
+        self._launch()
 
     def stop(self) -> None:
         stop_process(self.process)

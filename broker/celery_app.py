@@ -1,6 +1,6 @@
 """The Celery app, built by a function from :class:`ServiceSettings` (creating it connects to nothing).
 
-Queues: ``plan`` (CPU: segment, plan, launch the chord), ``shards`` (GPU or CPU: evaluate coalitions)
+Queues: ``plan`` (CPU: segment, plan, send the shards), ``shards`` (GPU or CPU: evaluate coalitions)
 and ``reduce`` (CPU: sum, solve, render). Tasks are looked up by name, so the API can enqueue a plan
 without importing the engine.
 """
@@ -14,7 +14,6 @@ from .settings import ServiceSettings
 PLAN_TASK = "shapfleet.plan"
 SHARD_TASK = "shapfleet.shard"
 REDUCE_TASK = "shapfleet.reduce"
-JOB_FAILED_TASK = "shapfleet.job_failed"
 WATCHDOG_TASK = "shapfleet.watchdog"
 
 
@@ -41,11 +40,12 @@ def create_celery(settings: ServiceSettings) -> Celery:
             WATCHDOG_TASK: {"queue": settings.queue_plan},
             SHARD_TASK: {"queue": settings.queue_shards},
             REDUCE_TASK: {"queue": settings.queue_reduce},
-            JOB_FAILED_TASK: {"queue": settings.queue_reduce},
         },
         task_default_queue=settings.queue_plan,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # Used by workers started with --beat (embedded scheduler): the watchdog every interval.
+        beat_schedule={"shapfleet-watchdog": {"task": WATCHDOG_TASK, "schedule": float(settings.watchdog_interval)}},
     )
     app.shapfleet_settings = settings
     return app

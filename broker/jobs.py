@@ -108,6 +108,14 @@ class JobStore:
         return f"{PREFIX}:job:{job_id}:progress"
 
     @staticmethod
+    def deliveries_key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}:deliveries"
+
+    @staticmethod
+    def reduce_lock_key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}:reduce-lock"
+
+    @staticmethod
     def tenant_key(tenant: str) -> str:
         return f"{PREFIX}:tenant:{tenant}:jobs"
 
@@ -161,6 +169,10 @@ class JobStore:
         value = self.redis.hget(self.key(job_id), "status")
         return JobStatus(value.decode()) if value else None
 
+    def active_ids(self) -> list[str]:
+        """Every job that is not final."""
+        return [m.decode() for m in self.redis.zrange(self.ACTIVE, 0, -1)]
+
     def list_ids(self, tenant: str, limit: int, before: float | None = None) -> list[tuple[str, float]]:
         """The tenant's job ids, newest first, created strictly before ``before`` (a cursor)."""
         upper = f"({before}" if before is not None else "+inf"
@@ -206,18 +218,72 @@ class JobStore:
                           completed_at=repr(time.time()))
 
     # -- progress -----------------------------------------------------------------------------
-    def set_totals(self, job_id: str, shards_total: int, evaluations_total: int, planning_evaluations: int) -> None:
-        """Set when the plan is made: shard and evaluation totals, and the evaluations planning spent."""
-        self.redis.hset(self.key(job_id), mapping={"shards_total": shards_total, "evaluations_total": evaluations_total,
-                                                   "evaluations_done": planning_evaluations})
+    def set_totals(self, job_id: str, shard_counts: list[int], evaluations_total: int, planning_evaluations: int) -> None:
+        """Set when the plan is made: each image's shard count, the evaluation total, and the
+        evaluations planning spent."""
+        self.redis.hset(self.key(job_id), mapping={
+            "shards_total": sum(shard_counts), "shard_counts": json.dumps(shard_counts),
+            "evaluations_total": evaluations_total, "evaluations_done": planning_evaluations,
+            "updated_at": repr(time.time())})
+
+    def shard_counts(self, job_id: str) -> list[int]:
+        """Each image's shard count ([] before planning finished)."""
+        raw = self.redis.hget(self.key(job_id), "shard_counts")
+        return json.loads(raw) if raw else []
+
+    def touch(self, job_id: str) -> None:
+        self.redis.hset(self.key(job_id), "updated_at", repr(time.time()))
 
     def set_shard_progress(self, job_id: str, shard_name: str, evaluations: int) -> None:
         """The evaluations shard ``shard_name`` has made so far in its current run."""
-        self.redis.hset(self.progress_key(job_id), shard_name, int(evaluations))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.progress_key(job_id), shard_name, int(evaluations))
+        pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
+        pipe.execute()
 
-    def shard_done(self, job_id: str, shard_name: str) -> bool:
-        """Record a finished shard; returns False if it was already recorded."""
-        return bool(self.redis.sadd(self.shards_key(job_id), shard_name))
+    def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]:
+        """Record a finished shard, atomically returning whether it was new and how many shards are
+        now done: exactly one shard sees itself complete the set, whatever is redelivered."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self.shards_key(job_id), shard_name)
+        pipe.scard(self.shards_key(job_id))
+        pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
+        added, done, _ = pipe.execute()
+        return bool(added), int(done)
+
+    def done_shards(self, job_id: str) -> set[str]:
+        return {m.decode() for m in self.redis.smembers(self.shards_key(job_id))}
+
+    def count_delivery(self, job_id: str, delivery: str) -> int:
+        """Count a start of the same shard message (``delivery`` names the shard and its retry number,
+        so transient-error retries are not counted as crashes); returns the count so far."""
+        return int(self.redis.hincrby(self.deliveries_key(job_id), delivery, 1))
+
+    def claim_reduce(self, job_id: str, holder: str, seconds: int) -> bool:
+        """True for one reducer of a job: the first ``holder`` (a task id), and that same holder again
+        (its message redelivered after its worker died). Another holder gets it only after
+        ``seconds``, when a lock whose holder vanished expires."""
+        key = self.reduce_lock_key(job_id)
+        if self.redis.set(key, holder, nx=True, ex=max(1, int(seconds))):
+            return True
+        current = self.redis.get(key)
+        return current is not None and current.decode() == holder
+
+    def count_reduction(self, job_id: str) -> int:
+        """Count completed reductions (a job that succeeded was reduced exactly once)."""
+        return int(self.redis.hincrby(self.key(job_id), "reductions", 1))
+
+    def reductions(self, job_id: str) -> int:
+        return int(self.redis.hget(self.key(job_id), "reductions") or 0)
+
+    def release_reduce(self, job_id: str) -> None:
+        self.redis.delete(self.reduce_lock_key(job_id))
+
+    def last_activity(self, job_id: str) -> float | None:
+        """When the job last moved (created, started, or a shard reported progress)."""
+        values = self.redis.hmget(self.key(job_id), "updated_at", "started_at", "created_at")
+        stamps = [float(v) for v in values if v]
+        return max(stamps) if stamps else None
 
 
 #: Upper bounds (seconds) of the shard-duration histogram buckets.

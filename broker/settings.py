@@ -67,6 +67,9 @@ class ServiceSettings:
     ort_threads: int | None = None  # onnxruntime intra-op threads per worker process
     gpus: int = 0  # GPUs on this worker host: pool process i uses GPU i mod gpus (0: onnxruntime's default)
     storage_retries: int = 5  # bounded retries for transient store errors
+    max_shard_deliveries: int = 5  # a shard whose worker died this many times fails the job (poison)
+    stall_seconds: int = 120  # the watchdog re-drives a running job with no progress for this long
+    watchdog_interval: int = 30  # seconds between watchdog passes (workers started with --beat)
     # API authentication: "KEY:TENANT,KEY:TENANT" and/or a file of "TENANT KEY" lines (or a JSON
     # object {"KEY": "TENANT"}). auth_disabled=1 is the explicit development mode (tenant "default").
     api_keys: str | None = field(default=None, repr=False)

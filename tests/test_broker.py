@@ -64,7 +64,8 @@ def test_cancel_and_fail_from_queued_and_concurrent_transitions(jobs):
 
 def test_progress_counts_each_shard_once(jobs):
     job_id = make(jobs)
-    jobs.set_totals(job_id, shards_total=3, evaluations_total=300, planning_evaluations=2)
+    jobs.set_totals(job_id, shard_counts=[2, 1], evaluations_total=300, planning_evaluations=2)
+    assert jobs.shard_counts(job_id) == [2, 1] and jobs.get(job_id).shards_total == 3
     jobs.set_shard_progress(job_id, "0/0", 50)
     jobs.set_shard_progress(job_id, "0/0", 98)  # the same shard later (or rerun): overwritten, not added
     assert jobs.shard_done(job_id, "0/0") and not jobs.shard_done(job_id, "0/0")

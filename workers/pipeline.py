@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from broker.jobs import JobStatus, record_shard_metrics
-from broker.keys import input_key, parse_shard_key, plan_key, result_key, shard_key
+from broker.keys import input_key, plan_key, result_key, shard_key
 from broker.store import ObjectNotFound
 from workers.engine.errors import Canceled, InvalidSettingsError, ShapfleetError
 from workers.engine.evaluation import coalition_predictor, evaluate_shard
@@ -52,13 +52,14 @@ def plan_job(runtime: WorkerRuntime, job_id: str) -> list[JobPlan]:
         plan.split(plan.shards_for(services.settings.shard_evaluations, services.settings.max_shards))
         services.store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
         plans.append(plan)
-    services.jobs.set_totals(job_id, sum(p.n_shards for p in plans), sum(p.total_evaluations for p in plans),
+    services.jobs.set_totals(job_id, [p.n_shards for p in plans], sum(p.total_evaluations for p in plans),
                              sum(p.planning_evaluations for p in plans))
     return plans
 
 
-def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index: int) -> str:
-    """Evaluate one shard and store its statistics at its deterministic key; returns the key.
+def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index: int) -> tuple[str, bool]:
+    """Evaluate one shard and store its statistics at its deterministic key. Returns the key and
+    whether this shard completed the job's set of shards (true for exactly one shard of a job).
 
     A shard whose statistics already exist (a redelivery after the work was done) is not evaluated
     again: the stored object is the same one a rerun would write.
@@ -69,8 +70,7 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
     if services.jobs.status(job_id) != JobStatus.RUNNING:
         raise Canceled(f"job {job_id} is no longer running")
     if services.store.exists(key):
-        services.jobs.shard_done(job_id, name)
-        return key
+        return key, _record_done(services, job_id, name)
     plan = runtime.plan(job_id, image_index)
     job = services.jobs.get(job_id)
     model = runtime.classifier(job.model_sha256, plan.settings)
@@ -90,26 +90,34 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
                            predict_coalitions=coalition_predictor(model, plan))
     services.store.put(key, npz_bytes(stats.to_arrays()))
     services.jobs.set_shard_progress(job_id, name, stats.n_evaluations)
-    if services.jobs.shard_done(job_id, name):
-        record_shard_metrics(services.redis, time.monotonic() - started, stats.n_evaluations)
-    return key
+    completed = _record_done(services, job_id, name,
+                             on_new=lambda: record_shard_metrics(services.redis, time.monotonic() - started, stats.n_evaluations))
+    return key, completed
 
 
-def reduce_job(runtime: WorkerRuntime, job_id: str, shard_keys: list[str]) -> list[dict]:
-    """Check that every shard of every image arrived once, reduce, render, store; returns the results."""
+def _record_done(services, job_id: str, name: str, on_new=None) -> bool:
+    added, done = services.jobs.shard_done(job_id, name)
+    if added and on_new is not None:
+        on_new()
+    return added and done == sum(services.jobs.shard_counts(job_id))
+
+
+def expected_shards(runtime: WorkerRuntime, job_id: str) -> list[tuple[int, int]]:
+    return [(n, i) for n, count in enumerate(runtime.services.jobs.shard_counts(job_id)) for i in range(count)]
+
+
+def reduce_job(runtime: WorkerRuntime, job_id: str) -> list[dict]:
+    """Check that every shard of every image is recorded done and stored, reduce, render, store;
+    returns the results. (``combine`` checks again that each index arrived exactly once.)"""
     services = runtime.services
     job = services.jobs.get(job_id)
-    arrived: dict[int, set[int]] = {}
-    for key in set(shard_keys):
-        owner, image_index, shard_index = parse_shard_key(key)
-        if owner != job_id:
-            raise PipelineError(f"shard {key} does not belong to job {job_id}")
-        arrived.setdefault(image_index, set()).add(shard_index)
+    done = services.jobs.done_shards(job_id)
+    missing = [f"{n}/{i}" for n, i in expected_shards(runtime, job_id) if f"{n}/{i}" not in done]
+    if missing or not job.shards_total:
+        raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
     results = []
     for index in range(job.n_images):
         plan = runtime.plan(job_id, index)
-        if arrived.get(index, set()) != set(range(plan.n_shards)):
-            raise PipelineError(f"image {index}: expected shards 0..{plan.n_shards - 1}, got {sorted(arrived.get(index, []))}")
         try:
             stats = [load_statistics(services.store.get(shard_key(job_id, index, i))) for i in range(plan.n_shards)]
         except ObjectNotFound as e:

@@ -1,9 +1,15 @@
 """Celery tasks: thin wrappers around :mod:`workers.pipeline` that handle state, retries and errors.
 
-- ``shapfleet.plan(job_id)``: queued -> running, plan every image, launch a flat chord of shard tasks
-  with the reduce task as its body and ``shapfleet.job_failed`` as the body's errback.
-- ``shapfleet.shard(job_id, image, index)``: evaluate, store statistics, return the key.
-- ``shapfleet.reduce(keys, job_id)``: reduce, render, store; running -> succeeded.
+- ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard.
+- ``shapfleet.shard(job_id, image, index)``: evaluate, store statistics, record the shard done; the
+  one shard that completes the job's set enqueues the reduce. Returns the key.
+- ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
+
+Why not a Celery chord: a chord's completion is counted in the result backend by Celery, and with
+late acknowledgement a shard whose worker was killed is redelivered outside that count; we saw every
+shard of a job stored and the chord's callback never sent. The job's own records (a Redis set of
+shard names) are the barrier instead: idempotent under redelivery and duplicates, and what the
+watchdog re-drives from.
 
 Errors: a :class:`ShapfleetError` (bad input, a model that returns NaN) fails the job at once with its
 message; transient store or Redis errors are retried with exponential backoff up to
@@ -16,10 +22,10 @@ from __future__ import annotations
 import logging
 
 import redis.exceptions
-from celery import chord, current_app, shared_task
+from celery import current_app, group, shared_task
 from celery.signals import worker_process_init
 
-from broker.celery_app import JOB_FAILED_TASK, PLAN_TASK, REDUCE_TASK, SHARD_TASK
+from broker.celery_app import PLAN_TASK, REDUCE_TASK, SHARD_TASK, WATCHDOG_TASK
 from broker.jobs import JobStatus
 from broker.services import Services
 from broker.store import TransientStoreError
@@ -86,44 +92,60 @@ def plan(self, job_id: str) -> int:
             return 0
         jobs.start(job_id)
         plans = pipeline.plan_job(runtime, job_id)
-        header = [shard.s(job_id, index, i) for index, p in enumerate(plans) for i in range(p.n_shards)]
-        body = reduce.s(job_id).on_error(job_failed.s(job_id))
-        chord(header)(body)
-        return len(header)
+        shards = [shard.s(job_id, index, i) for index, p in enumerate(plans) for i in range(p.n_shards)]
+        group(shards).apply_async()
+        return len(shards)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, "planning")
 
 
 @shared_task(name=SHARD_TASK, bind=True)
-def shard(self, job_id: str, image_index: int, shard_index: int) -> str:
+def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
     runtime = runtime_of(self.app)
+    jobs, limit = runtime.services.jobs, runtime.services.settings.max_shard_deliveries
     try:
-        return pipeline.run_shard(runtime, job_id, image_index, shard_index)
+        # The same message starting again means its last worker died mid-shard (acks are late, so
+        # it was redelivered). A shard that kills its worker every time must not loop forever.
+        starts = jobs.count_delivery(job_id, f"{image_index}/{shard_index}#{self.request.retries}")
+        if starts > limit:
+            jobs.fail(job_id, "ShardCrashed",
+                      f"shard {image_index}/{shard_index} was started {starts - 1} times and its worker process died "
+                      "each time (the model may crash onnxruntime, or exhaust memory); the job was stopped")
+            return None
+        key, completed = pipeline.run_shard(runtime, job_id, image_index, shard_index)
+        if completed:
+            reduce.apply_async(args=[job_id])
+        return key
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"shard {image_index}/{shard_index}")
 
 
 @shared_task(name=REDUCE_TASK, bind=True)
-def reduce(self, shard_keys: list[str], job_id: str) -> int:
+def reduce(self, job_id: str) -> int:
     runtime = runtime_of(self.app)
     jobs = runtime.services.jobs
     try:
         if jobs.status(job_id) != JobStatus.RUNNING:
             return 0  # canceled or failed meanwhile, or a duplicate reduce after success: write nothing
-        results = pipeline.reduce_job(runtime, job_id, shard_keys)
-        jobs.succeed(job_id, results)
+        # One reducer per job, even when the reduce is enqueued twice; the same message redelivered
+        # after its worker died keeps the claim (it has the same task id).
+        if not jobs.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
+            return 0
+        try:
+            results = pipeline.reduce_job(runtime, job_id)
+            if jobs.succeed(job_id, results):
+                jobs.count_reduction(job_id)
+        except BaseException:
+            jobs.release_reduce(job_id)
+            raise
         return len(results)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, "reduce")
 
 
-@shared_task(name=JOB_FAILED_TASK)
-def job_failed(request, exc, traceback, job_id: str) -> None:
-    """The chord's errback: a shard failed in a way its own handler could not record (its worker
-    died, say); fail the job with what Celery reports, unless it already reached a final state.
+@shared_task(name=WATCHDOG_TASK)
+def watchdog() -> dict:
+    """Periodic (``shapfleet worker --beat``): fail overdue jobs, re-drive stalled ones."""
+    from broker.watchdog import watchdog_pass
 
-    Not bound: Celery calls an errback in-process with (request, exc, traceback) only when the
-    task's signature takes them directly, which a bound task's does not."""
-    runtime = runtime_of(current_app)
-    message = str(exc) or type(exc).__name__
-    runtime.services.jobs.fail(job_id, "ShardFailed", f"a shard failed: {message}")
+    return watchdog_pass(runtime_of(current_app).services)

@@ -1,0 +1,249 @@
+"""Faults survived with real processes: killed workers, duplicate deliveries, a poison shard, Redis
+restarts, the store going away, an API restart, and the watchdog. Every accepted job must reach
+exactly one final state, with the undisturbed answer when it succeeds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from broker.celery_app import SHARD_TASK
+from broker.jobs import JobStatus
+from broker.keys import result_prefix
+from broker.submission import store_model, submit_job
+from broker.watchdog import watchdog_pass
+from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
+from workers.engine import ExplainSettings, Explanation
+
+pytestmark = pytest.mark.service
+
+LONG = ExplainSettings(n_segments=60, all_classes=True, nsamples=6000, seed=21, batch_size=16)
+
+
+def result_values(services, job_id: str) -> np.ndarray:
+    return Explanation.load(services.store.get(f"{result_prefix(job_id)}attributions.npz")).values
+
+
+def test_sigkill_workers_mid_shard_ten_times(services, start_workers):
+    """SIGKILL a pool process in the middle of a shard ten times, across as many jobs as that takes:
+    every job succeeds, reduced once, with the undisturbed answer."""
+    (worker,) = start_workers(1, concurrency=2)
+    sha = store_model(services, EXAMPLE_MODEL)
+    jobs: dict[str, ExplainSettings] = {}
+    kills, deadline = 0, time.monotonic() + 180
+    while kills < 10:
+        assert time.monotonic() < deadline, f"only {kills} kills"
+        running = [j for j in jobs if not services.jobs.get(j).status.is_final]
+        if not running:
+            settings = LONG.replace(seed=len(jobs))
+            jobs[submit_job(services, "t", sha, [EXAMPLE_IMAGE], settings).id] = settings
+            continue
+        progress = services.redis.hvals(services.jobs.progress_key(running[0]))
+        children = worker.children()
+        if progress and children:  # a shard is being evaluated
+            os.kill(children[kills % len(children)], signal.SIGKILL)
+            kills += 1
+        time.sleep(0.4)
+    for job_id, settings in jobs.items():
+        final = wait_final(services, job_id, timeout=180)
+        assert final.status == JobStatus.SUCCEEDED, final.error
+        assert services.jobs.reductions(job_id) == 1
+        np.testing.assert_allclose(result_values(services, job_id), in_process(settings).values, rtol=0, atol=1e-10)
+
+
+def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_workers):
+    start_workers(2)
+    settings = LONG.replace(nsamples=2000)
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
+    wait_until_running = time.monotonic() + 60
+    while not services.jobs.get(record.id).shards_total:
+        assert time.monotonic() < wait_until_running
+        time.sleep(0.05)
+    # Publish every shard a second time while the job runs: the duplicates find (or write) the same
+    # statistics at the same keys.
+    for index in range(services.jobs.get(record.id).shards_total):
+        services.celery.send_task(SHARD_TASK, args=[record.id, 0, index], queue=services.settings.queue_shards)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    # And the reduce message delivered again after success: a no-op.
+    from broker.celery_app import REDUCE_TASK
+
+    for _ in range(2):
+        services.celery.send_task(REDUCE_TASK, args=[record.id], queue=services.settings.queue_reduce).get(timeout=60)
+    assert services.jobs.reductions(record.id) == 1
+    np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
+
+
+def test_visibility_timeout_redelivery(service_settings, start_workers):
+    """A shard slower than the visibility timeout is delivered again to the other worker; the
+    answer is the same and the job is reduced once."""
+    from broker.services import Services
+
+    settings = service_settings.replace(visibility_timeout=2, shard_evaluations=6000)
+    services = Services.from_settings(settings)
+    start_workers(2, settings=settings)
+    explain_settings = LONG.replace(nsamples=12000, batch_size=8)
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings)
+    final = wait_final(services, record.id, timeout=180)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert services.jobs.reductions(record.id) == 1
+    np.testing.assert_allclose(result_values(services, record.id), in_process(explain_settings).values, rtol=0, atol=1e-10)
+
+
+def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings, start_workers):
+    """A shard whose worker process dies every time it runs (here: SIGKILLed each time it starts):
+    the job fails after a bounded number of deliveries, saying so, and the fleet serves the next job."""
+    from broker.services import Services
+
+    settings = service_settings.replace(shard_evaluations=100_000, max_shard_deliveries=3)
+    services = Services.from_settings(settings)
+    (worker,) = start_workers(1, concurrency=1, settings=settings)
+    poison = LONG.replace(nsamples=30000, batch_size=4)  # one long shard
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], poison)
+    killed, deadline = 0, time.monotonic() + 180
+    while not services.jobs.get(record.id).status.is_final:
+        assert time.monotonic() < deadline, "the poison job never ended"
+        starts = sum(int(v) for v in services.redis.hvals(services.jobs.deliveries_key(record.id)))
+        if starts > killed and services.jobs.get(record.id).evaluations_done > 2:
+            for child in worker.children():
+                os.kill(child, signal.SIGKILL)
+            killed = starts
+        time.sleep(0.1)
+    final = services.jobs.get(record.id)
+    assert final.status == JobStatus.FAILED and final.error["type"] == "ShardCrashed", final
+    assert "worker process died" in final.error["message"] and killed == 3
+    healthy = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], LONG.replace(nsamples=500))
+    assert wait_final(services, healthy.id, timeout=120).status == JobStatus.SUCCEEDED
+
+
+def test_watchdog_fails_overdue_jobs_and_redrives_lost_work(services, start_workers):
+    jobs = services.jobs
+    overdue = jobs.create("t", LONG.to_dict(), "0" * 64, ["jobs/x/inputs/0"], deadline_seconds=-1).id
+    assert watchdog_pass(services)[overdue] == "failed: deadline exceeded"
+    assert jobs.get(overdue).status == JobStatus.FAILED and "deadline" in jobs.get(overdue).error["message"]
+    # A job whose plan message was lost: queued, no progress; the watchdog plans it again.
+    sha = store_model(services, EXAMPLE_MODEL)
+    settings = LONG.replace(nsamples=800)
+    record = submit_job(services, "t", sha, [EXAMPLE_IMAGE], settings)
+    services.redis.delete(services.settings.queue_plan)  # the plan message is lost
+    start_workers(1)
+    later = time.time() + services.settings.stall_seconds + 1
+    assert watchdog_pass(services, now=later) == {record.id: "re-planned"}
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
+
+
+def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_workers):
+    start_workers(1, queues="plan,shards")  # nobody consumes the reduce queue yet
+    settings = LONG.replace(nsamples=800)
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
+    deadline = time.monotonic() + 60
+    while True:
+        current = services.jobs.get(record.id)
+        if current.shards_total and current.shards_done == current.shards_total:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    services.redis.delete(services.settings.queue_reduce)  # the reduce message is lost
+    start_workers(1, queues="reduce")
+    assert watchdog_pass(services, now=time.time() + services.settings.stall_seconds + 1) == {record.id: "re-sent the reduce"}
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED and services.jobs.reductions(record.id) == 1
+
+
+def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_path_factory, redis_server, start_workers):
+    from broker.services import Services
+    from broker.settings import ServiceSettings
+    from servers import SeaweedServer
+
+    seaweed = SeaweedServer.start(tmp_path_factory.mktemp("flaky-seaweed"))
+    try:
+        settings = ServiceSettings(redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
+                                   s3_secret_key=seaweed.secret_key, s3_bucket="flaky", shard_evaluations=128,
+                                   ort_threads=1, storage_retries=6)
+        services = Services.from_settings(settings)
+        start_workers(1, settings=settings)
+        explain_settings = LONG.replace(nsamples=3000)
+        record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings)
+        while services.jobs.get(record.id).shards_done < 2:
+            time.sleep(0.05)
+        # The store refuses connections for 10 seconds mid-job, then returns on the same port and data.
+        seaweed.restart(down_seconds=10)
+        final = wait_final(services, record.id, timeout=240)
+        assert final.status == JobStatus.SUCCEEDED, final.error
+        np.testing.assert_allclose(result_values(services, record.id), in_process(explain_settings).values, rtol=0, atol=1e-10)
+        # Down for good: after its bounded retries the job fails with a clear error; it never hangs.
+        record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings)
+        while services.jobs.get(record.id).shards_done < 1:
+            time.sleep(0.05)
+        seaweed.stop()
+        final = wait_final(services, record.id, timeout=240)
+        assert final.status == JobStatus.FAILED and final.error["type"] == "StorageUnavailable", final
+        assert "storage unavailable after 6 retries" in final.error["message"]
+    finally:
+        seaweed.stop()
+
+
+def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_workers):
+    """Redis (append-only file, fsync every second) restarts mid-job: every job reaches a final
+    state, the succeeded ones with the undisturbed answer; the watchdog re-drives what was lost."""
+    from broker.services import Services
+    from broker.settings import ServiceSettings
+    from servers import RedisServer
+
+    redis_server = RedisServer.start(tmp_path_factory.mktemp("aof-redis"), appendonly=True)
+    try:
+        settings = ServiceSettings(redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
+                                   s3_secret_key=seaweed.secret_key, s3_bucket="redis-restart", shard_evaluations=256,
+                                   ort_threads=1, stall_seconds=5)
+        services = Services.from_settings(settings)
+        start_workers(2, settings=settings)
+        explain_settings = LONG.replace(nsamples=4000)
+        ids = [submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings.replace(seed=s)).id
+               for s in range(3)]
+        while services.jobs.get(ids[0]).shards_done < 2:
+            time.sleep(0.05)
+        time.sleep(1.5)  # past the append-only file's one-second fsync window for the records
+        redis_server.restart(down_seconds=2)
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                records = [services.jobs.get(i) for i in ids]
+                if all(r.status.is_final for r in records):
+                    break
+                watchdog_pass(services)
+            except Exception:  # Redis is still coming back
+                pass
+            assert time.monotonic() < deadline, [services.jobs.get(i) for i in ids]
+            time.sleep(1)
+        for record, seed in zip(records, range(3)):
+            assert record.status == JobStatus.SUCCEEDED, record.error
+            expected = in_process(explain_settings.replace(seed=seed)).values
+            np.testing.assert_allclose(result_values(services, record.id), expected, rtol=0, atol=1e-10)
+    finally:
+        redis_server.stop()
+
+
+def test_api_restart_between_submit_and_poll(service_settings, start_workers, tmp_path):
+    from api.client import Client
+    from servers import ApiServer
+
+    settings = service_settings.replace(api_keys="restart-key:t")
+    env = {**os.environ, **settings.environment()}
+    start_workers(1)
+    first = ApiServer.start(env, tmp_path / "api-1.log")
+    client = Client(first.url, "restart-key")
+    job = client.submit([EXAMPLE_IMAGE], model=EXAMPLE_MODEL, settings=LONG.replace(nsamples=1500).to_dict())
+    first.stop()
+    second = ApiServer.start(env, tmp_path / "api-2.log")
+    try:
+        final = Client(second.url, "restart-key").wait(job["id"], timeout=120)
+        assert final["status"] == "succeeded" and final["id"] == job["id"] and final["created_at"] == job["created_at"]
+    finally:
+        second.stop()
