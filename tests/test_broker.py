@@ -68,9 +68,11 @@ def test_progress_counts_each_shard_once(jobs):
     assert jobs.shard_counts(job_id) == [2, 1] and jobs.get(job_id).shards_total == 3
     jobs.set_shard_progress(job_id, "0/0", 50)
     jobs.set_shard_progress(job_id, "0/0", 98)  # the same shard later (or rerun): overwritten, not added
-    assert jobs.shard_done(job_id, "0/0") and not jobs.shard_done(job_id, "0/0")
+    assert jobs.shard_done(job_id, "0/0") == (True, 1)
+    assert jobs.shard_done(job_id, "0/0") == (False, 1)  # a redelivered shard is not counted again
+    assert jobs.shard_done(job_id, "0/1") == (True, 2)
     record = jobs.get(job_id)
-    assert (record.shards_done, record.evaluations_done) == (1, 100)
+    assert (record.shards_done, record.evaluations_done) == (2, 100)
 
 
 def test_tenant_listing_and_isolation(jobs):

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from api.client import ApiError, Client
+from api.stack import StackError
 from conftest import REPO
 from servers import ApiServer, wait_until
 from test_pipeline import in_process
@@ -71,7 +72,12 @@ def test_readme_walkthrough_with_shapfleet_up(tmp_path):
     up = subprocess.Popen([shapfleet, "up", "--workers", "2", "--dir", str(state)], cwd=tmp_path,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until(lambda: (state / "env").exists(), 120, "shapfleet up")
+        def up_ready() -> bool:
+            if up.poll() is not None:
+                raise StackError(f"shapfleet up exited with {up.returncode}:\n{up.stdout.read().decode()}")
+            return (state / "env").exists()
+
+        wait_until(up_ready, 180, "shapfleet up")
         env = dict(os.environ)
         for line in (state / "env").read_text().splitlines():
             name, value = line.removeprefix("export ").split("=", 1)
