@@ -49,9 +49,12 @@ def load_image(source: str | os.PathLike[str] | bytes | BinaryIO, channels: int,
                 converted = image.convert("L" if channels == 1 else "RGB")
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's own guard (at twice its default limit) can fire before ours does.
+        raise ImageError(f"{name} has more pixels than the limit of {max_pixels} ({e})") from e
     except FileNotFoundError as e:
         raise ImageError(f"no such image file: {name}") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot read {name} as an image: {e}") from e
     return as_pixel_array(np.asarray(converted), channels, name)
 
