@@ -94,3 +94,30 @@ def start_workers(service_settings, tmp_path):
     yield start
     for worker in started:
         worker.stop()
+
+
+# -- the reliability table ------------------------------------------------------------------------------
+_fault_rows: list[dict] = []
+
+
+@pytest.fixture
+def fault_report():
+    """fault_report(fault, trials, completed, lost, differing): one row of the reliability table,
+    written to $SHAPFLEET_FAULT_REPORT (markdown) at the end of the session when that is set."""
+
+    def report(fault: str, trials: int, completed: int, lost: int, differing: int) -> None:
+        _fault_rows.append({"fault": fault, "trials": trials, "jobs completed": completed, "jobs lost": lost,
+                            "results differing": differing})
+
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    target = os.environ.get("SHAPFLEET_FAULT_REPORT")
+    if target and _fault_rows:
+        lines = ["| fault | trials | jobs completed | jobs lost | results differing |", "|---|---|---|---|---|"]
+        lines += [f"| {r['fault']} | {r['trials']} | {r['jobs completed']} | {r['jobs lost']} | {r['results differing']} |"
+                  for r in _fault_rows]
+        Path(target).write_text("\n".join(lines) + "\n")

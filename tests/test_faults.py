@@ -28,7 +28,7 @@ def result_values(services, job_id: str) -> np.ndarray:
     return Explanation.load(services.store.get(f"{result_prefix(job_id)}attributions.npz")).values
 
 
-def test_sigkill_workers_mid_shard_ten_times(services, start_workers):
+def test_sigkill_workers_mid_shard_ten_times(services, start_workers, fault_report):
     """SIGKILL a pool process in the middle of a shard ten times, across as many jobs as that takes:
     every job succeeds, reduced once, with the undisturbed answer."""
     (worker,) = start_workers(1, concurrency=2)
@@ -53,9 +53,10 @@ def test_sigkill_workers_mid_shard_ten_times(services, start_workers):
         assert final.status == JobStatus.SUCCEEDED, final.error
         assert services.jobs.reductions(job_id) == 1
         np.testing.assert_allclose(result_values(services, job_id), in_process(settings).values, rtol=0, atol=1e-10)
+    fault_report("SIGKILL a worker process mid-shard", kills, len(jobs), 0, 0)
 
 
-def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_workers):
+def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_workers, fault_report):
     start_workers(2)
     settings = LONG.replace(nsamples=2000)
     record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
@@ -76,9 +77,10 @@ def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_work
         services.celery.send_task(REDUCE_TASK, args=[record.id], queue=services.settings.queue_reduce).get(timeout=60)
     assert services.jobs.reductions(record.id) == 1
     np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
+    fault_report("every shard message published twice, the reduce twice more", final.shards_total + 2, 1, 0, 0)
 
 
-def test_visibility_timeout_redelivery(service_settings, start_workers):
+def test_visibility_timeout_redelivery(service_settings, start_workers, fault_report):
     """A shard slower than the visibility timeout is delivered again to the other worker; the
     answer is the same and the job is reduced once."""
     from broker.services import Services
@@ -92,9 +94,10 @@ def test_visibility_timeout_redelivery(service_settings, start_workers):
     assert final.status == JobStatus.SUCCEEDED, final.error
     assert services.jobs.reductions(record.id) == 1
     np.testing.assert_allclose(result_values(services, record.id), in_process(explain_settings).values, rtol=0, atol=1e-10)
+    fault_report("redelivery after the visibility timeout (2 s, shards ~5 s)", 1, 1, 0, 0)
 
 
-def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings, start_workers):
+def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings, start_workers, fault_report):
     """A shard whose worker process dies every time it runs (here: SIGKILLed each time it starts):
     the job fails after a bounded number of deliveries, saying so, and the fleet serves the next job."""
     from broker.services import Services
@@ -118,9 +121,10 @@ def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings
     assert "worker process died" in final.error["message"] and killed == 3
     healthy = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], LONG.replace(nsamples=500))
     assert wait_final(services, healthy.id, timeout=120).status == JobStatus.SUCCEEDED
+    fault_report("poison shard (worker killed at every start): failed after 3 deliveries; next job", killed, 2, 0, 0)
 
 
-def test_watchdog_fails_overdue_jobs_and_redrives_lost_work(services, start_workers):
+def test_watchdog_fails_overdue_jobs_and_redrives_lost_work(services, start_workers, fault_report):
     jobs = services.jobs
     overdue = jobs.create("t", LONG.to_dict(), "0" * 64, ["jobs/x/inputs/0"], deadline_seconds=-1).id
     assert watchdog_pass(services)[overdue] == "failed: deadline exceeded"
@@ -136,9 +140,10 @@ def test_watchdog_fails_overdue_jobs_and_redrives_lost_work(services, start_work
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED, final.error
     np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
+    fault_report("watchdog: job past its deadline failed; lost plan message re-driven", 2, 2, 0, 0)
 
 
-def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_workers):
+def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_workers, fault_report):
     start_workers(1, queues="plan,shards")  # nobody consumes the reduce queue yet
     settings = LONG.replace(nsamples=800)
     record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
@@ -155,9 +160,11 @@ def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_wo
     assert watchdog_pass(services, now=time.time() + services.settings.stall_seconds + 1) == {record.id: "re-sent the reduce"}
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED and services.jobs.reductions(record.id) == 1
+    fault_report("watchdog: lost reduce message re-driven", 1, 1, 0, 0)
 
 
-def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_path_factory, redis_server, start_workers):
+def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_path_factory, redis_server, start_workers,
+                                                                          fault_report):
     from broker.services import Services
     from broker.settings import ServiceSettings
     from servers import SeaweedServer
@@ -186,11 +193,12 @@ def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_p
         final = wait_final(services, record.id, timeout=240)
         assert final.status == JobStatus.FAILED and final.error["type"] == "StorageUnavailable", final
         assert "storage unavailable after 6 retries" in final.error["message"]
+        fault_report("S3 store down 10 s mid-job (retried), then down for good (clear failure)", 2, 2, 0, 0)
     finally:
         seaweed.stop()
 
 
-def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_workers):
+def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_workers, fault_report):
     """Redis (append-only file, fsync every second) restarts mid-job: every job reaches a final
     state, the succeeded ones with the undisturbed answer; the watchdog re-drives what was lost."""
     from broker.services import Services
@@ -226,11 +234,12 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_wo
             assert record.status == JobStatus.SUCCEEDED, record.error
             expected = in_process(explain_settings.replace(seed=seed)).values
             np.testing.assert_allclose(result_values(services, record.id), expected, rtol=0, atol=1e-10)
+        fault_report("Redis (AOF) restarted mid-job", len(ids), len(ids), 0, 0)
     finally:
         redis_server.stop()
 
 
-def test_api_restart_between_submit_and_poll(service_settings, start_workers, tmp_path):
+def test_api_restart_between_submit_and_poll(service_settings, start_workers, tmp_path, fault_report):
     from api.client import Client
     from servers import ApiServer
 
@@ -245,5 +254,6 @@ def test_api_restart_between_submit_and_poll(service_settings, start_workers, tm
     try:
         final = Client(second.url, "restart-key").wait(job["id"], timeout=120)
         assert final["status"] == "succeeded" and final["id"] == job["id"] and final["created_at"] == job["created_at"]
+        fault_report("API restarted between submit and poll", 1, 1, 0, 0)
     finally:
         second.stop()
