@@ -103,8 +103,28 @@ def _exited(process: subprocess.Popen, what: str, log_path: Path) -> None:
         raise StackError(f"{what} exited with status {process.returncode}:\n{tail}")
 
 
+class _RestartableServer:
+    """A server child process started by ``_launch`` from fixed arguments, so it can be restarted on
+    the same ports and data."""
+
+    process: subprocess.Popen | None
+
+    def _launch(self) -> None:
+        raise NotImplementedError
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop (SIGTERM, so Redis flushes its append-only file), wait ``down_seconds``, start again."""
+        self.stop()
+        time.sleep(down_seconds)
+        self._launch()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
 @dataclass
-class RedisServer:
+class RedisServer(_RestartableServer):
     url: str
     port: int
     process: subprocess.Popen
@@ -148,19 +168,9 @@ class RedisServer:
 
         wait_until(ready, 20, "redis-server")
 
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Stop (SIGTERM: an append-only file is flushed) and start again on the same port and data."""
-        self.stop()
-        time.sleep(down_seconds)
-        self._launch()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-
 
 @dataclass
-class SeaweedServer:
+class SeaweedServer(_RestartableServer):
     endpoint: str
     access_key: str
     secret_key: str
@@ -210,16 +220,6 @@ class SeaweedServer:
             return True
 
         wait_until(ready, 60, "SeaweedFS S3", interval=0.3)
-
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Stop and start again on the same ports and data, after ``down_seconds``."""
-        self.stop()
-        time.sleep(down_seconds)
-        self._launch()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
 
 
 @dataclass

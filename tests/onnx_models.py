@@ -41,7 +41,7 @@ def linear_model(weights: np.ndarray, bias: np.ndarray, layout: str = "nchw", do
 
 
 def conv_model(height: int, width: int, channels: int = 3, classes: int = 3, layout: str = "nchw", seed: int = 0,
-               double: bool = False) -> bytes:
+               double: bool = False, batch="N") -> bytes:
     """Conv(4 filters, 3x3) -> ReLU -> Flatten -> Gemm -> Softmax: a small non-linear classifier
     (weights scaled for inputs of order 1, i.e. ``--preprocess unit``)."""
     rng = np.random.default_rng(seed)
@@ -64,8 +64,8 @@ def conv_model(height: int, width: int, channels: int = 3, classes: int = 3, lay
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
     inits = [numpy_helper.from_array(a, n) for a, n in ((kernel, "K"), (conv_bias, "kb"), (dense, "D"), (dense_bias, "db"))]
-    return _model(nodes, [_image_input(height, width, channels, layout, dtype=onnx_type)],
-                  [helper.make_tensor_value_info("probs", onnx_type, ["N", classes])], inits)
+    return _model(nodes, [_image_input(height, width, channels, layout, batch=batch, dtype=onnx_type)],
+                  [helper.make_tensor_value_info("probs", onnx_type, [batch, classes])], inits)
 
 
 def nan_model(height: int, width: int, channels: int = 3) -> bytes:

@@ -232,3 +232,17 @@ def test_inpainting_is_not_fused(colour_image):
     model = OnnxClassifier(conv_model(10, 12), ExplainSettings())
     plan = plan_explanation(colour_image, model.predict, ExplainSettings(segmenter="grid", grid="2x2", masker="inpaint_telea"))
     assert coalition_predictor(model, plan) is None
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_models_with_a_fixed_batch_dimension(rng, fuse):
+    """A model exported with batch 1 (or 4) runs in chunks of exactly that size, padded at the end,
+    and gives the dynamic-batch model's values."""
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="3x3", masker="mean", all_classes=True, batch_size=10)
+    dynamic = OnnxClassifier(conv_model(12, 12), settings)
+    expected = explain_array(image, dynamic.predict, settings, fuse=fuse).values
+    for batch in (1, 4):
+        fixed = OnnxClassifier(conv_model(12, 12, batch=batch), settings)
+        assert fixed.info.batch == batch
+        np.testing.assert_allclose(explain_array(image, fixed.predict, settings, fuse=fuse).values, expected, atol=1e-6)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .model import ModelInfo
+from .model import ModelInfo, run_in_fixed_batches
 
 PREFIX = "shapfleet_"
 MIN_OPSET = 9  # Where
@@ -86,16 +86,5 @@ class CoalitionPredictor:
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
         coalitions = np.ascontiguousarray(coalitions, dtype=bool)
-        fixed = self.info.batch
-        if fixed is None or fixed == len(coalitions):
-            out = self._run(coalitions)
-        else:  # a fixed batch dimension: run in chunks of exactly that size
-            chunks = []
-            for start in range(0, len(coalitions), fixed):
-                chunk = coalitions[start:start + fixed]
-                pad = fixed - len(chunk)
-                if pad:
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-                chunks.append(self._run(chunk)[: fixed - pad])
-            out = np.concatenate(chunks)
+        out = run_in_fixed_batches(self._run, coalitions, self.info.batch)
         return self.transform(out.astype(np.float64))

@@ -149,6 +149,21 @@ def _image_layout(name: str, dims: Sequence[int | None], forced: str) -> tuple:
     return layout, channels, height, width, dims[0]
 
 
+def run_in_fixed_batches(run, batch: np.ndarray, fixed: int | None) -> np.ndarray:
+    """``run(batch)``, or, for a model whose batch dimension is fixed, ``run`` on chunks of exactly
+    that size (the last padded by repeating its final row) with the padding's outputs dropped."""
+    if fixed is None or fixed == len(batch):
+        return run(batch)
+    outputs = []
+    for start in range(0, len(batch), fixed):
+        chunk = batch[start:start + fixed]
+        pad = fixed - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outputs.append(run(chunk)[: fixed - pad])
+    return np.concatenate(outputs)
+
+
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, then CPU."""
     import onnxruntime as ort
@@ -267,17 +282,7 @@ class OnnxClassifier:
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Run the session on model-ready input, honouring a fixed batch dimension."""
-        fixed = self.info.batch
-        if fixed is None or fixed == len(batch):
-            return self._run(batch)
-        outputs = []
-        for start in range(0, len(batch), fixed):
-            chunk = batch[start:start + fixed]
-            pad = fixed - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outputs.append(self._run(chunk)[: fixed - pad])
-        return np.concatenate(outputs)
+        return run_in_fixed_batches(self._run, batch, self.info.batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         try:
