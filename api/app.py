@@ -32,7 +32,7 @@ def create_app(settings: ServiceSettings | None = None, services: Services | Non
 
     @app.before_request
     def authenticate():
-        if request.path in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS or request.path == "/" or request.path.startswith("/ui/"):
             return None
         tenant = keyring.tenant_for(request.headers.get("Authorization"))
         if tenant is None:
@@ -43,9 +43,11 @@ def create_app(settings: ServiceSettings | None = None, services: Services | Non
 
     from .ops_views import ops
     from .views import v1
+    from .web import web
 
     app.register_blueprint(v1)
     app.register_blueprint(ops)
+    app.register_blueprint(web)
     return app
 
 

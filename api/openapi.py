@@ -70,7 +70,11 @@ def openapi_document() -> dict:
             "/v1/models": {"post": {"summary": "Upload an ONNX model (stored by sha256)", "requestBody": upload,
                                     "responses": {"201": _json({"$ref": "#/components/schemas/Model"}, "Stored"),
                                                   "200": _json({"$ref": "#/components/schemas/Model"}, "Already stored"),
-                                                  **_problem_responses(400, 401, 413, 415, 422)}}},
+                                                  **_problem_responses(400, 401, 413, 415, 422)}},
+                           "get": {"summary": "The caller's models", "responses": {
+                               "200": _json({"type": "object", "properties": {"models": {
+                                   "type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}, "The models"),
+                               **_problem_responses(401)}}},
             "/v1/models/{model_id}": {"get": {"summary": "Describe a model", "parameters": [
                 {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": _json({"$ref": "#/components/schemas/Model"}, "The model"), **_problem_responses(401, 404)}}},
@@ -103,6 +107,13 @@ def openapi_document() -> dict:
                                 "responses": {"200": _json({"type": "object"}, "Ready"), **_problem_responses(503)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {
                 "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/": {"get": {"summary": "Redirects to the web page", "security": [],
+                          "responses": {"302": {"description": "To /ui/"}}}},
+            "/ui/": {"get": {"summary": "The web page", "security": [], "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+            "/ui/{name}": {"get": {"summary": "The page's script and style sheet", "security": [], "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The file"}, **_problem_responses(404)}}},
             "/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
         },

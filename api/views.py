@@ -14,6 +14,7 @@ from broker.submission import submit_job
 
 from .problems import PROBLEM_BASE, Problem
 from .validation import (
+    TENANT_MODELS,
     check_job_against_limits,
     model_for,
     parse_job_request,
@@ -91,6 +92,13 @@ def upload_model():
     info, created = store_model_for(services(), g.tenant, read_upload("model"))
     body = {"id": info.sha256, "sha256": info.sha256, **{k: v for k, v in info.to_dict().items() if k != "sha256"}}
     return body, 201 if created else 200
+
+
+@v1.get("/models")
+def list_models():
+    svc = services()
+    ids = sorted(m.decode() for m in svc.redis.smembers(TENANT_MODELS.format(g.tenant)))
+    return {"models": [{"id": model_id, **model_for(svc, g.tenant, model_id)} for model_id in ids]}
 
 
 @v1.get("/models/<model_id>")
@@ -197,7 +205,7 @@ def artifact(job_id: str, name: str):
     if match is None:
         raise Problem(404, "Not Found", f"job {job_id} has no artifact {name!r}")
     data = svc.store.get(match["key"])
-    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    mimetype = {"png": "image/png", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
     response = Response(data, mimetype=mimetype)
     response.headers["Content-Disposition"] = f'attachment; filename="{name.rsplit("/", 1)[-1]}"'
     return response

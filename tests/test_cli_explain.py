@@ -37,10 +37,14 @@ def test_explain_writes_npz_pngs_and_a_json_summary(tmp_path, capsys):
     assert summary["evaluations"] == 502 and summary["additivity_residual"] < 1e-8
     assert "wall_seconds" in summary and summary["classes"][0]["most_positive"]
     assert "evaluations" in stderr and "502/502" in stderr  # the progress bar's final line
-    assert sorted(p.name for p in out.iterdir()) == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png", "summary.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png",
+                                                     "explanation.json", "image.png", "summary.png"]
+    document = json.loads((out / "explanation.json").read_text())
+    assert len(document["segments"]) == 32 and len(document["values"][0]) == 2 and document["class_names"] == ["triangle", "circle"]
     for png in out.glob("*.png"):
         with Image.open(png) as picture:
-            assert picture.format == "PNG" and picture.size[0] > 100
+            assert picture.format == "PNG"
+            assert picture.size == (32, 32) if png.name == "image.png" else picture.size[0] > 100
     data = np.load(out / "attributions.npz")
     m = int(data["segments"].max()) + 1
     assert data["values"].shape == data["std"].shape == (m, 2)

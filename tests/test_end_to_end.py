@@ -48,7 +48,7 @@ def test_submit_poll_download_through_api_and_presigned_urls(api_server, start_w
     assert final["status"] == "succeeded", final["error"]
     assert seen == sorted(seen) and final["progress"]["fraction"] == 1.0
     paths = client.download(job["id"], tmp_path / "via-api")
-    assert {p.name for p in paths} >= {"attributions.npz", "summary.png"} and len(paths) == 4
+    assert {p.name for p in paths} >= {"attributions.npz", "summary.png", "image.png", "explanation.json"} and len(paths) == 6
     for result in final["results"]:
         with urllib.request.urlopen(result["presigned_url"], timeout=10) as response:
             assert response.read() == (tmp_path / "via-api" / result["name"]).read_bytes()
@@ -90,7 +90,8 @@ def test_readme_walkthrough_with_shapfleet_up(tmp_path):
         assert result.returncode == 0, result.stderr
         assert '"status": "succeeded"' in result.stdout and "evaluations" in result.stderr
         names = sorted(p.name for p in (work / "out" / "service").iterdir())
-        assert names == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png", "summary.png"]
+        assert names == ["attributions.npz", "class-0-circle.png", "class-2-triangle.png", "explanation.json", "image.png",
+                         "summary.png"]
         children = _descendants(up.pid)
         assert len(children) >= 5  # redis, weed, gunicorn, two workers (and their pools)
     finally:

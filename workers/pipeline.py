@@ -23,7 +23,7 @@ from workers.runtime import WorkerRuntime, load_statistics, npz_bytes
 #: Progress is written to Redis at most this often per shard (seconds), and at its end.
 PROGRESS_INTERVAL = 0.25
 
-CONTENT_TYPES = {".npz": "application/octet-stream", ".png": "image/png"}
+CONTENT_TYPES = {".npz": "application/octet-stream", ".png": "image/png", ".json": "application/json"}
 
 
 class PipelineError(ShapfleetError):

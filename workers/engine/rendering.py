@@ -102,9 +102,21 @@ def artifact_name(k: int, class_index: int, class_name: str) -> str:
     return f"class-{class_index}-{safe}.png" if safe else f"class-{class_index}.png"
 
 
+def image_png(explanation: Explanation) -> bytes:
+    """The image as the model saw it (after resize and crop, before normalisation)."""
+    from PIL import Image
+
+    pixels = np.clip(np.rint(explanation.image), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def render_artifacts(explanation: Explanation) -> dict[str, bytes]:
-    """Every artifact of a result: ``attributions.npz``, ``summary.png`` and one PNG per class."""
-    artifacts = {"attributions.npz": explanation.to_npz_bytes(), "summary.png": summary_png(explanation)}
+    """Every artifact of a result: ``attributions.npz``, ``summary.png``, one PNG per class, and for
+    viewers ``image.png`` and ``explanation.json`` (label map, values and errors)."""
+    artifacts = {"attributions.npz": explanation.to_npz_bytes(), "summary.png": summary_png(explanation),
+                 "image.png": image_png(explanation), "explanation.json": explanation.to_json_bytes()}
     for k, c in enumerate(explanation.classes):
         artifacts[artifact_name(k, int(c), explanation.class_names[k])] = class_overlay_png(explanation, k)
     return artifacts

@@ -85,6 +85,18 @@ class Explanation:
             exact=bool(data["exact"]), seed=int(data["seed"]), settings=json.loads(str(data["settings"])),
         )
 
+    def to_json_bytes(self) -> bytes:
+        """What a viewer needs to show values on hover: the summary, the label map, and each
+        superpixel's value and standard error per class."""
+        document = {
+            "summary": self.summary(), "class_names": list(self.class_names), "classes": [int(c) for c in self.classes],
+            "height": int(self.segments.shape[0]), "width": int(self.segments.shape[1]),
+            "segments": self.segments.tolist(), "values": np.round(self.values, 8).tolist(),
+            "std": np.round(np.nan_to_num(self.std, nan=-1.0), 8).tolist(),
+            "probabilities": [float(p) for p in self.probabilities()],
+        }
+        return json.dumps(document, separators=(",", ":")).encode()
+
     def summary(self, top: int = 3) -> dict[str, Any]:
         """A short JSON-able description: classes, the strongest superpixels, additivity, cost."""
         probabilities = self.probabilities()
