@@ -105,3 +105,19 @@ def test_statistics_round_trip_through_arrays():
     again = ShardStatistics.from_arrays(stats.to_arrays())
     assert again.shard_index == 2 and again.sampled_count == 2
     np.testing.assert_array_equal(np.unpackbits(again.sampled_bits, axis=1, count=5).astype(bool), z)
+
+
+def test_batches_are_full_across_unit_boundaries():
+    from workers.engine.evaluation import _full_batches
+
+    class Plan:  # just what the batcher reads
+        design = CoalitionDesign.create(20, 1000, seed=1)
+
+    units = Plan.design.units
+    batches = list(_full_batches(Plan, units, 16))
+    sizes = [sum(len(rows) for _, rows, _ in parts) for parts in batches]
+    assert all(size == 16 for size in sizes[:-1]) and 0 < sizes[-1] <= 16
+    assert sum(sizes) == Plan.design.n_coalitions
+    rows = np.concatenate([rows for parts in batches for _, rows, _ in parts])
+    expected = np.concatenate([Plan.design.coalitions(u)[0] for u in units])
+    np.testing.assert_array_equal(rows, expected)  # same coalitions, same order

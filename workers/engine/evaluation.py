@@ -8,12 +8,13 @@ model is another.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 from .errors import Canceled, ModelOutputError
 from .estimation import ShardStatistics
+from .design import WorkUnit
 from .planning import JobPlan
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -50,6 +51,27 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
     return per_background.mean(axis=1)[:, plan.classes]
 
 
+def _full_batches(plan: JobPlan, units, size: int) -> Iterator[list[tuple[WorkUnit, np.ndarray, np.ndarray]]]:
+    """The shard's coalitions in batches of exactly ``size`` rows (the last may be short), crossing
+    unit boundaries so the model always gets full batches; each batch is a list of (unit, rows,
+    weights) parts, in unit order."""
+    pending: list[tuple[WorkUnit, np.ndarray, np.ndarray]] = []
+    count = 0
+    for unit in units:
+        z, weights = plan.design.coalitions(unit)
+        offset = 0
+        while offset < len(z):
+            take = min(size - count, len(z) - offset)
+            pending.append((unit, z[offset:offset + take], weights[offset:offset + take]))
+            count += take
+            offset += take
+            if count == size:
+                yield pending
+                pending, count = [], 0
+    if pending:
+        yield pending
+
+
 def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
                    on_progress: Callable[[int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None,
@@ -60,22 +82,23 @@ def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
     made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true;
     ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
     """
-    units = plan.shard_units[shard_index]
     stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
     per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
-    for unit in units:
-        z, weights = plan.design.coalitions(unit)
-        for start in range(0, len(z), per_batch):
-            if should_stop is not None and should_stop():
-                raise Canceled(f"shard {shard_index} stopped: the job was canceled")
-            zb = z[start:start + per_batch]
-            y = game_values(plan, predict, zb, predict_coalitions) - plan.v_empty
+    for parts in _full_batches(plan, plan.shard_units[shard_index], per_batch):
+        if should_stop is not None and should_stop():
+            raise Canceled(f"shard {shard_index} stopped: the job was canceled")
+        z = np.concatenate([rows for _, rows, _ in parts])
+        y = game_values(plan, predict, z, predict_coalitions) - plan.v_empty
+        start = 0
+        for unit, rows, weights in parts:
+            part = y[start:start + len(rows)]
+            start += len(rows)
             if unit.kind == "enumerated":
-                stats.add_enumerated(zb, weights[start:start + per_batch], y)
+                stats.add_enumerated(rows, weights, part)
             else:
-                stats.add_sampled(zb, unit.block, y)
-            evaluations = len(zb) * plan.masker.n_backgrounds
-            stats.n_evaluations += evaluations
-            if on_progress is not None:
-                on_progress(evaluations)
+                stats.add_sampled(rows, unit.block, part)
+        evaluations = len(z) * plan.masker.n_backgrounds
+        stats.n_evaluations += evaluations
+        if on_progress is not None:
+            on_progress(evaluations)
     return stats
