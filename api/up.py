@@ -66,7 +66,7 @@ def run_up(directory: Path, workers: int, port: int | None, api_key: str | None,
         print("stopping", file=sys.stderr)
         return 0
     finally:
-        for s, handler in previous.items():
+        for s in previous:
             signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         for part in reversed(running):
             part.stop()

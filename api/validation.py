@@ -15,7 +15,7 @@ from flask import request
 from broker.keys import model_key
 from broker.services import Services
 from broker.settings import Limits
-from workers.engine.errors import ImageError, ModelError
+from workers.engine.errors import ImageError
 from workers.engine.images import fit_to_model, load_image
 from workers.engine.model import ModelInfo, create_session, inspect_model
 from workers.engine.settings import ExplainSettings

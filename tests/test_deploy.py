@@ -44,7 +44,7 @@ def manifests() -> list[tuple[str, dict]]:
 
 def containers() -> list[tuple[str, dict]]:
     found = []
-    for name, doc in manifests():
+    for _, doc in manifests():
         if doc["kind"] == "Deployment":
             found += [(doc["metadata"]["name"], c) for c in doc["spec"]["template"]["spec"]["containers"]]
     return found
@@ -59,7 +59,7 @@ def test_compose_file_is_valid_against_the_compose_spec():
 def test_kubernetes_manifests_are_valid_against_kubernetes_schemas():
     version = kubernetes_validate.latest_version()
     kinds = set()
-    for name, doc in manifests():
+    for _, doc in manifests():
         kinds.add(doc["kind"])
         if doc["apiVersion"].startswith("keda.sh/"):
             continue  # a CRD: checked structurally below
@@ -169,7 +169,7 @@ def test_the_containers_commands_run_here(service_settings, tmp_path):
         return process
 
     try:
-        api = start(api_command, "api.log")
+        start(api_command, "api.log")
         plan_reduce = start(services["worker-cpu"]["command"], "worker-cpu.log")
         shards = start(services["worker-gpu"]["command"], "worker-gpu.log")  # CPU onnxruntime here
         for process, log in ((plan_reduce, "worker-cpu.log"), (shards, "worker-gpu.log")):

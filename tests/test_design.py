@@ -38,7 +38,7 @@ def test_partial_budget_enumerates_outer_sizes_then_samples_complementary_pairs(
     assert design.enumerated_sizes == (1, 11, 2, 10)
     assert design.n_enumerated == 2 * 12 + 2 * 66
     assert design.n_coalitions <= 600 and design.n_coalitions >= 599
-    for kind, z, w in all_rows(design):
+    for kind, z, _ in all_rows(design):
         if kind == "sampled":
             assert np.all(z[0::2] == ~z[1::2])  # complementary pairs
             assert set(z.sum(axis=1)) <= set(range(3, 10))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from broker.settings import Limits, ServiceSettings
 from conftest import REPO
-from onnx_models import conv_model, nan_model, two_input_model, vector_input_model
+from onnx_models import nan_model, two_input_model, vector_input_model
 from servers import ApiServer, WorkerProcess
 
 pytestmark = pytest.mark.service

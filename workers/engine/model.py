@@ -243,7 +243,7 @@ class OnnxClassifier:
         self._mean = np.broadcast_to(np.asarray(mean, dtype=self._work_dtype), (channels,)).copy()
         self._std = np.broadcast_to(np.asarray(std, dtype=self._work_dtype), (channels,)).copy()
         self.sessions = sessions if sessions is not None else ModelSessions(model_bytes, providers, threads)
-        self.sessions.plain  # load now: a model onnxruntime cannot run is refused here, not mid-job
+        _ = self.sessions.plain  # load now: a model onnxruntime cannot run is refused here, not mid-job
 
     @property
     def session(self):
