@@ -120,8 +120,10 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(stack, browser, tmp_path)
         assert f"({size} B)" in link.text, (name, size, link.text)
     # The jobs list shows the job.
     browser.find_element(By.ID, "refresh-jobs").click()
-    wait.until(lambda d: any(r.get_attribute("data-job") == job_id and "succeeded" in r.text
-                             for r in d.find_elements(By.CSS_SELECTOR, "#jobs-body tr")))
+    # Checked inside the page in one step: the list is re-rendered while it refreshes.
+    wait.until(lambda d: d.execute_script(
+        "const row = document.querySelector(`#jobs-body tr[data-job='${arguments[0]}']`);"
+        "return row !== null && row.textContent.includes('succeeded');", job_id))
     ActionChains(browser).move_to_element_with_offset(canvas, 40, 60).perform()
     browser.save_screenshot(str(tmp_path / "web-result.png"))
     if os.environ.get("SHAPFLEET_SCREENSHOT"):

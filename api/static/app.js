@@ -124,31 +124,34 @@ $("job-form").addEventListener("submit", async (event) => {
 // -- a job's progress and results ------------------------------------------------------------------------
 function watchJob(jobId) {
   state.jobId = jobId;
-  clearInterval(state.polling);
+  clearTimeout(state.polling);
   $("results").replaceChildren();
   $("job").hidden = false;
   $("job-id").textContent = jobId;
+  // Polls are chained (the next starts after this one ends), so two never overlap and a job's
+  // results are shown once; a poll for a job no longer watched stops.
   const tick = async () => {
+    if (state.jobId !== jobId) return;
     try {
       const job = await (await api(`/v1/jobs/${jobId}`)).json();
+      if (state.jobId !== jobId) return;
       const p = job.progress;
       $("job-status").textContent = job.status;
       $("job-progress").value = p.fraction;
       $("job-progress-text").textContent =
         `${p.evaluations_done} / ${p.evaluations_total} evaluations, ${p.shards_done} / ${p.shards_total} shards`;
       if (["succeeded", "failed", "canceled"].includes(job.status)) {
-        clearInterval(state.polling);
         $("cancel").hidden = true;
         if (job.status === "failed") showError(new ApiError(job.error, job.error.status));
         if (job.status === "succeeded") await showResults(job);
         loadJobs();
-      } else {
-        $("cancel").hidden = false;
+        return;
       }
-    } catch (error) { clearInterval(state.polling); showError(error); }
+      $("cancel").hidden = false;
+      state.polling = setTimeout(tick, 500);
+    } catch (error) { showError(error); }
   };
   tick();
-  state.polling = setInterval(tick, 500);
 }
 
 $("cancel").addEventListener("click", async () => {
