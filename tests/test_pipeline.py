@@ -80,7 +80,7 @@ def test_progress_is_visible_while_a_job_runs(services, start_workers):
     assert current.status == JobStatus.SUCCEEDED, current.error
     shards_seen = sorted({s for s, _ in seen})
     assert len(shards_seen) >= 3 and shards_seen[-1] == current.shards_total  # it rose step by step
-    assert 0 < min(e for s, e in seen if s == 0 and e > 0) < current.evaluations_total
+    assert any(0 < e < current.evaluations_total for _, e in seen)  # evaluations rose during the job too
 
 
 def test_cancel_mid_job_stops_shards_and_writes_no_result(services, start_workers):
