@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from broker.jobs import JobNotFound
 from broker.store import ObjectNotFound, StoreError, TransientStoreError
-from broker.submission import SubmissionError
+from broker.submission import QueueUnavailable, SubmissionError
 from workers.engine.errors import ImageError, InvalidSettingsError, ModelError
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ def register(app: Flask) -> None:
     app.register_error_handler(InvalidSettingsError, lambda e: problem_response(Problem(422, "Invalid settings", str(e))))
     app.register_error_handler(ImageError, lambda e: problem_response(Problem(422, "Invalid image", str(e))))
     app.register_error_handler(ModelError, lambda e: problem_response(Problem(422, "Invalid model", str(e))))
-    app.register_error_handler(SubmissionError, lambda e: problem_response(
-        Problem(503 if "unavailable" in str(e) else 422, "Job not accepted", str(e))))
+    app.register_error_handler(SubmissionError, lambda e: problem_response(Problem(422, "Job not accepted", str(e))))
+    app.register_error_handler(QueueUnavailable, lambda e: problem_response(
+        Problem(503, "Service unavailable", str(e), headers={"Retry-After": "5"})))
     app.register_error_handler(JobNotFound, lambda e: problem_response(Problem(404, "Not Found", "no such job")))
     app.register_error_handler(ObjectNotFound, lambda e: problem_response(Problem(404, "Not Found", "no such object")))
     app.register_error_handler(TransientStoreError, lambda e: problem_response(

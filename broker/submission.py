@@ -18,7 +18,11 @@ from .store import ObjectNotFound
 
 
 class SubmissionError(Exception):
-    """Raised when a job cannot be accepted (unknown model, too many images, broker down)."""
+    """Raised when a job cannot be accepted (too many images, nsamples over the limit, ...)."""
+
+
+class QueueUnavailable(SubmissionError):
+    """Raised when the job's plan task cannot be enqueued (the broker is down); the job is failed."""
 
 
 def store_model(services: Services, model_bytes: bytes) -> str:
@@ -53,5 +57,5 @@ def submit_job(services: Services, tenant: str, model_sha256: str, images: list[
         services.celery.send_task(PLAN_TASK, args=[job_id], queue=services.settings.queue_plan)
     except Exception as e:  # kombu raises OperationalError and others when the broker is down
         services.jobs.fail(job_id, "EnqueueFailed", f"the job could not be queued: {type(e).__name__}")
-        raise SubmissionError("the job queue is unavailable; try again later") from e
+        raise QueueUnavailable("the job queue is unavailable; try again later") from e
     return record

@@ -299,3 +299,25 @@ def test_keys_file_in_both_formats(service_settings, tmp_path):
         client = create_app(service_settings.replace(api_keys_file=str(path))).test_client()
         assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert_problem(client.get("/v1/jobs", headers={"Authorization": "Bearer secret-x"}), 401)
+
+
+def test_a_broker_outage_at_submit_is_a_503_and_the_job_is_failed_not_lost(service_settings):
+    """The record is written before the plan task is enqueued; when enqueueing fails the job is
+    failed at once (no job stays queued forever) and the client gets 503 with Retry-After."""
+    from broker.services import Services
+
+    broken = service_settings.replace(api_keys="k:t", broker_url="redis://127.0.0.1:1/0")
+    services = Services.from_settings(broken)
+    services.celery.conf.broker_connection_retry = False
+    services.celery.conf.broker_connection_max_retries = 0
+    services.celery.conf.broker_transport_options = {"max_retries": 0}
+    client = create_app(broken, services).test_client()
+    model_id = client.post("/v1/models", data=MODEL, headers={"Authorization": "Bearer k",
+                                                              "Content-Type": "application/octet-stream"}).get_json()["id"]
+    data = {"model_id": model_id, "settings": "{}", "image": [(io.BytesIO(IMAGE), "a.png")]}
+    response = client.post("/v1/jobs", data=data, headers={"Authorization": "Bearer k"}, content_type="multipart/form-data")
+    body = assert_problem(response, 503, "queue is unavailable")
+    assert response.headers["Retry-After"] == "5" and body["title"] == "Service unavailable"
+    (job_id, _), = services.jobs.list_ids("t", 10)
+    record = services.jobs.get(job_id)
+    assert record.status == JobStatus.FAILED and record.error["type"] == "EnqueueFailed"

@@ -24,6 +24,14 @@ pytestmark = pytest.mark.service
 LONG = ExplainSettings(n_segments=60, all_classes=True, nsamples=6000, seed=21, batch_size=16)
 
 
+def settings_for(redis_url: str, seaweed, bucket: str, **overrides):
+    """Service settings for a test that brings its own Redis or SeaweedFS (to break it)."""
+    from broker.settings import ServiceSettings
+
+    return ServiceSettings(redis_url=redis_url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
+                           s3_secret_key=seaweed.secret_key, s3_bucket=bucket, ort_threads=1, **overrides)
+
+
 def result_values(services, job_id: str) -> np.ndarray:
     return Explanation.load(services.store.get(f"{result_prefix(job_id)}attributions.npz")).values
 
@@ -166,14 +174,11 @@ def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_wo
 def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_path_factory, redis_server, start_workers,
                                                                           fault_report):
     from broker.services import Services
-    from broker.settings import ServiceSettings
     from servers import SeaweedServer
 
     seaweed = SeaweedServer.start(tmp_path_factory.mktemp("flaky-seaweed"))
     try:
-        settings = ServiceSettings(redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
-                                   s3_secret_key=seaweed.secret_key, s3_bucket="flaky", shard_evaluations=128,
-                                   ort_threads=1, storage_retries=6)
+        settings = settings_for(redis_server.url, seaweed, "flaky", shard_evaluations=128, storage_retries=6)
         services = Services.from_settings(settings)
         start_workers(1, settings=settings)
         explain_settings = LONG.replace(nsamples=3000)
@@ -202,14 +207,11 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_wo
     """Redis (append-only file, fsync every second) restarts mid-job: every job reaches a final
     state, the succeeded ones with the undisturbed answer; the watchdog re-drives what was lost."""
     from broker.services import Services
-    from broker.settings import ServiceSettings
     from servers import RedisServer
 
     redis_server = RedisServer.start(tmp_path_factory.mktemp("aof-redis"), appendonly=True)
     try:
-        settings = ServiceSettings(redis_url=redis_server.url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
-                                   s3_secret_key=seaweed.secret_key, s3_bucket="redis-restart", shard_evaluations=256,
-                                   ort_threads=1, stall_seconds=5)
+        settings = settings_for(redis_server.url, seaweed, "redis-restart", shard_evaluations=256, stall_seconds=5)
         services = Services.from_settings(settings)
         start_workers(2, settings=settings)
         explain_settings = LONG.replace(nsamples=4000)
