@@ -6,8 +6,8 @@ A pass looks at every job that is not final:
 - no progress for ``stall_seconds`` (its plan message, a shard message or the reduce message was
   lost, for example in a Redis restart): re-drive it from what its records say. Queued: enqueue the
   plan again. Running without a plan: plan again. Running with shards missing: enqueue those shards
-  again (they are idempotent). Running with every shard done: enqueue the reduce again (the reducer
-  runs once whatever arrives).
+  again (they are idempotent). Running with every shard done: free a dead reducer's claim and
+  enqueue the reduce again (a job still succeeds once: the transition to succeeded is atomic).
 
 Every action is safe to repeat, so several watchdogs (one per worker started with ``--beat``) may run.
 """
@@ -51,6 +51,9 @@ def watchdog_pass(services: Services, now: float | None = None) -> dict[str, str
                 celery.send_task(SHARD_TASK, args=[job_id, image_index, shard_index], queue=settings.queue_shards)
             actions[job_id] = f"re-sent {len(missing)} shard(s)"
         else:
+            # A reducer that claimed the job and has shown nothing for stall_seconds is presumed
+            # dead (its retry lost, say, in a Redis restart): free its claim for the new reduce.
+            jobs.release_reduce(job_id)
             celery.send_task(REDUCE_TASK, args=[job_id], queue=settings.queue_reduce)
             actions[job_id] = "re-sent the reduce"
     return actions

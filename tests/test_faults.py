@@ -259,3 +259,23 @@ def test_api_restart_between_submit_and_poll(service_settings, start_workers, tm
         fault_report("API restarted between submit and poll", 1, 1, 0, 0)
     finally:
         second.stop()
+
+
+def test_watchdog_frees_a_dead_reducers_claim(services, start_workers, fault_report):
+    """A reducer claimed the job and died with its retry lost: the watchdog's new reduce takes over."""
+    start_workers(1, queues="plan,shards")
+    settings = LONG.replace(nsamples=800)
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
+    deadline = time.monotonic() + 60
+    while services.jobs.get(record.id).shards_done < services.jobs.get(record.id).shards_total or \
+            not services.jobs.get(record.id).shards_total:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    services.redis.delete(services.settings.queue_reduce)  # the reducer's message is gone...
+    assert services.jobs.claim_reduce(record.id, "a-reducer-that-died", 3600)  # ...after it claimed the job
+    start_workers(1, queues="reduce")
+    assert watchdog_pass(services, now=time.time() + services.settings.stall_seconds + 1) == {record.id: "re-sent the reduce"}
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED and services.jobs.reductions(record.id) == 1
+    fault_report("watchdog: a dead reducer's claim freed", 1, 1, 0, 0)

@@ -131,6 +131,7 @@ def reduce(self, job_id: str) -> int:
         # after its worker died keeps the claim (it has the same task id).
         if not jobs.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
             return 0
+        jobs.touch(job_id)  # activity: the watchdog leaves a job alone while its reducer works
         try:
             results = pipeline.reduce_job(runtime, job_id)
             if jobs.succeed(job_id, results):
