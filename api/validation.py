@@ -15,6 +15,7 @@ from flask import request
 from broker.keys import model_key
 from broker.services import Services
 from broker.settings import Limits
+from broker.submission import check_submission
 from workers.engine.errors import ImageError
 from workers.engine.images import fit_to_model, load_image
 from workers.engine.model import ModelInfo, create_session, inspect_model
@@ -167,19 +168,13 @@ def _base64(text: str, what: str) -> bytes:
 
 
 def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> None:
-    """Limits and model compatibility, with the limit named in each message."""
+    """Limits and model compatibility, with the limit named in each message (the job-level ones are
+    :func:`broker.submission.check_submission`'s, answered 422 by the error handler)."""
     s = job.settings
-    if not job.images:
-        raise Problem(422, "Invalid request", "a job needs at least one image (multipart 'image' files or 'images')")
-    if len(job.images) > limits.max_images_per_job:
-        raise Problem(422, "Limit exceeded", f"{len(job.images)} images; the limit is {limits.max_images_per_job} per job")
-    if s.nsamples is not None and s.nsamples > limits.max_nsamples:
-        raise Problem(422, "Limit exceeded", f"nsamples={s.nsamples}; the limit is {limits.max_nsamples}")
+    check_submission(s, len(job.images), limits)
     segments = s.n_segments if s.segmenter == "slic" else (s.grid_shape[0] * s.grid_shape[1] if s.segmenter == "grid" else None)
     if segments is not None and segments > limits.max_superpixels:
         raise Problem(422, "Limit exceeded", f"{segments} superpixels requested; the limit is {limits.max_superpixels}")
-    if s.masker_spec.kind in ("image", "dataset"):
-        raise Problem(422, "Invalid settings", f"masker {s.masker_spec.kind}: is available in `shapfleet explain` only")
     n_classes = model.get("n_classes")
     if n_classes:
         if s.labels is not None and max(s.labels) >= n_classes:

@@ -124,8 +124,12 @@ def create_job():
         info, model_sha256, model = None, job.model_id, model_for(svc, g.tenant, job.model_id)
     check_job_against_limits(job, model, svc.settings.limits)
     idempotency = request.headers.get("Idempotency-Key")
+    redis_key = fingerprint = None
     if idempotency is not None:
-        existing = _idempotent_replay(svc, idempotency, job.fingerprint(model_sha256))
+        if not idempotency or len(idempotency) > 200:
+            raise Problem(400, "Bad Request", "Idempotency-Key must be 1 to 200 characters")
+        redis_key, fingerprint = IDEMPOTENCY_KEY.format(g.tenant, idempotency), job.fingerprint(model_sha256)
+        existing = _idempotent_replay(svc, redis_key, fingerprint)
         if existing is not None:
             return job_response(existing, 202)
     try:
@@ -133,20 +137,16 @@ def create_job():
             store_model_for(svc, g.tenant, job.model_bytes, info)
         record = submit_job(svc, g.tenant, model_sha256, job.images, job.settings)
     except BaseException:
-        if idempotency is not None:
-            svc.redis.delete(IDEMPOTENCY_KEY.format(g.tenant, idempotency))
+        if redis_key is not None:
+            svc.redis.delete(redis_key)
         raise
-    if idempotency is not None:
-        svc.redis.set(IDEMPOTENCY_KEY.format(g.tenant, idempotency),
-                      json.dumps({"fingerprint": job.fingerprint(model_sha256), "job_id": record.id}), ex=IDEMPOTENCY_TTL)
+    if redis_key is not None:
+        svc.redis.set(redis_key, json.dumps({"fingerprint": fingerprint, "job_id": record.id}), ex=IDEMPOTENCY_TTL)
     return job_response(record, 202)
 
 
-def _idempotent_replay(svc, key: str, fingerprint: str) -> JobRecord | None:
+def _idempotent_replay(svc, redis_key: str, fingerprint: str) -> JobRecord | None:
     """The job an earlier request with this key created, or None after claiming the key for this one."""
-    if not key or len(key) > 200:
-        raise Problem(400, "Bad Request", "Idempotency-Key must be 1 to 200 characters")
-    redis_key = IDEMPOTENCY_KEY.format(g.tenant, key)
     claim = json.dumps({"fingerprint": fingerprint, "job_id": None})
     if svc.redis.set(redis_key, claim, nx=True, ex=IDEMPOTENCY_TTL):
         return None

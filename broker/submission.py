@@ -14,6 +14,7 @@ from .celery_app import PLAN_TASK
 from .jobs import JobRecord, new_job_id
 from .keys import input_key, model_key
 from .services import Services
+from .settings import Limits
 from .store import ObjectNotFound
 
 
@@ -33,17 +34,22 @@ def store_model(services: Services, model_bytes: bytes) -> str:
     return sha256
 
 
-def submit_job(services: Services, tenant: str, model_sha256: str, images: list[bytes],
-               settings: ExplainSettings) -> JobRecord:
-    limits = services.settings.limits
-    if not images:
+def check_submission(settings: ExplainSettings, n_images: int, limits: Limits) -> None:
+    """The job-level limits (images per job, nsamples) and what jobs cannot take (file-based
+    maskers), each message naming the limit. Raises :class:`SubmissionError`."""
+    if not n_images:
         raise SubmissionError("a job needs at least one image")
-    if len(images) > limits.max_images_per_job:
-        raise SubmissionError(f"{len(images)} images; the limit is {limits.max_images_per_job} per job")
+    if n_images > limits.max_images_per_job:
+        raise SubmissionError(f"{n_images} images; the limit is {limits.max_images_per_job} per job")
     if settings.nsamples is not None and settings.nsamples > limits.max_nsamples:
         raise SubmissionError(f"nsamples={settings.nsamples}; the limit is {limits.max_nsamples}")
     if settings.masker_spec.kind in ("image", "dataset"):
         raise SubmissionError(f"masker {settings.masker_spec.kind}: is available in `shapfleet explain` only")
+
+
+def submit_job(services: Services, tenant: str, model_sha256: str, images: list[bytes],
+               settings: ExplainSettings) -> JobRecord:
+    check_submission(settings, len(images), services.settings.limits)
     if not services.store.exists(model_key(model_sha256)):
         raise ObjectNotFound(f"model {model_sha256}")
     job_id = new_job_id()
