@@ -17,7 +17,7 @@ from typing import Sequence
 
 from workers.engine.errors import InvalidSettingsError, ShapfleetError
 from workers.engine.settings import (
-    CHANNEL_ORDERS,
+    CHANNEL_ORDERS, DEFAULT_MAX_EVALS, METHODS,
     LAYOUTS,
     OUTPUT_TRANSFORMS,
     PREPROCESS_PRESETS,
@@ -64,9 +64,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     classes.add_argument("--all-classes", action="store_true", help="explain every class")
     game.add_argument("--class-names", metavar="FILE", help="class names: a JSON list or one name per line")
     est = parser.add_argument_group("estimation")
-    est.add_argument("--nsamples", type=int, help="coalition evaluations (default 2M + 2048, as shap's auto)")
+    est.add_argument("--method", choices=METHODS, default="kernel",
+                     help="kernel: Shapley values of superpixels (KernelSHAP); partition: Owen values over shap's "
+                          "hierarchy of image boxes, pixel-level (PartitionExplainer)")
+    est.add_argument("--nsamples", type=int, help="kernel: coalition evaluations (default 2M + 2048, as shap's auto)")
+    est.add_argument("--max-evals", type=int,
+                     help=f"partition: model evaluations in all (default {DEFAULT_MAX_EVALS}, as shap)")
     est.add_argument("--seed", type=int, default=0)
-    est.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    est.add_argument("--batch-size", type=int, default=64,
+                     help="images per model call; partition: also masked images per refinement round")
     mod = parser.add_argument_group("model input")
     mod.add_argument("--layout", choices=LAYOUTS, default="auto")
     mod.add_argument("--channel-order", choices=CHANNEL_ORDERS, default="rgb")
@@ -106,7 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> ExplainSettings:
         grid=args.grid, quickshift_kernel_size=args.kernel_size, quickshift_max_dist=args.max_dist,
         quickshift_ratio=args.ratio, felzenszwalb_scale=args.scale, felzenszwalb_min_size=args.min_size,
         masker=args.masker, labels=args.labels, top_k=args.top_k, all_classes=args.all_classes,
-        nsamples=args.nsamples, seed=args.seed, batch_size=args.batch_size, layout=args.layout,
+        method=args.method, nsamples=args.nsamples, max_evals=args.max_evals, seed=args.seed, batch_size=args.batch_size, layout=args.layout,
         channel_order=args.channel_order, resize=args.resize, center_crop=args.center_crop,
         preprocess=None if args.mean is not None else (args.preprocess or "unit"), mean=args.mean, std=args.std,
         output=args.output, class_names=read_class_names(args.class_names) if args.class_names else None,

@@ -64,9 +64,11 @@ class Client:
 
     def submit(self, images: Iterable[str | os.PathLike[str] | bytes], model: str | os.PathLike[str] | bytes | None = None,
                model_id: str | None = None, settings: dict[str, Any] | None = None,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None,
+               background: str | os.PathLike[str] | bytes | None = None) -> dict[str, Any]:
         """Submit a job. The model is uploaded first (once: uploads are content-addressed) unless
-        ``model_id`` names one already uploaded. Returns the job resource."""
+        ``model_id`` names one already uploaded. ``background`` is the ``.npz`` background set that
+        a ``dataset:`` masker needs. Returns the job resource."""
         if model_id is None:
             if model is None:
                 raise ValueError("give model or model_id")
@@ -76,6 +78,9 @@ class Client:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             name = f"image{n}" if isinstance(image, bytes) else Path(image).name
             files.append(("image", (name, data)))
+        if background is not None:
+            data = background if isinstance(background, bytes) else Path(background).read_bytes()
+            files.append(("background", ("background.npz", data)))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         form = {"model_id": model_id, "settings": json.dumps(settings or {})}
         return self._request("POST", "/v1/jobs", data=form, files=files, headers=headers).json()

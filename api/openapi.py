@@ -22,6 +22,10 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+BACKGROUND = ("The background set for masker dataset: (an .npz whose array `images` is N x H x W or N x H x W x C "
+              "pixels at the model's input size); required with that masker, refused without it.")
+
+
 def _settings_schema() -> dict:
     properties = {}
     for f in dataclasses.fields(ExplainSettings):
@@ -54,11 +58,13 @@ def openapi_document() -> dict:
             "model_id": {"type": "string"}, "model": {"type": "string", "format": "binary"},
             "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "image_id": {"type": "array", "items": {"type": "string"}},
+            "background": {"type": "string", "format": "binary", "description": BACKGROUND},
             "settings": {"type": "string", "description": "JSON object of engine settings"}}}},
         "application/json": {"schema": {"type": "object", "properties": {
             "model_id": {"type": "string"}, "model": {"type": "string", "contentEncoding": "base64"},
             "images": {"type": "array", "items": {"type": "object", "properties": {
                 "image_id": {"type": "string"}, "data": {"type": "string", "contentEncoding": "base64"}}}},
+            "background": {"type": "string", "contentEncoding": "base64", "description": BACKGROUND},
             "settings": {"$ref": "#/components/schemas/Settings"}}}}}}
     job = {"$ref": "#/components/schemas/Job"}
     return {

@@ -61,9 +61,12 @@ def _final_exit(job: dict) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     from .cli import settings_from_args
 
-    settings = settings_from_args(args).to_dict()
+    settings = settings_from_args(args)
+    # A dataset: masker names a local .npz; it travels with the job as its background set.
+    background = settings.masker_spec.path if settings.masker_spec.kind == "dataset" else None
     client = client_from(args)
-    job = client.submit(args.images, model=args.model, settings=settings, idempotency_key=args.idempotency_key)
+    job = client.submit(args.images, model=args.model, settings=settings.to_dict(), idempotency_key=args.idempotency_key,
+                        background=background)
     if not args.wait:
         _print(job)
         return 0

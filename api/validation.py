@@ -15,7 +15,7 @@ from flask import request
 from broker.keys import model_key
 from broker.services import Services
 from broker.settings import Limits
-from broker.submission import check_submission
+from broker.submission import check_background_set, check_submission
 from workers.engine.errors import ImageError
 from workers.engine.images import fit_to_model, load_image
 from workers.engine.model import ModelInfo, create_session, inspect_model
@@ -106,11 +106,14 @@ class JobRequest:
     model_bytes: bytes | None
     images: list[bytes]
     settings: ExplainSettings
+    background: bytes | None = None  # the dataset: masker's background set (.npz)
 
     def fingerprint(self, model_sha256: str) -> str:
-        """What makes two submissions the same job (for Idempotency-Key): model, images, settings."""
+        """What makes two submissions the same job (for Idempotency-Key): model, images, background
+        set, settings."""
         content = {"model": model_sha256, "images": [hashlib.sha256(i).hexdigest() for i in self.images],
-                   "settings": self.settings.to_dict()}
+                   "settings": self.settings.to_dict(),
+                   "background": hashlib.sha256(self.background).hexdigest() if self.background is not None else None}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -126,6 +129,8 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
         image_ids = request.form.getlist("image_id")
         model_id = request.form.get("model_id")
         model_bytes = model_file.read() if model_file is not None else None
+        background_file = request.files.get("background")
+        background = background_file.read() if background_file is not None else None
     elif request.mimetype == "application/json":
         try:
             body = json.loads(request.get_data(cache=False) or b"null")
@@ -136,6 +141,7 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
         settings_data = body.get("settings", {})
         model_id = body.get("model_id")
         model_bytes = _base64(body["model"], "model") if isinstance(body.get("model"), str) else None
+        background = _base64(body["background"], "background") if isinstance(body.get("background"), str) else None
         images, image_ids = [], []
         entries = body.get("images", [])
         if not isinstance(entries, list):
@@ -157,7 +163,7 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
             raise Problem(404, "Not Found", f"no image {image_id!r} for this tenant; upload it with POST /v1/images")
         images.append(services.store.get(image_key(image_id)))
     settings = ExplainSettings.from_dict(settings_data)  # InvalidSettingsError -> 422
-    return JobRequest(model_id, model_bytes, images, settings)
+    return JobRequest(model_id, model_bytes, images, settings, background)
 
 
 def _base64(text: str, what: str) -> bytes:
@@ -171,7 +177,13 @@ def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> No
     """Limits and model compatibility, with the limit named in each message (the job-level ones are
     :func:`broker.submission.check_submission`'s, answered 422 by the error handler)."""
     s = job.settings
-    check_submission(s, len(job.images), limits)
+    check_submission(s, len(job.images), limits, job.background)
+    if job.background is not None:
+        shape = check_background_set(job.background, limits)
+        height, width = model.get("height"), model.get("width")
+        if isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
+            raise Problem(422, "Invalid background set",
+                          f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
     segments = s.n_segments if s.segmenter == "slic" else (s.grid_shape[0] * s.grid_shape[1] if s.segmenter == "grid" else None)
     if segments is not None and segments > limits.max_superpixels:
         raise Problem(422, "Limit exceeded", f"{segments} superpixels requested; the limit is {limits.max_superpixels}")

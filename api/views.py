@@ -135,7 +135,7 @@ def create_job():
     try:
         if info is not None:
             store_model_for(svc, g.tenant, job.model_bytes, info)
-        record = submit_job(svc, g.tenant, model_sha256, job.images, job.settings)
+        record = submit_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background)
     except BaseException:
         if redis_key is not None:
             svc.redis.delete(redis_key)
@@ -153,7 +153,7 @@ def _idempotent_replay(svc, redis_key: str, fingerprint: str) -> JobRecord | Non
     stored = json.loads(svc.redis.get(redis_key) or "null") or {}
     if stored.get("fingerprint") != fingerprint:
         raise Problem(422, "Idempotency key reused",
-                      "this Idempotency-Key was used for a different request (model, images or settings differ)")
+                      "this Idempotency-Key was used for a different request (model, images, background set or settings differ)")
     if stored.get("job_id") is None:
         raise Problem(409, "Conflict", "a request with this Idempotency-Key is still being processed; retry shortly",
                       headers={"Retry-After": "1"})

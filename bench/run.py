@@ -308,16 +308,21 @@ def _fleet_job_seconds(url: str, model: Path, image_png: bytes, settings: Explai
     return elapsed, final
 
 
-def measure_service(repeats: int) -> dict:
+def _service_job() -> tuple[dict, object, bytes]:
+    """The EfficientNet case at 2000 evaluations, and its image as PNG bytes, for the service runs."""
     from PIL import Image
-
-    from workers.engine.local import explain
 
     case = cases()["efficientnet"]
     settings = case["settings"].replace(nsamples=2000, batch_size=32)
     buffer = io.BytesIO()
     Image.fromarray(case["image"].astype(np.uint8)).save(buffer, format="PNG")
-    png = buffer.getvalue()
+    return case, settings, buffer.getvalue()
+
+
+def measure_service(repeats: int) -> dict:
+    from workers.engine.local import explain
+
+    case, settings, png = _service_job()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         parts, url = _stack(Path(tmp), workers=2)
@@ -336,13 +341,7 @@ def measure_service(repeats: int) -> dict:
 
 
 def measure_scaling(repeats: int) -> dict:
-    from PIL import Image
-
-    case = cases()["efficientnet"]
-    settings = case["settings"].replace(nsamples=2000, batch_size=32)
-    buffer = io.BytesIO()
-    Image.fromarray(case["image"].astype(np.uint8)).save(buffer, format="PNG")
-    png = buffer.getvalue()
+    case, settings, png = _service_job()
     seconds = {}
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,8 @@
 """The Celery app, built by a function from :class:`ServiceSettings` (creating it connects to nothing).
 
-Queues: ``plan`` (CPU: segment, plan, send the shards), ``shards`` (GPU or CPU: evaluate coalitions)
-and ``reduce`` (CPU: sum, solve, render). Tasks are looked up by name, so the API can enqueue a plan
+Queues: ``plan`` (CPU: segment, plan, send the shards; method partition's round steps), ``shards``
+(GPU or CPU: evaluate coalitions, or a part of a partition round's masks) and ``reduce`` (CPU: sum,
+solve, render). Tasks are looked up by name, so the API can enqueue a plan
 without importing the engine.
 """
 
@@ -14,6 +15,8 @@ from .settings import ServiceSettings
 PLAN_TASK = "shapfleet.plan"
 SHARD_TASK = "shapfleet.shard"
 REDUCE_TASK = "shapfleet.reduce"
+ROUND_TASK = "shapfleet.partition_round"
+PART_TASK = "shapfleet.partition_part"
 WATCHDOG_TASK = "shapfleet.watchdog"
 
 
@@ -39,6 +42,9 @@ def create_celery(settings: ServiceSettings) -> Celery:
             PLAN_TASK: {"queue": settings.queue_plan},
             WATCHDOG_TASK: {"queue": settings.queue_plan},
             SHARD_TASK: {"queue": settings.queue_shards},
+            # A round step is bookkeeping (choose nodes, apply outputs): CPU work beside planning.
+            ROUND_TASK: {"queue": settings.queue_plan},
+            PART_TASK: {"queue": settings.queue_shards},
             REDUCE_TASK: {"queue": settings.queue_reduce},
         },
         task_default_queue=settings.queue_plan,

@@ -251,6 +251,38 @@ class JobStore:
         added, done, _ = pipe.execute()
         return bool(added), int(done)
 
+    # -- method partition: rounds per image ---------------------------------------------------
+    @staticmethod
+    def rounds_key(job_id: str) -> str:
+        return f"{PREFIX}:job:{job_id}:rounds"
+
+    @staticmethod
+    def round_parts_key(job_id: str, image_index: int, round_index: int) -> str:
+        return f"{PREFIX}:job:{job_id}:round:{image_index}:{round_index}"
+
+    def set_round(self, job_id: str, image_index: int, round_index: int) -> None:
+        """Record that image ``image_index`` reached round ``round_index`` (never moves back)."""
+        current = self.redis.hget(self.rounds_key(job_id), str(image_index))
+        if current is None or int(current) < round_index:
+            self.redis.hset(self.rounds_key(job_id), str(image_index), round_index)
+        self.touch(job_id)
+
+    def current_round(self, job_id: str, image_index: int) -> int:
+        raw = self.redis.hget(self.rounds_key(job_id), str(image_index))
+        return int(raw) if raw is not None else 0
+
+    def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]:
+        """Record a finished part of a round; like :meth:`shard_done`, exactly one part sees itself
+        complete the round's set."""
+        key = self.round_parts_key(job_id, image_index, round_index)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(key, part)
+        pipe.scard(key)
+        pipe.expire(key, 7 * 24 * 3600)
+        pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
+        added, done, _, _ = pipe.execute()
+        return bool(added), int(done)
+
     def done_shards(self, job_id: str) -> set[str]:
         return {m.decode() for m in self.redis.smembers(self.shards_key(job_id))}
 

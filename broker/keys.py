@@ -11,6 +11,18 @@ def input_key(job_id: str, image_index: int) -> str:
     return f"jobs/{job_id}/inputs/{image_index}"
 
 
+def background_key(job_id: str) -> str:
+    """The job's background set (``dataset:`` masker), an ``.npz`` uploaded with the job."""
+    return f"jobs/{job_id}/inputs/background.npz"
+
+
+def partition_key(job_id: str, image_index: int, name: str) -> str:
+    """Method partition's round records for one image: ``state-<r>.json`` (the refinement before
+    round r), ``round-<r>.json`` (its chosen nodes), ``round-<r>/part-<p>.npy`` (outputs of a slice of
+    its masks) and ``final.json`` (the finished refinement)."""
+    return f"jobs/{job_id}/partition/{image_index}/{name}"
+
+
 def plan_key(job_id: str, image_index: int) -> str:
     return f"jobs/{job_id}/plans/{image_index}.npz"
 

@@ -42,6 +42,8 @@ class Limits:
     max_images_per_job: int = 16
     max_nsamples: int = 100_000
     max_superpixels: int = 1_000
+    max_evals: int = 100_000  # method partition's budget per image
+    max_background_images: int = 100  # images in a dataset: masker's background set
 
 
 @dataclass(frozen=True)

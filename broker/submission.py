@@ -12,7 +12,7 @@ from workers.engine.settings import ExplainSettings
 
 from .celery_app import PLAN_TASK
 from .jobs import JobRecord, new_job_id
-from .keys import input_key, model_key
+from .keys import background_key, input_key, model_key
 from .services import Services
 from .settings import Limits
 from .store import ObjectNotFound
@@ -34,22 +34,59 @@ def store_model(services: Services, model_bytes: bytes) -> str:
     return sha256
 
 
-def check_submission(settings: ExplainSettings, n_images: int, limits: Limits) -> None:
-    """The job-level limits (images per job, nsamples) and what jobs cannot take (file-based
-    maskers), each message naming the limit. Raises :class:`SubmissionError`."""
+def check_submission(settings: ExplainSettings, n_images: int, limits: Limits, background: bytes | None = None) -> None:
+    """The job-level limits (images per job, nsamples, max_evals, background images) and what jobs
+    cannot take (a reference-image file), each message naming the limit. Raises :class:`SubmissionError`."""
     if not n_images:
         raise SubmissionError("a job needs at least one image")
     if n_images > limits.max_images_per_job:
         raise SubmissionError(f"{n_images} images; the limit is {limits.max_images_per_job} per job")
     if settings.nsamples is not None and settings.nsamples > limits.max_nsamples:
         raise SubmissionError(f"nsamples={settings.nsamples}; the limit is {limits.max_nsamples}")
-    if settings.masker_spec.kind in ("image", "dataset"):
-        raise SubmissionError(f"masker {settings.masker_spec.kind}: is available in `shapfleet explain` only")
+    if settings.max_evals is not None and settings.max_evals > limits.max_evals:
+        raise SubmissionError(f"max_evals={settings.max_evals}; the limit is {limits.max_evals}")
+    if settings.masker_spec.kind == "image":
+        raise SubmissionError("masker image: is available in `shapfleet explain` only; in a job, upload the "
+                              "reference as a background set of one image (masker dataset:)")
+    if (settings.masker_spec.kind == "dataset") != (background is not None):
+        raise SubmissionError("masker dataset: needs the background set uploaded with the job (file field "
+                              "'background', an .npz of N x H x W (x C) images), and a background set needs masker dataset:")
+    if background is not None:
+        check_background_set(background, limits)
+
+
+def check_background_set(data: bytes, limits: Limits) -> tuple[int, ...]:
+    """Check the uploaded background set from its array header alone (nothing is decompressed, so a
+    small upload cannot expand into a huge array here): an ``.npz`` whose ``images`` array (or only
+    array) is N x H x W (x C) numbers, N within the limit. Returns the shape."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [member[:-4] for member in archive.namelist() if member.endswith(".npy")]
+            name = "images" if "images" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise SubmissionError(f"the background set holds arrays {names}; name the image array 'images'")
+            with archive.open(f"{name}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise SubmissionError(f"the background set is not a readable .npz of images: {e}") from None
+    if len(shape) not in (3, 4) or shape[0] == 0 or not np.issubdtype(dtype, np.number):
+        raise SubmissionError(f"the background set must be N x H x W (x C) numbers with N >= 1, got {dtype} {list(shape)}")
+    if shape[0] > limits.max_background_images:
+        raise SubmissionError(f"the background set holds {shape[0]} images; the limit is {limits.max_background_images}")
+    return tuple(shape)
 
 
 def submit_job(services: Services, tenant: str, model_sha256: str, images: list[bytes],
-               settings: ExplainSettings) -> JobRecord:
-    check_submission(settings, len(images), services.settings.limits)
+               settings: ExplainSettings, background: bytes | None = None) -> JobRecord:
+    """Store the inputs (and the background set of a ``dataset:`` job), create the record, enqueue."""
+    check_submission(settings, len(images), services.settings.limits, background)
     if not services.store.exists(model_key(model_sha256)):
         raise ObjectNotFound(f"model {model_sha256}")
     job_id = new_job_id()
@@ -57,6 +94,8 @@ def submit_job(services: Services, tenant: str, model_sha256: str, images: list[
     for index, data in enumerate(images):
         services.store.put(input_key(job_id, index), data)
         keys.append(input_key(job_id, index))
+    if background is not None:
+        services.store.put(background_key(job_id), background)
     record = services.jobs.create(tenant, settings.to_dict(), model_sha256, keys,
                                   services.settings.job_deadline, job_id=job_id)
     try:

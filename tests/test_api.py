@@ -321,3 +321,56 @@ def test_a_broker_outage_at_submit_is_a_503_and_the_job_is_failed_not_lost(servi
     (job_id, _), = services.jobs.list_ids("t", 10)
     record = services.jobs.get(job_id)
     assert record.status == JobStatus.FAILED and record.error["type"] == "EnqueueFailed"
+
+
+def background_npz(count: int, height: int = 32, width: int = 32, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=np.random.default_rng(seed).integers(0, 256, size=(count, height, width, 3), dtype=np.uint8))
+    return buffer.getvalue()
+
+
+def submit_with_background(client, model_id: str, background: bytes | None, settings: dict, headers=None):
+    data = {"model_id": model_id, "settings": json.dumps(settings), "image": [(io.BytesIO(IMAGE), "i.png")]}
+    if background is not None:
+        data["background"] = (io.BytesIO(background), "background.npz")
+    return client.post("/v1/jobs", data=data, headers={**auth(), **(headers or {})}, content_type="multipart/form-data")
+
+
+DATASET = {"masker": "dataset:bg.npz", "nsamples": 100}
+
+
+@pytest.mark.parametrize("background, settings, fragment", [
+    (None, DATASET, "needs the background set uploaded"),
+    ("three", {"nsamples": 100}, "a background set needs masker dataset"),
+    ("wrong size", DATASET, "the background images are 16x20; the model takes 32x32"),
+    ("too many", DATASET, "holds 101 images; the limit is 100"),
+    ("garbage", DATASET, "not a readable .npz"),
+    ("three", {"masker": "dataset:bg.npz", "method": "partition"}, "method partition masks with a single fill"),
+    (None, {"method": "partition", "max_evals": 10 ** 7}, "max_evals=10000000; the limit is 100000"),
+    (None, {"method": "partition", "nsamples": 100}, "nsamples applies to method kernel"),
+])
+def test_bad_background_and_method_requests(client, services, background, settings, fragment):
+    model_id = upload(client).get_json()["id"]
+    payloads = {"three": background_npz(3), "wrong size": background_npz(2, 16, 20), "too many": background_npz(101),
+                "garbage": b"PK\x03\x04 not really"}
+    response = submit_with_background(client, model_id, payloads.get(background), settings)
+    assert_problem(response, 422, fragment)
+    assert services.store.list("jobs/") == []
+
+
+def test_background_set_jobs_are_accepted_and_fingerprinted(client, services):
+    model_id = upload(client).get_json()["id"]
+    first = submit_with_background(client, model_id, background_npz(3), DATASET, headers={"Idempotency-Key": "bg-1"})
+    assert first.status_code == 202, first.get_json()
+    job_id = first.get_json()["id"]
+    assert services.store.exists(f"jobs/{job_id}/inputs/background.npz")
+    again = submit_with_background(client, model_id, background_npz(3), DATASET, headers={"Idempotency-Key": "bg-1"})
+    assert again.status_code == 202 and again.get_json()["id"] == job_id
+    other = submit_with_background(client, model_id, background_npz(3, seed=1), DATASET, headers={"Idempotency-Key": "bg-1"})
+    assert_problem(other, 422, "different request")
+    body = {"model_id": model_id, "settings": DATASET, "background": base64.b64encode(background_npz(2)).decode(),
+            "images": [{"data": base64.b64encode(IMAGE).decode()}]}
+    as_json = client.post("/v1/jobs", json=body, headers=auth())
+    assert as_json.status_code == 202, as_json.get_json()
+    partition = submit_with_background(client, model_id, None, {"method": "partition", "max_evals": 300})
+    assert partition.status_code == 202 and partition.get_json()["settings"]["method"] == "partition"

@@ -15,6 +15,7 @@ from broker.keys import model_key, plan_key
 from broker.services import Services
 from workers.engine.estimation import ShardStatistics
 from workers.engine.model import ModelInfo, ModelSessions, OnnxClassifier, inspect_model
+from workers.engine.partition import PartitionPlan
 from workers.engine.planning import JobPlan
 from workers.engine.settings import ExplainSettings
 
@@ -39,7 +40,7 @@ class WorkerRuntime:
         self._pid = os.getpid()
         self._models: dict[str, tuple[bytes, ModelSessions]] = {}
         self._infos: dict[tuple[str, str], ModelInfo] = {}
-        self._plans: OrderedDict[tuple[str, int], JobPlan] = OrderedDict()
+        self._plans: OrderedDict[tuple[str, int], JobPlan | PartitionPlan] = OrderedDict()
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():  # never share sessions across a fork
@@ -62,12 +63,19 @@ class WorkerRuntime:
         return OnnxClassifier(data, settings, sessions=sessions, info=self._infos[info_key])
 
     def plan(self, job_id: str, image_index: int) -> JobPlan:
+        return self._cached_plan(job_id, image_index, JobPlan)
+
+    def partition_plan(self, job_id: str, image_index: int) -> PartitionPlan:
+        return self._cached_plan(job_id, image_index, PartitionPlan)
+
+    def _cached_plan(self, job_id: str, image_index: int, kind):
         self._check_fork()
         key = (job_id, image_index)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = load_plan(self.services.store.get(plan_key(job_id, image_index)))
+        with np.load(io.BytesIO(self.services.store.get(plan_key(job_id, image_index))), allow_pickle=False) as arrays:
+            plan = kind.from_arrays({name: arrays[name] for name in arrays.files})
         self._plans[key] = plan
         while len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
@@ -78,11 +86,6 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
-
-
-def load_plan(data: bytes) -> JobPlan:
-    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-        return JobPlan.from_arrays({name: arrays[name] for name in arrays.files})
 
 
 def load_statistics(data: bytes) -> ShardStatistics:

@@ -5,6 +5,15 @@
   one shard that completes the job's set enqueues the reduce. Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
 
+Method partition replaces the shards with rounds, per image and in parallel across images:
+- ``shapfleet.partition_round(job_id, image, round)``: choose the round's nodes from the stored
+  state and send one ``partition_part`` per slice of its masks; once every part is stored, apply
+  the outputs and send the next round; when nothing is left to refine, record the image done (the
+  one that completes the job's set enqueues the reduce). Idempotent: the watchdog re-drives a
+  stalled image by sending its current round again.
+- ``shapfleet.partition_part(job_id, image, round, part)``: evaluate a slice of the round's masks and
+  store the outputs; the part that completes the round sends the round step again.
+
 Why not a Celery chord: a chord's completion is counted in the result backend by Celery, and with
 late acknowledgement a shard whose worker was killed is redelivered outside that count; we saw every
 shard of a job stored and the chord's callback never sent. The job's own records (a Redis set of
@@ -25,12 +34,13 @@ import redis.exceptions
 from celery import current_app, group, shared_task
 from celery.signals import worker_process_init
 
-from broker.celery_app import PLAN_TASK, REDUCE_TASK, SHARD_TASK, WATCHDOG_TASK
+from broker.celery_app import PART_TASK, PLAN_TASK, REDUCE_TASK, ROUND_TASK, SHARD_TASK, WATCHDOG_TASK
 from broker.jobs import JobStatus
 from broker.services import Services
 from broker.store import TransientStoreError
 from workers import pipeline
 from workers.engine.errors import Canceled, ShapfleetError
+from workers.engine.partition import PartitionPlan
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -92,6 +102,9 @@ def plan(self, job_id: str) -> int:
             return 0
         jobs.start(job_id)
         plans = pipeline.plan_job(runtime, job_id)
+        if isinstance(plans[0], PartitionPlan):
+            group([partition_round.s(job_id, index, 0) for index in range(len(plans))]).apply_async()
+            return len(plans)
         shards = [shard.s(job_id, index, i) for index, p in enumerate(plans) for i in range(p.n_shards)]
         group(shards).apply_async()
         return len(shards)
@@ -99,18 +112,26 @@ def plan(self, job_id: str) -> int:
         _handle_failure(self, runtime, job_id, error, "planning")
 
 
+def _crashed_too_often(task, jobs, job_id: str, name: str, limit: int) -> bool:
+    """Count this start of a shard-like message; past ``limit`` starts fail the job and say so.
+
+    The same message starting again means its last worker died mid-task (acks are late, so it was
+    redelivered). A message that kills its worker every time must not loop forever."""
+    starts = jobs.count_delivery(job_id, f"{name}#{task.request.retries}")
+    if starts <= limit:
+        return False
+    jobs.fail(job_id, "ShardCrashed",
+              f"shard {name} was started {starts - 1} times and its worker process died each time (the model may "
+              "crash onnxruntime, or exhaust memory); the job was stopped")
+    return True
+
+
 @shared_task(name=SHARD_TASK, bind=True)
 def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
     runtime = runtime_of(self.app)
     jobs, limit = runtime.services.jobs, runtime.services.settings.max_shard_deliveries
     try:
-        # The same message starting again means its last worker died mid-shard (acks are late, so
-        # it was redelivered). A shard that kills its worker every time must not loop forever.
-        starts = jobs.count_delivery(job_id, f"{image_index}/{shard_index}#{self.request.retries}")
-        if starts > limit:
-            jobs.fail(job_id, "ShardCrashed",
-                      f"shard {image_index}/{shard_index} was started {starts - 1} times and its worker process died "
-                      "each time (the model may crash onnxruntime, or exhaust memory); the job was stopped")
+        if _crashed_too_often(self, jobs, job_id, f"{image_index}/{shard_index}", limit):
             return None
         key, completed = pipeline.run_shard(runtime, job_id, image_index, shard_index)
         if completed:
@@ -118,6 +139,38 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
         return key
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"shard {image_index}/{shard_index}")
+
+
+@shared_task(name=ROUND_TASK, bind=True)
+def partition_round(self, job_id: str, image_index: int, round_index: int) -> int:
+    runtime = runtime_of(self.app)
+    try:
+        step = pipeline.partition_round(runtime, job_id, image_index, round_index)
+        if step.parts:
+            group([partition_part.s(job_id, image_index, round_index, p) for p in step.parts]).apply_async()
+        elif step.next_round is not None:
+            partition_round.apply_async(args=[job_id, image_index, step.next_round])
+        elif step.completed:
+            reduce.apply_async(args=[job_id])
+        return len(step.parts)
+    except Exception as error:
+        _handle_failure(self, runtime, job_id, error, f"partition round {image_index}/{round_index}")
+
+
+@shared_task(name=PART_TASK, bind=True)
+def partition_part(self, job_id: str, image_index: int, round_index: int, part: int) -> bool:
+    runtime = runtime_of(self.app)
+    jobs, limit = runtime.services.jobs, runtime.services.settings.max_shard_deliveries
+    name = f"{image_index}/r{round_index}/{part}"
+    try:
+        if _crashed_too_often(self, jobs, job_id, name, limit):
+            return False
+        completed = pipeline.partition_part(runtime, job_id, image_index, round_index, part)
+        if completed:
+            partition_round.apply_async(args=[job_id, image_index, round_index])
+        return completed
+    except Exception as error:
+        _handle_failure(self, runtime, job_id, error, f"partition part {name}")
 
 
 @shared_task(name=REDUCE_TASK, bind=True)

@@ -90,7 +90,13 @@ function settingsFromForm() {
   if (mode === "top_k") settings.top_k = Number(value || 1);
   if (mode === "labels") settings.labels = value.split(",").filter((v) => v.trim()).map(Number);
   if (mode === "all") settings.all_classes = true;
-  if ($("nsamples").value) settings.nsamples = Number($("nsamples").value);
+  if ($("method").value === "partition") {
+    // Owen values over pixel boxes: no superpixels, a budget of max_evals instead of nsamples.
+    settings.method = "partition";
+    delete settings.segmenter;
+    delete settings.n_segments;
+    if ($("max-evals").value) settings.max_evals = Number($("max-evals").value);
+  } else if ($("nsamples").value) settings.nsamples = Number($("nsamples").value);
   if ($("resize").value.trim()) settings.resize = $("resize").value.trim();
   if ($("center-crop").value.trim()) settings.center_crop = $("center-crop").value.trim();
   const names = $("class-names").value.split(",").map((n) => n.trim()).filter((n) => n);
@@ -171,12 +177,42 @@ async function download(jobId, name) {
   return blob.size;
 }
 
+function downloadLinks(job, results) {
+  const links = element("div", { class: "downloads" }, "Download: ");
+  for (const result of results) {
+    const link = element("a", { href: "#", "data-name": result.name, text: `${result.name} (${result.size} B)` });
+    link.addEventListener("click", (event) => { event.preventDefault(); download(job.id, result.name).catch(showError); });
+    links.append(link);
+  }
+  return links;
+}
+
+// A many-image job also has results for all its images together (image: null): the grid and the
+// stacked attributions.npz.
+async function showCollection(job, results) {
+  const card = element("section", { class: "card result-card", "data-image": "all" });
+  card.append(element("h2", { text: "All images" }));
+  for (const result of results.filter((r) => r.name.endsWith(".png"))) {
+    const image = element("img", { class: "summary", alt: result.name });
+    image.src = URL.createObjectURL(await artifactBlob(job.id, result.name));
+    card.append(image);
+  }
+  card.append(downloadLinks(job, results));
+  $("results").append(card);
+}
+
 async function showResults(job) {
   const byImage = new Map();
+  const collection = [];
   for (const result of job.results) {
+    if (result.image === null) {
+      collection.push(result);
+      continue;
+    }
     if (!byImage.has(result.image)) byImage.set(result.image, []);
     byImage.get(result.image).push(result);
   }
+  if (collection.length) await showCollection(job, collection);
   for (const [index, results] of byImage) {
     const prefix = results[0].name.includes("/") ? `${index}/` : "";
     const doc = await (await api(`/v1/jobs/${job.id}/artifacts/${prefix}explanation.json`)).json();
@@ -201,13 +237,7 @@ async function showResults(job) {
       pictures.append(image);
     }
     card.append(pictures);
-    const links = element("div", { class: "downloads" }, "Download: ");
-    for (const result of results) {
-      const link = element("a", { href: "#", "data-name": result.name, text: `${result.name} (${result.size} B)` });
-      link.addEventListener("click", (event) => { event.preventDefault(); download(job.id, result.name).catch(showError); });
-      links.append(link);
-    }
-    card.append(links);
+    card.append(downloadLinks(job, results));
     $("results").append(card);
   }
 }

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import Canceled, ModelOutputError
 from .estimation import ShardStatistics
 from .design import WorkUnit
-from .planning import JobPlan
+from .planning import ImagePlan, JobPlan
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -40,14 +40,20 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
         if outputs.shape[0] != len(coalitions) or not np.all(np.isfinite(outputs)):
             raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
         return outputs[:, plan.classes]
-    pixel_masks = coalitions[:, plan.segments]
+    return masked_values(plan, predict, coalitions[:, plan.segments])
+
+
+def masked_values(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) -> np.ndarray:
+    """The game's value for a batch of pixel masks (``B x H x W``, or per channel ``B x H x W x C``;
+    True keeps the image's pixel): the mean model output over the masker's backgrounds for the
+    explained classes, ``B x K`` float64. Both methods' evaluations go through here."""
     composites = plan.masker.compose(plan.image, pixel_masks)
     outputs = np.asarray(predict(composites), dtype=np.float64)
     if outputs.ndim != 2 or outputs.shape[0] != len(composites):
         raise ModelOutputError(f"predict returned shape {outputs.shape} for {len(composites)} images")
     if not np.all(np.isfinite(outputs)):
         raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
-    per_background = outputs.reshape(len(coalitions), plan.masker.n_backgrounds, -1)
+    per_background = outputs.reshape(len(pixel_masks), plan.masker.n_backgrounds, -1)
     return per_background.mean(axis=1)[:, plan.classes]
 
 

@@ -19,9 +19,11 @@ import numpy as np
 from .estimation import ShardStatistics
 from .evaluation import Predict, coalition_predictor, evaluate_shard
 from .images import as_pixel_array, fit_to_model, load_image
+from .errors import InvalidSettingsError
 from .model import OnnxClassifier, read_model_file
+from .partition import plan_partition, partition_explanation, run_partition
 from .planning import JobPlan, plan_explanation
-from .rendering import render_artifacts
+from .rendering import render_artifacts, render_collection
 from .result import Explanation, reduce_shards
 from .segmentation import check_segments, load_segments
 from .settings import ExplainSettings
@@ -115,8 +117,12 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
             shards: int | None = None, workers: int = 1, out_dir: str | os.PathLike[str] | None = None,
             progress: ProgressFactory | None = None, threads: int | None = None) -> list[ExplainRun]:
     """Explain each image for an ONNX model, in-process. Writes artifacts only when ``out_dir`` is given
-    (one image: into ``out_dir``; several: into ``out_dir/<n>-<stem>/``)."""
+    (one image: into ``out_dir``; several: into ``out_dir/<n>-<stem>/``, plus ``out_dir/grid.png``
+    and the stacked ``out_dir/attributions.npz``)."""
     settings = settings or ExplainSettings()
+    if settings.method == "partition" and (segments is not None or (shards or 1) > 1 or workers > 1):
+        raise InvalidSettingsError("segments, shards and workers apply to method kernel; method partition refines "
+                                   "pixel boxes round by round in this process (the fleet spreads rounds over workers)")
     model_bytes = model if isinstance(model, bytes) else read_model_file(model)
     if threads is None and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -133,23 +139,11 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
         name = str(source) if not isinstance(source, np.ndarray) else f"image {index}"
         started = time.perf_counter()
         image = fit(source, name)
-        labels = None
-        if segments is not None:
-            labels = check_segments(segments, image.shape[:2]) if isinstance(segments, np.ndarray) \
-                else load_segments(segments, image.shape[:2])
-        plan = plan_explanation(image, classifier.predict, settings, segments=labels, n_shards=n_shards,
-                                load_reference=lambda path: fit(path, path))
-        bar = progress(plan.total_evaluations, _label(name, index, len(images))) if progress else None
-        if bar is not None:
-            bar.update(plan.planning_evaluations)
-        update = bar.update if bar is not None else None
-        if workers > 1 and plan.n_shards > 1:
-            shard_stats = run_shards_in_pool(plan, model_bytes, min(workers, plan.n_shards), update)
+        if settings.method == "partition":
+            explanation = _explain_partition(image, classifier, settings, progress, _label(name, index, len(images)))
         else:
-            shard_stats = run_shards(plan, classifier.predict, update, coalition_predictor(classifier, plan))
-        explanation = reduce_shards(plan, shard_stats)
-        if bar is not None:
-            bar.close()
+            explanation = _explain_kernel(image, classifier, model_bytes, settings, segments, n_shards, workers,
+                                          progress, _label(name, index, len(images)), lambda path: fit(path, path))
         wall = time.perf_counter() - started
         explanation.extra["wall_seconds"] = round(wall, 3)
         artifacts = render_artifacts(explanation) if out_dir is not None else {}
@@ -160,7 +154,45 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
             for artifact, data in artifacts.items():
                 (target / artifact).write_bytes(data)
         runs.append(ExplainRun(name, explanation, wall, artifacts, target))
+    if out_dir is not None and len(runs) > 1:
+        for artifact, data in render_collection([run.explanation for run in runs]).items():
+            (Path(out_dir) / artifact).write_bytes(data)
     return runs
+
+
+def _explain_partition(image: np.ndarray, classifier: OnnxClassifier, settings: ExplainSettings,
+                       progress: ProgressFactory | None, label: str) -> Explanation:
+    plan = plan_partition(image, classifier.predict, settings)
+    bar = progress(plan.total_evaluations, label) if progress else None
+    if bar is not None:
+        bar.update(plan.planning_evaluations)
+    state = run_partition(plan, classifier.predict, bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    return partition_explanation(plan, state)
+
+
+def _explain_kernel(image: np.ndarray, classifier: OnnxClassifier, model_bytes: bytes, settings: ExplainSettings,
+                    segments, n_shards: int, workers: int, progress: ProgressFactory | None, label: str,
+                    load_reference: Callable[[str], np.ndarray]) -> Explanation:
+    labels = None
+    if segments is not None:
+        labels = check_segments(segments, image.shape[:2]) if isinstance(segments, np.ndarray) \
+            else load_segments(segments, image.shape[:2])
+    plan = plan_explanation(image, classifier.predict, settings, segments=labels, n_shards=n_shards,
+                            load_reference=load_reference)
+    bar = progress(plan.total_evaluations, label) if progress else None
+    if bar is not None:
+        bar.update(plan.planning_evaluations)
+    update = bar.update if bar is not None else None
+    if workers > 1 and plan.n_shards > 1:
+        shard_stats = run_shards_in_pool(plan, model_bytes, min(workers, plan.n_shards), update)
+    else:
+        shard_stats = run_shards(plan, classifier.predict, update, coalition_predictor(classifier, plan))
+    explanation = reduce_shards(plan, shard_stats)
+    if bar is not None:
+        bar.close()
+    return explanation
 
 
 def _stem(source, index: int) -> str:

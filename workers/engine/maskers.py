@@ -15,7 +15,9 @@ Both are rebuilt on a worker from plain arrays (``kind`` + ``backgrounds``), nev
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,8 +42,9 @@ class BackgroundMasker:
         return int(self.backgrounds.shape[0])
 
     def compose(self, image: np.ndarray, pixel_masks: np.ndarray) -> np.ndarray:
-        """``B x H x W`` bool masks -> ``(B * N) x H x W x C`` composites, coalition-major."""
-        keep = pixel_masks[:, None, :, :, None]
+        """``B x H x W`` (or per channel, ``B x H x W x C``) bool masks -> ``(B * N) x H x W x C``
+        composites, coalition-major."""
+        keep = pixel_masks[:, None, :, :, None] if pixel_masks.ndim == 3 else pixel_masks[:, None]
         composites = np.where(keep, image[None, None], self.backgrounds[None])
         return composites.reshape((-1,) + image.shape).astype(np.float32, copy=False)
 
@@ -63,6 +66,8 @@ class InpaintMasker:
         import cv2
 
         flag = cv2.INPAINT_TELEA if self.method == "telea" else cv2.INPAINT_NS
+        if pixel_masks.ndim == 4:  # per-channel masks: a pixel with any channel hidden is inpainted (as shap)
+            pixel_masks = pixel_masks.all(axis=3)
         pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
         out = np.empty((len(pixel_masks),) + image.shape, dtype=np.float32)
         for i, keep in enumerate(pixel_masks):
@@ -81,11 +86,13 @@ Masker = BackgroundMasker | InpaintMasker
 
 
 def build_masker(spec: MaskerSpec, image: np.ndarray,
-                 load_image: Callable[[str], np.ndarray] | None = None) -> Masker:
+                 load_image: Callable[[str], np.ndarray] | None = None,
+                 background_set: bytes | None = None) -> Masker:
     """Make the masker for ``image`` (float32 ``H x W x C``, 0..255).
 
     ``load_image(path)`` reads and fits a reference image for ``image:PATH`` (the caller knows the
-    model's size and resize settings); ``dataset:PATH`` reads an ``.npz`` of N images.
+    model's size and resize settings); ``dataset:PATH`` reads an ``.npz`` of N images from PATH, or
+    from ``background_set`` (the bytes a fleet job was submitted with) when given.
     """
     channels = image.shape[2]
     if spec.kind == "mean":
@@ -111,15 +118,20 @@ def build_masker(spec: MaskerSpec, image: np.ndarray,
             raise ImageError(f"reference image {spec.path} is {reference.shape[:2]} after fitting, the image is {image.shape[:2]}")
         return BackgroundMasker(reference[None].astype(np.float32), "image")
     if spec.kind == "dataset":
+        if background_set is not None:
+            return BackgroundMasker(load_background_set(io.BytesIO(background_set), image.shape, "the background set"),
+                                    "dataset")
         return BackgroundMasker(load_background_set(spec.path or "", image.shape), "dataset")
     raise InvalidSettingsError(f"unknown masker {spec}")
 
 
-def load_background_set(path: str | os.PathLike[str], shape: tuple[int, ...]) -> np.ndarray:
+def load_background_set(source: str | os.PathLike[str] | io.BytesIO, shape: tuple[int, ...],
+                        name: str | None = None) -> np.ndarray:
     """Read N background images from an ``.npz`` (array ``images``, else its only array), in 0..255
     pixel units, shaped ``N x H x W`` or ``N x H x W x C``."""
+    path = name or str(source)
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             names = list(archive.files)
             if "images" in names:
                 array = archive["images"]
@@ -127,7 +139,7 @@ def load_background_set(path: str | os.PathLike[str], shape: tuple[int, ...]) ->
                 array = archive[names[0]]
             else:
                 raise ImageError(f"{path} holds {names}; name the background array 'images'")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise ImageError(f"cannot read the background set {path}: {e}") from e
     if array.ndim not in (3, 4) or array.shape[0] == 0:
         raise ImageError(f"the background set {path} must be N x H x W (x C) with N >= 1, got {array.shape}")

@@ -24,19 +24,18 @@ from .settings import ExplainSettings
 
 
 @dataclass
-class JobPlan:
-    """One image's explanation plan (M superpixels, K explained classes)."""
+class ImagePlan:
+    """What every method plans for one image: the image, its masker, the K explained classes, and
+    the model's outputs on the full image and with everything hidden. Stored as plain arrays plus
+    JSON metadata (``to_arrays``/``from_arrays``), extended by each method's plan."""
 
     settings: ExplainSettings
     image: np.ndarray  # H x W x C float32 pixels, 0..255
-    segments: np.ndarray  # H x W int32, labels 0..M-1
     masker: Masker
     classes: np.ndarray  # K class indices
     class_names: list[str]  # K names
     full_outputs: np.ndarray  # all classes' outputs on the unmasked image
-    empty_outputs: np.ndarray  # all classes' outputs with every superpixel hidden
-    design: CoalitionDesign
-    n_shards: int
+    empty_outputs: np.ndarray  # all classes' outputs with everything hidden
 
     @property
     def v_full(self) -> np.ndarray:
@@ -47,17 +46,62 @@ class JobPlan:
         return self.empty_outputs[self.classes]
 
     @property
+    def planning_evaluations(self) -> int:
+        """Model evaluations spent on v(full) and v(empty)."""
+        return 1 + self.masker.n_backgrounds
+
+    def metadata(self) -> dict:
+        return {"settings": self.settings.to_dict(), "masker_kind": self.masker.kind,
+                "class_names": list(self.class_names)}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {
+            "image": self.image,
+            "classes": np.asarray(self.classes, dtype=np.int64),
+            "full_outputs": self.full_outputs,
+            "empty_outputs": self.empty_outputs,
+            "metadata": np.array(json.dumps(self.metadata())),
+        }
+        if self.masker.backgrounds is not None:
+            arrays["backgrounds"] = self.masker.backgrounds
+        return arrays
+
+    @staticmethod
+    def fields_from_arrays(arrays) -> tuple[dict, dict]:
+        """The shared fields rebuilt from :meth:`to_arrays`' output, and the metadata for the rest."""
+        meta = json.loads(str(arrays["metadata"]))
+        backgrounds = arrays["backgrounds"] if "backgrounds" in arrays else None
+        fields = dict(
+            settings=ExplainSettings.from_dict(meta["settings"]),
+            image=np.asarray(arrays["image"], dtype=np.float32),
+            masker=masker_from_arrays(meta["masker_kind"], backgrounds),
+            classes=np.asarray(arrays["classes"], dtype=np.int64),
+            class_names=list(meta["class_names"]),
+            full_outputs=np.asarray(arrays["full_outputs"], dtype=np.float64),
+            empty_outputs=np.asarray(arrays["empty_outputs"], dtype=np.float64),
+        )
+        return fields, meta
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ImagePlan":
+        return cls(**cls.fields_from_arrays(arrays)[0])
+
+
+@dataclass
+class JobPlan(ImagePlan):
+    """One image's KernelSHAP plan (M superpixels, K explained classes)."""
+
+    segments: np.ndarray  # H x W int32, labels 0..M-1
+    design: CoalitionDesign
+    n_shards: int = 1
+
+    @property
     def batch_size(self) -> int:
         return self.settings.batch_size
 
     @property
     def n_players(self) -> int:
         return self.design.n_players
-
-    @property
-    def planning_evaluations(self) -> int:
-        """Model evaluations spent on v(full) and v(empty)."""
-        return 1 + self.masker.n_backgrounds
 
     @property
     def total_evaluations(self) -> int:
@@ -82,43 +126,16 @@ class JobPlan:
 
     # -- storage -------------------------------------------------------------------------------
     def metadata(self) -> dict:
-        return {
-            "settings": self.settings.to_dict(),
-            "masker_kind": self.masker.kind,
-            "class_names": list(self.class_names),
-            "design": self.design.to_dict(),
-            "n_shards": self.n_shards,
-        }
+        return {**super().metadata(), "design": self.design.to_dict(), "n_shards": self.n_shards}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {
-            "image": self.image,
-            "segments": self.segments,
-            "classes": np.asarray(self.classes, dtype=np.int64),
-            "full_outputs": self.full_outputs,
-            "empty_outputs": self.empty_outputs,
-            "metadata": np.array(json.dumps(self.metadata())),
-        }
-        if self.masker.backgrounds is not None:
-            arrays["backgrounds"] = self.masker.backgrounds
-        return arrays
+        return {**super().to_arrays(), "segments": self.segments}
 
     @classmethod
     def from_arrays(cls, arrays) -> "JobPlan":
-        meta = json.loads(str(arrays["metadata"]))
-        backgrounds = arrays["backgrounds"] if "backgrounds" in arrays else None
-        return cls(
-            settings=ExplainSettings.from_dict(meta["settings"]),
-            image=np.asarray(arrays["image"], dtype=np.float32),
-            segments=np.asarray(arrays["segments"], dtype=np.int32),
-            masker=masker_from_arrays(meta["masker_kind"], backgrounds),
-            classes=np.asarray(arrays["classes"], dtype=np.int64),
-            class_names=list(meta["class_names"]),
-            full_outputs=np.asarray(arrays["full_outputs"], dtype=np.float64),
-            empty_outputs=np.asarray(arrays["empty_outputs"], dtype=np.float64),
-            design=CoalitionDesign.from_dict(meta["design"]),
-            n_shards=int(meta["n_shards"]),
-        )
+        fields, meta = cls.fields_from_arrays(arrays)
+        return cls(**fields, segments=np.asarray(arrays["segments"], dtype=np.int32),
+                   design=CoalitionDesign.from_dict(meta["design"]), n_shards=int(meta["n_shards"]))
 
 
 def choose_classes(settings: ExplainSettings, full_outputs: np.ndarray) -> np.ndarray:
@@ -137,33 +154,49 @@ def choose_classes(settings: ExplainSettings, full_outputs: np.ndarray) -> np.nd
     return np.argsort(-full_outputs, kind="stable")[:k].astype(np.int64)
 
 
+def names_of_classes(settings: ExplainSettings, classes: np.ndarray, n_classes: int) -> list[str]:
+    """The explained classes' names: from ``class_names`` (one per model class), else ``class <i>``."""
+    names = settings.class_names
+    if names is not None and len(names) != n_classes:
+        raise InvalidSettingsError(f"{len(names)} class names were given but the model has {n_classes} classes")
+    return [names[c] if names is not None else f"class {c}" for c in classes]
+
+
 def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], settings: ExplainSettings,
                      segments: np.ndarray | None = None, n_shards: int = 1,
-                     load_reference: Callable[[str], np.ndarray] | None = None) -> JobPlan:
+                     load_reference: Callable[[str], np.ndarray] | None = None,
+                     background_set: bytes | None = None) -> JobPlan:
     """Plan the explanation of ``image`` (float32 ``H x W x C`` pixels) for ``predict``.
 
     ``segments`` overrides the segmenter (already validated and renumbered); ``load_reference``
-    reads and fits the ``image:PATH`` masker's reference image.
+    reads and fits the ``image:PATH`` masker's reference image; ``background_set`` is a fleet job's
+    uploaded ``.npz`` for the ``dataset:`` masker.
     """
     if segments is None:
         segments = segment(image, settings)
     n_players = int(segments.max()) + 1
-    masker = build_masker(settings.masker_spec, image, load_reference)
-    full_outputs = _outputs(predict, image[None])[0]
-    empty = masker.compose(image, np.zeros((1,) + segments.shape, dtype=bool))
-    empty_outputs = _outputs(predict, empty).mean(axis=0)
-    classes = choose_classes(settings, full_outputs)
-    names = settings.class_names
-    if names is not None and len(names) != len(full_outputs):
-        raise InvalidSettingsError(f"{len(names)} class names were given but the model has {len(full_outputs)} classes")
-    class_names = [names[c] if names is not None else f"class {c}" for c in classes]
+    masker = build_masker(settings.masker_spec, image, load_reference, background_set)
     design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
-    plan = JobPlan(settings, image, segments, masker, classes, class_names, full_outputs, empty_outputs, design, 1)
+    plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design)
     plan.split(n_shards)
     return plan
 
 
-def _outputs(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+def plan_image(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], settings: ExplainSettings,
+               masker: Masker) -> dict:
+    """The :class:`ImagePlan` fields every method shares: evaluate v(full) and v(empty) (the mean
+    over the masker's backgrounds with everything hidden), then choose and name the classes."""
+    full_outputs = checked_outputs(predict, image[None])[0]
+    empty = masker.compose(image, np.zeros((1,) + image.shape[:2], dtype=bool))
+    empty_outputs = checked_outputs(predict, empty).mean(axis=0)
+    classes = choose_classes(settings, full_outputs)
+    return dict(settings=settings, image=image, masker=masker, classes=classes,
+                class_names=names_of_classes(settings, classes, len(full_outputs)),
+                full_outputs=full_outputs, empty_outputs=empty_outputs)
+
+
+def checked_outputs(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    """``predict(images)`` as float64, checked to be batch x classes and finite."""
     out = np.asarray(predict(images), dtype=np.float64)
     if out.ndim != 2 or out.shape[0] != len(images):
         raise ModelOutputError(f"the model returned shape {list(out.shape)} for {len(images)} images; expected batch x classes")

@@ -96,6 +96,39 @@ def summary_png(explanation: Explanation) -> bytes:
     return _figure_bytes(fig)
 
 
+def grid_png(explanations: list[Explanation]) -> bytes:
+    """Many images in ``shap.image_plot``'s layout: a row per image, the image then a column per
+    explained class, every overlay on one shared symmetric scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n_classes = max(len(e.classes) for e in explanations)
+    limit = _scale(np.concatenate([e.pixel_values.ravel() for e in explanations]))
+    fig, axes = plt.subplots(len(explanations), n_classes + 1, figsize=(2.6 * (n_classes + 1), 2.6 * len(explanations) + 0.8),
+                             squeeze=False)
+    mappable = None
+    for row, explanation in enumerate(explanations):
+        image = explanation.image
+        shown = image[:, :, 0] if image.shape[2] == 1 else image
+        axes[row, 0].imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
+        axes[row, 0].set_title(f"image {row}", fontsize=9)
+        axes[row, 0].axis("off")
+        probabilities = explanation.probabilities()
+        pixel_values = explanation.pixel_values
+        for k in range(n_classes):
+            ax = axes[row, k + 1]
+            if k >= len(explanation.classes):
+                ax.axis("off")
+                continue
+            mappable = _draw_attribution(ax, image, pixel_values[:, :, k], limit)
+            ax.set_title(f"{explanation.class_names[k]} (p={probabilities[k]:.2f})", fontsize=9)
+    bar = fig.colorbar(mappable, ax=list(axes[-1]), orientation="horizontal", fraction=0.05, pad=0.05, aspect=40)
+    bar.set_label("SHAP value")
+    return _figure_bytes(fig)
+
+
 def artifact_name(k: int, class_index: int, class_name: str) -> str:
     """``class-<index>-<name>.png`` with the name reduced to safe characters."""
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in class_name.strip())[:40].strip("_")
@@ -110,6 +143,17 @@ def image_png(explanation: Explanation) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def render_collection(explanations: list[Explanation]) -> dict[str, bytes]:
+    """The artifacts of a many-image job, beside each image's own: ``attributions.npz`` with every
+    image's values stacked (when the images share one size) and ``grid.png``."""
+    from .result import collection_npz_bytes
+
+    artifacts = {"grid.png": grid_png(explanations)}
+    if len({e.image.shape for e in explanations}) == 1 and len({len(e.classes) for e in explanations}) == 1:
+        artifacts["attributions.npz"] = collection_npz_bytes(explanations)
+    return artifacts
 
 
 def render_artifacts(explanation: Explanation) -> dict[str, bytes]:

@@ -20,7 +20,12 @@ from .planning import JobPlan
 
 @dataclass
 class Explanation:
-    """Shapley values of one image's M superpixels for K classes."""
+    """Attributions of one image's M regions for K classes.
+
+    Method kernel: Shapley values of M superpixels with standard errors. Method partition: Owen
+    values per pixel-channel in ``pixel_attributions`` (``H x W x C x K``); ``values`` then holds
+    their sums over the M finest boxes refined (``segments``), and ``std`` is NaN (no error bars).
+    """
 
     values: np.ndarray  # M x K
     std: np.ndarray  # M x K
@@ -37,10 +42,18 @@ class Explanation:
     seed: int
     settings: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    pixel_attributions: np.ndarray | None = None  # H x W x C x K (method partition)
+
+    @property
+    def method(self) -> str:
+        return str(self.settings.get("method", "kernel"))
 
     @property
     def pixel_values(self) -> np.ndarray:
-        """H x W x K: each pixel carries its superpixel's value."""
+        """H x W x K: kernel, each pixel carries its superpixel's value; partition, each pixel's own
+        value summed over its channels (as ``shap.image_plot`` shows it)."""
+        if self.pixel_attributions is not None:
+            return self.pixel_attributions.sum(axis=2)
         return self.values[self.segments]
 
     @property
@@ -61,8 +74,9 @@ class Explanation:
 
     def to_npz_bytes(self) -> bytes:
         buffer = io.BytesIO()
+        optional = {} if self.pixel_attributions is None else {"pixel_attributions": self.pixel_attributions}
         np.savez_compressed(
-            buffer,
+            buffer, **optional,
             values=self.values, std=self.std, pixel_values=self.pixel_values, segments=self.segments,
             image=self.image, classes=self.classes, class_names=np.array(self.class_names, dtype=str),
             base_values=self.base_values, outputs=self.outputs, all_outputs=self.all_outputs,
@@ -83,6 +97,7 @@ class Explanation:
             base_values=data["base_values"], outputs=data["outputs"], all_outputs=data["all_outputs"],
             n_evaluations=int(data["n_evaluations"]), n_coalitions=int(data["n_coalitions"]),
             exact=bool(data["exact"]), seed=int(data["seed"]), settings=json.loads(str(data["settings"])),
+            pixel_attributions=data["pixel_attributions"] if "pixel_attributions" in data.files else None,
         )
 
     def to_json_bytes(self) -> bytes:
@@ -101,22 +116,64 @@ class Explanation:
         """A short JSON-able description: classes, the strongest superpixels, additivity, cost."""
         probabilities = self.probabilities()
         classes = []
+
+        def region(i: int, k: int) -> dict[str, Any]:
+            entry = {"superpixel": int(i), "value": float(self.values[i, k])}
+            if np.isfinite(self.std[i, k]):
+                entry["std"] = float(self.std[i, k])
+            return entry
+
         for k, c in enumerate(self.classes):
             order = np.argsort(self.values[:, k])
             classes.append({
                 "class": int(c), "name": self.class_names[k], "output": float(self.outputs[k]),
                 "probability": float(probabilities[k]), "base_value": float(self.base_values[k]),
-                "most_positive": [{"superpixel": int(i), "value": float(self.values[i, k]), "std": float(self.std[i, k])}
-                                  for i in order[::-1][:top] if self.values[i, k] > 0],
-                "most_negative": [{"superpixel": int(i), "value": float(self.values[i, k]), "std": float(self.std[i, k])}
-                                  for i in order[:top] if self.values[i, k] < 0],
+                "most_positive": [region(i, k) for i in order[::-1][:top] if self.values[i, k] > 0],
+                "most_negative": [region(i, k) for i in order[:top] if self.values[i, k] < 0],
             })
         return {
-            "superpixels": int(self.values.shape[0]), "classes": classes,
+            "method": self.method, "superpixels": int(self.values.shape[0]), "classes": classes,
             "additivity_residual": float(np.max(np.abs(self.additivity_residual))),
             "evaluations": self.n_evaluations, "coalitions": self.n_coalitions, "exact": self.exact,
             "seed": self.seed, **self.extra,
         }
+
+
+def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
+    """One ``attributions.npz`` for N images of one size, each explained for K classes:
+    ``pixel_values`` N x H x W x K, ``images`` N x H x W x C, ``segments`` N x H x W, ``classes``,
+    ``class_names``, ``base_values``, ``outputs`` N x K, and per region ``values``/``std``
+    N x M_max x K padded with NaN beyond each image's ``n_superpixels``; method partition adds
+    ``pixel_attributions`` N x H x W x C x K. ``pixel_values[n, ..., k]`` is what row n, column k of
+    ``grid.png`` shows."""
+    m_max = max(e.values.shape[0] for e in explanations)
+    k = len(explanations[0].classes)
+
+    def padded(name: str) -> np.ndarray:
+        out = np.full((len(explanations), m_max, k), np.nan)
+        for n, e in enumerate(explanations):
+            out[n, :e.values.shape[0]] = getattr(e, name)
+        return out
+
+    optional = {}
+    if all(e.pixel_attributions is not None for e in explanations):
+        optional["pixel_attributions"] = np.stack([e.pixel_attributions for e in explanations])
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, **optional,
+        pixel_values=np.stack([e.pixel_values for e in explanations]),
+        images=np.stack([e.image for e in explanations]),
+        segments=np.stack([e.segments for e in explanations]),
+        values=padded("values"), std=padded("std"),
+        n_superpixels=np.array([e.values.shape[0] for e in explanations], dtype=np.int64),
+        classes=np.stack([e.classes for e in explanations]),
+        class_names=np.array([e.class_names for e in explanations], dtype=str),
+        base_values=np.stack([e.base_values for e in explanations]),
+        outputs=np.stack([e.outputs for e in explanations]),
+        n_evaluations=np.array([e.n_evaluations for e in explanations], dtype=np.int64),
+        settings=np.array(json.dumps(explanations[0].settings)),
+    )
+    return buffer.getvalue()
 
 
 def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:

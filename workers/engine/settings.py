@@ -17,6 +17,9 @@ SEGMENTERS = ("slic", "quickshift", "felzenszwalb", "grid")
 LAYOUTS = ("auto", "nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 OUTPUT_TRANSFORMS = ("raw", "softmax", "logit")
+METHODS = ("kernel", "partition")
+#: shap's PartitionExplainer default budget.
+DEFAULT_MAX_EVALS = 500
 
 #: ``(pixel - mean) / std`` per channel, on 0..255 pixels.
 PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -114,8 +117,15 @@ def parse_size(text: str, what: str) -> tuple[int, int] | int:
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    """What to explain and how. Validated on construction; raises :class:`InvalidSettingsError`."""
+    """What to explain and how. Validated on construction; raises :class:`InvalidSettingsError`.
 
+    ``method`` ``kernel`` estimates Shapley values of superpixels (segmenter settings, ``nsamples``);
+    ``partition`` computes Owen values over shap's axis-aligned hierarchy of pixel boxes
+    (``max_evals``; ``batch_size`` is then also the number of masked images per refinement round,
+    as in shap's PartitionExplainer).
+    """
+
+    method: str = "kernel"
     # Superpixels
     segmenter: str = "slic"
     n_segments: int = 50
@@ -135,6 +145,7 @@ class ExplainSettings:
     all_classes: bool = False
     # Estimation
     nsamples: int | None = None
+    max_evals: int | None = None
     seed: int = 0
     batch_size: int = 64
     # Model adapter
@@ -177,8 +188,17 @@ class ExplainSettings:
             require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         chosen = sum([self.labels is not None, self.top_k is not None, bool(self.all_classes)])
         require(chosen <= 1, "choose the classes one way only: labels, top_k or all_classes")
+        require(self.method in METHODS, f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.nsamples is not None:
             require(self.nsamples >= 1, f"nsamples must be a positive integer, got {self.nsamples}")
+            require(self.method == "kernel", "nsamples applies to method kernel; method partition takes max_evals")
+        if self.max_evals is not None:
+            require(self.method == "partition", "max_evals applies to method partition; method kernel takes nsamples")
+            require(self.max_evals >= 3, f"max_evals must be at least 3 (v(full), v(empty) and one pair), got {self.max_evals}")
+        if self.method == "partition":
+            require(self.masker_spec.kind not in ("dataset", "image"),
+                    "method partition masks with a single fill (constant, mean, blur:KX,KY, inpaint_telea, inpaint_ns), "
+                    "as shap's Image masker does; dataset: and image: maskers need method kernel")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
         require(self.channel_order in CHANNEL_ORDERS, f"channel_order must be rgb or bgr, got {self.channel_order!r}")
@@ -199,6 +219,11 @@ class ExplainSettings:
     @property
     def masker_spec(self) -> MaskerSpec:
         return MaskerSpec.parse(self.masker)
+
+    @property
+    def partition_budget(self) -> int:
+        """Model evaluations a partition explanation may spend, v(full) and v(empty) included."""
+        return self.max_evals if self.max_evals is not None else DEFAULT_MAX_EVALS
 
     @property
     def grid_shape(self) -> tuple[int, int]:

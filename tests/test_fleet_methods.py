@@ -1,0 +1,151 @@
+"""Method partition and background-set (dataset:) jobs on the fleet: real Redis, SeaweedFS and
+Celery worker processes, each compared with the in-process engine."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from broker.jobs import JobStatus
+from broker.keys import partition_key, result_prefix
+from broker.submission import SubmissionError, store_model, submit_job
+from broker.watchdog import watchdog_pass
+from conftest import REPO
+from onnx_models import conv_model, linear_model
+from test_pipeline import wait_final
+from workers.engine import ExplainSettings, Explanation, explain
+
+pytestmark = pytest.mark.service
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def result(services, job_id: str, name: str) -> bytes:
+    return services.store.get(f"{result_prefix(job_id)}{name}")
+
+
+def partition_settings(**changes) -> ExplainSettings:
+    # 200 masks per round against the test fleet's 128 evaluations per shard: every round is split
+    # into two parts, evaluated by different tasks.
+    base = dict(method="partition", masker="blur:6,6", max_evals=700, batch_size=200, top_k=2)
+    return ExplainSettings(**{**base, **changes})
+
+
+def test_partition_job_spreads_rounds_over_workers_and_equals_in_process(services, start_workers):
+    start_workers(2)
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    images = [(REPO / "examples" / f"{name}.png").read_bytes() for name in SHAPES[:2]]
+    settings = partition_settings()
+    record = submit_job(services, "t", store_model(services, model), images, settings)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    parts = [k for k in services.store.list(partition_key(record.id, 0, "")) if "/part-" in k]
+    assert any(k.endswith("/part-1.npy") for k in parts)  # later rounds (200 masks) ran as two parts each
+    local = explain([np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images], model, settings)
+    for index, run in enumerate(local):
+        fleet = Explanation.load(result(services, record.id, f"{index}/attributions.npz"))
+        np.testing.assert_allclose(fleet.pixel_attributions, run.explanation.pixel_attributions, rtol=0, atol=1e-9)
+        assert fleet.n_evaluations == run.explanation.n_evaluations <= 701
+        assert np.abs(fleet.additivity_residual).max() < 1e-9
+    assert final.evaluations_done == sum(run.explanation.n_evaluations for run in local)
+    with np.load(io.BytesIO(result(services, record.id, "attributions.npz"))) as stacked:
+        assert stacked["pixel_attributions"].shape[0] == 2
+    assert result(services, record.id, "grid.png")[:4] == b"\x89PNG"
+
+
+def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, start_workers):
+    start_workers(1, queues="plan,reduce")  # nobody evaluates parts yet
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "triangle.png").read_bytes()
+    settings = partition_settings(max_evals=300)
+    record = submit_job(services, "t", store_model(services, model), [image], settings)
+    deadline = time.monotonic() + 60
+    while not services.store.exists(partition_key(record.id, 0, "round-0.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_shards)  # the round's part messages are lost
+    start_workers(1, queues="shards")
+    later = time.time() + services.settings.stall_seconds + 1
+    assert watchdog_pass(services, now=later) == {record.id: "re-sent 1 partition round(s)"}
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    (local,) = explain([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))], model, settings)
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    np.testing.assert_allclose(fleet.pixel_attributions, local.explanation.pixel_attributions, rtol=0, atol=1e-9)
+
+
+def background_set(count: int, size: int, seed: int) -> bytes:
+    images = np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images)
+    return buffer.getvalue()
+
+
+def test_ten_images_ten_classes_against_a_background_set_equal_in_process(services, start_workers, tmp_path):
+    start_workers(2)
+    model = conv_model(24, 24, classes=10, seed=4)
+    rng = np.random.default_rng(9)
+    images = [png_bytes(rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)) for _ in range(10)]
+    background = background_set(4, 24, seed=1)
+    settings = ExplainSettings(segmenter="grid", grid="3x3", masker="dataset:background.npz", all_classes=True,
+                               nsamples=200, seed=5, batch_size=64)
+    record = submit_job(services, "t", store_model(services, model), images, settings, background=background)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert final.shards_total > 10  # shards span images and coalitions: (200 coalitions x 4 backgrounds) / 128 per image
+    (tmp_path / "background.npz").write_bytes(background)
+    local = explain([np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images], model,
+                    settings.replace(masker=f"dataset:{tmp_path / 'background.npz'}"))
+    with np.load(io.BytesIO(result(services, record.id, "attributions.npz"))) as stacked:
+        assert stacked["pixel_values"].shape == (10, 24, 24, 10)
+        assert stacked["classes"].shape == (10, 10)
+        for n, run in enumerate(local):
+            np.testing.assert_allclose(stacked["values"][n], run.explanation.values, rtol=0, atol=1e-10)
+            np.testing.assert_allclose(stacked["pixel_values"][n], run.explanation.pixel_values, rtol=0, atol=1e-10)
+    grid = Image.open(io.BytesIO(result(services, record.id, "grid.png")))
+    assert grid.size[1] > 1500 and 0.9 < grid.size[0] / grid.size[1] < 1.4  # ten rows of eleven pictures
+
+
+def test_linear_model_against_a_background_set_gives_the_analytic_expectation(services, start_workers):
+    """phi_i = sum over superpixel i's pixels of w_p (x_p - mean_n b_n,p): exact enumeration of 4
+    grid cells on the fleet, a background set of 3 images."""
+    start_workers(1)
+    rng = np.random.default_rng(2)
+    weights = rng.normal(size=(8, 8, 3, 2)) / 100
+    pixels = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    backgrounds = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, images=backgrounds)
+    settings = ExplainSettings(segmenter="grid", grid="2x2", masker="dataset:bg.npz", all_classes=True, seed=0)
+    record = submit_job(services, "t", store_model(services, linear_model(weights, np.zeros(2), double=True)), [png_bytes(pixels)],
+                        settings, background=buffer.getvalue())
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    # the default preprocessing feeds the model pixel / 255
+    contribution = (weights * ((pixels - backgrounds.mean(axis=0)) / 255.0)[..., None]).sum(axis=2)  # 8 x 8 x K
+    expected = np.stack([contribution[fleet.segments == i].sum(axis=0) for i in range(4)])
+    assert fleet.exact
+    np.testing.assert_allclose(fleet.values, expected, rtol=0, atol=1e-6)
+
+
+def test_a_dataset_job_without_its_background_set_is_refused(services):
+    sha = store_model(services, (REPO / "examples" / "shapes.onnx").read_bytes())
+    image = (REPO / "examples" / "circle.png").read_bytes()
+    with pytest.raises(SubmissionError, match="needs the background set uploaded"):
+        submit_job(services, "t", sha, [image], ExplainSettings(masker="dataset:bg.npz"))
+    with pytest.raises(SubmissionError, match="needs masker dataset"):
+        submit_job(services, "t", sha, [image], ExplainSettings(), background=background_set(2, 8, 0))
+    with pytest.raises(SubmissionError, match="not a readable .npz"):
+        submit_job(services, "t", sha, [image], ExplainSettings(masker="dataset:bg.npz"), background=b"not a zip")
