@@ -243,7 +243,7 @@ class JobStore:
 
     def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]:
         """Record a finished shard, atomically returning whether it was new and how many shards are
-        now done: exactly one shard sees itself complete the set, whatever is redelivered."""
+        now done: of shards finishing concurrently, exactly one sees itself complete the set."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.sadd(self.shards_key(job_id), shard_name)
         pipe.scard(self.shards_key(job_id))
@@ -272,8 +272,8 @@ class JobStore:
         return int(raw) if raw is not None else 0
 
     def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]:
-        """Record a finished part of a round; like :meth:`shard_done`, exactly one part sees itself
-        complete the round's set."""
+        """Record a finished part of a round; returns, like :meth:`shard_done`, whether it was new and
+        how many parts are now done."""
         key = self.round_parts_key(job_id, image_index, round_index)
         pipe = self.redis.pipeline(transaction=True)
         pipe.sadd(key, part)

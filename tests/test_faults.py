@@ -64,6 +64,27 @@ def test_sigkill_workers_mid_shard_ten_times(services, start_workers, fault_repo
     fault_report("SIGKILL a worker process mid-shard", kills, len(jobs), 0, 0)
 
 
+def test_a_redelivered_shard_of_a_complete_set_enqueues_the_lost_reduce(services, start_workers):
+    """The worker that completes a job's shards can die after recording its shard done and before
+    enqueuing the reduce. Its redelivered shard finds the set complete and must enqueue the reduce
+    itself: without a watchdog nothing else would, and the job would stay running forever."""
+    start_workers(1, queues="plan,shards")  # nobody consumes the reduce queue yet
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE],
+                        LONG.replace(nsamples=600))
+    deadline = time.monotonic() + 120
+    while not (services.jobs.get(record.id).shards_total
+               and services.jobs.get(record.id).shards_done == services.jobs.get(record.id).shards_total):
+        assert time.monotonic() < deadline, "the shards did not finish"
+        time.sleep(0.1)
+    with services.celery.connection_for_write() as connection:  # the reduce message is lost
+        assert connection.default_channel.queue_purge(services.settings.queue_reduce) == 1
+    start_workers(1, queues="reduce")
+    services.celery.send_task(SHARD_TASK, args=[record.id, 0, 0], queue=services.settings.queue_shards)
+    final = wait_final(services, record.id, timeout=60)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert services.jobs.reductions(record.id) == 1
+
+
 def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_workers, fault_report):
     start_workers(2)
     settings = LONG.replace(nsamples=2000)

@@ -85,6 +85,37 @@ def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, sta
     np.testing.assert_allclose(fleet.pixel_attributions, local.explanation.pixel_attributions, rtol=0, atol=1e-9)
 
 
+def test_a_redelivered_part_of_a_complete_round_advances_it(services, start_workers):
+    """The worker that stores a round's last part can die before sending the round step. Its
+    redelivered part finds the round complete and sends the step itself (no watchdog runs here)."""
+    from broker.celery_app import PART_TASK
+    from workers import pipeline
+    from workers.tasks import runtime_of
+
+    start_workers(1, queues="plan,reduce")  # nobody evaluates parts yet
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "square.png").read_bytes()
+    settings = partition_settings(max_evals=300)
+    record = submit_job(services, "t", store_model(services, model), [image], settings)
+    deadline = time.monotonic() + 60
+    while not services.store.exists(partition_key(record.id, 0, "round-0.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_shards)
+    # Every part of round 0 evaluated and recorded by a worker that then dies: no round step is sent.
+    runtime = runtime_of(services.celery)
+    n_parts = len(pipeline._json(services, partition_key(record.id, 0, "round-0.json"))["parts"])
+    assert [pipeline.partition_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True
+    start_workers(1, queues="shards")
+    services.celery.send_task(PART_TASK, args=[record.id, 0, 0, 0], queue=services.settings.queue_shards)
+    final = wait_final(services, record.id, timeout=60)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    (local,) = explain([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))], model, settings)
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    np.testing.assert_allclose(fleet.pixel_attributions, local.explanation.pixel_attributions, rtol=0, atol=1e-9)
+
+
 def background_set(count: int, size: int, seed: int) -> bytes:
     images = np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
     buffer = io.BytesIO()

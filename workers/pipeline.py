@@ -177,8 +177,8 @@ def partition_round(runtime: WorkerRuntime, job_id: str, image_index: int, round
 
 
 def partition_part(runtime: WorkerRuntime, job_id: str, image_index: int, round_index: int, part: int) -> bool:
-    """Evaluate one slice of a round's masks and store the outputs; returns whether this part
-    completed the round (then the caller sends the round step again, which advances it)."""
+    """Evaluate one slice of a round's masks and store the outputs; returns whether the round's parts
+    are all stored now (then the caller sends the round step again, which advances it)."""
     services = runtime.services
     if services.jobs.status(job_id) != JobStatus.RUNNING:
         raise Canceled(f"job {job_id} is no longer running")
@@ -193,13 +193,15 @@ def partition_part(runtime: WorkerRuntime, job_id: str, image_index: int, round_
         buffer = io.BytesIO()
         np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
         _put_once(services, key, buffer.getvalue(), "application/octet-stream")
-    added, done = services.jobs.round_part_done(job_id, image_index, round_index, part)
-    return added and done == len(document["parts"])
+    _, done = services.jobs.round_part_done(job_id, image_index, round_index, part)
+    # A redelivery after the round filled up reports it complete again: the worker that completed it
+    # may have died before sending the round step, and the step is idempotent.
+    return done == len(document["parts"])
 
 
 def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index: int) -> tuple[str, bool]:
     """Evaluate one shard and store its statistics at its deterministic key. Returns the key and
-    whether this shard completed the job's set of shards (true for exactly one shard of a job).
+    whether the job's set of shards is complete now (then the caller enqueues the reduce).
 
     A shard whose statistics already exist (a redelivery after the work was done) is not evaluated
     again: the stored object is the same one a rerun would write.
@@ -236,10 +238,16 @@ def run_shard(runtime: WorkerRuntime, job_id: str, image_index: int, shard_index
 
 
 def _record_done(services, job_id: str, name: str, on_new=None) -> bool:
+    """Record shard ``name`` done; true when the job's set is complete.
+
+    Of shards finishing concurrently, exactly one sees the set complete. A redelivered shard of a
+    complete set sees it complete too: the worker that completed it may have been killed between
+    recording it and enqueuing the reduce, and without a watchdog nothing else would enqueue it.
+    A second reduce is harmless (one reducer claims the job; success is recorded once)."""
     added, done = services.jobs.shard_done(job_id, name)
     if added and on_new is not None:
         on_new()
-    return added and done == sum(services.jobs.shard_counts(job_id))
+    return done == sum(services.jobs.shard_counts(job_id))
 
 
 def expected_shards(runtime: WorkerRuntime, job_id: str) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 - ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard.
 - ``shapfleet.shard(job_id, image, index)``: evaluate, store statistics, record the shard done; the
-  one shard that completes the job's set enqueues the reduce. Returns the key.
+  shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
+  finds the set complete (its first worker may have died before enqueuing it). Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
 
 Method partition replaces the shards with rounds, per image and in parallel across images:
@@ -12,7 +13,7 @@ Method partition replaces the shards with rounds, per image and in parallel acro
   one that completes the job's set enqueues the reduce). Idempotent: the watchdog re-drives a
   stalled image by sending its current round again.
 - ``shapfleet.partition_part(job_id, image, round, part)``: evaluate a slice of the round's masks and
-  store the outputs; the part that completes the round sends the round step again.
+  store the outputs; a part that finds the round complete sends the round step again.
 
 Why not a Celery chord: a chord's completion is counted in the result backend by Celery, and with
 late acknowledgement a shard whose worker was killed is redelivered outside that count; we saw every
