@@ -225,6 +225,44 @@ def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channe
     np.testing.assert_array_equal(fused.std, numpy_path.std)
 
 
+class _ReportsCuda:
+    """A CPU onnxruntime session that says it runs on the CUDA provider, recording each batch's rows."""
+
+    def __init__(self, session) -> None:
+        self.session, self.batches = session, []
+
+    def get_providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_provider_options(self) -> dict:
+        return {"CUDAExecutionProvider": {"device_id": "0"}}
+
+    def run(self, names, feed):
+        (batch,) = feed.values()
+        self.batches.append(len(batch))
+        return self.session.run(names, feed)
+
+
+def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
+    """onnxruntime's CUDA convolutions re-plan on every change of batch shape, so on a GPU the last,
+    smaller batch of each shard (and the planning batch) is padded to ``batch_size``; the padding's
+    outputs are dropped and the values do not change. On the CPU batches run as they come."""
+    from workers.engine.model import ModelSessions, create_session
+
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300, batch_size=32)
+    model_bytes = conv_model(12, 12, channels=3, layout="nchw")
+    cpu = OnnxClassifier(model_bytes, settings)
+    gpu_like = OnnxClassifier(model_bytes, settings,
+                              sessions=ModelSessions(model_bytes, plain=_ReportsCuda(create_session(model_bytes))))
+    assert cpu.fixed_batch is None and gpu_like.fixed_batch == 32
+    expected = explain_array(image, cpu.predict, settings, fuse=False)
+    padded = explain_array(image, gpu_like.predict, settings, fuse=False)
+    recorded = gpu_like.session.batches
+    assert set(recorded) == {32} and len(recorded) > 2
+    np.testing.assert_allclose(padded.values, expected.values, rtol=0, atol=1e-9)
+
+
 def test_inpainting_is_not_fused(colour_image):
     from workers.engine.evaluation import coalition_predictor
     from workers.engine.planning import plan_explanation

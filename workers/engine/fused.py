@@ -10,9 +10,10 @@
 
 and computes X = Where(Reshape(Gather(coalitions, segments, axis=1)), image, background) in front of
 the original graph. ``Where`` selects values, it does no arithmetic, so X is bit-identical to the
-composite the numpy path builds and normalises (tests check that answers are identical). Only Z and
-the two small constant images cross into onnxruntime per batch; the image and background are inputs,
-not initializers, so one fused session serves every image and job of a model.
+composite the numpy path builds and normalises (tests check that answers are identical). The image
+and background are inputs, not initializers, so one fused session serves every image and job of a
+model; :class:`CoalitionPredictor` binds them once on the session's device, so per batch only Z
+crosses into onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .model import ModelInfo, run_in_fixed_batches
+from .model import ModelInfo, run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"
 MIN_OPSET = 9  # Where
@@ -63,28 +64,46 @@ def fuse_masking(model_bytes: bytes, info: ModelInfo) -> bytes | None:
 
 
 class CoalitionPredictor:
-    """``predict_coalitions(Z) -> B x K`` outputs for one image, background and label map."""
+    """``predict_coalitions(Z) -> B x K`` outputs for one image, background and label map.
+
+    The label map, image and background are bound once, as onnxruntime values on the session's
+    device, and every batch binds only Z (B x M booleans) from host memory: on a GPU nothing else
+    crosses the bus per batch. ``mask_shape`` stays in host memory because onnxruntime reads a
+    ``Reshape``'s shape there whatever the device. Batches are run at ``fixed_batch`` rows when it
+    is set (see :attr:`OnnxClassifier.fixed_batch`)."""
 
     def __init__(self, session, info: ModelInfo, image: np.ndarray, background: np.ndarray, segments: np.ndarray,
-                 transform: Callable[[np.ndarray], np.ndarray]) -> None:
+                 transform: Callable[[np.ndarray], np.ndarray], fixed_batch: int | None = None) -> None:
+        import onnxruntime as ort
+
         self.session = session
         self.info = info
         self.transform = transform
+        self.fixed_batch = fixed_batch
         height, width = segments.shape
         shape = {"nchw": [-1, 1, height, width], "nhwc": [-1, height, width, 1], "nhw": [-1, height, width]}[info.layout]
-        self.constant_inputs = {
+        self.mask_shape = np.asarray(shape, dtype=np.int64)
+        device, device_id = session_device(session)
+        # OrtValue.ortvalue_from_numpy on the CPU wraps the array without copying: keep them alive.
+        self._host_arrays = {
             f"{PREFIX}segments": np.ascontiguousarray(segments.reshape(-1), dtype=np.int64),
-            f"{PREFIX}mask_shape": np.asarray(shape, dtype=np.int64),
-            f"{PREFIX}image": image,
-            f"{PREFIX}background": background,
+            f"{PREFIX}image": np.ascontiguousarray(image),
+            f"{PREFIX}background": np.ascontiguousarray(background),
         }
+        self.bound_inputs = {name: ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
+                             for name, array in self._host_arrays.items()}
 
     def _run(self, coalitions: np.ndarray) -> np.ndarray:
-        feed = {f"{PREFIX}coalitions": coalitions, **self.constant_inputs}
-        (out,) = self.session.run([self.info.output_name], feed)
-        return np.asarray(out)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(f"{PREFIX}coalitions", coalitions)
+        binding.bind_cpu_input(f"{PREFIX}mask_shape", self.mask_shape)
+        for name, value in self.bound_inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.info.output_name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
         coalitions = np.ascontiguousarray(coalitions, dtype=bool)
-        out = run_in_fixed_batches(self._run, coalitions, self.info.batch)
+        out = run_in_fixed_batches(self._run, coalitions, self.fixed_batch)
         return self.transform(out.astype(np.float64))

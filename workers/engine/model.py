@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -172,6 +173,16 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def session_device(session) -> tuple[str, int]:
+    """Where the session's graph runs: ``("cuda", device_id)`` when the CUDA provider comes first,
+    else ``("cpu", 0)``."""
+    providers = session.get_providers()
+    if providers and providers[0] == "CUDAExecutionProvider":
+        options = session.get_provider_options().get("CUDAExecutionProvider", {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
+
+
 def create_session(model_bytes: bytes, providers: Sequence[str | tuple[str, dict]] | None = None,
                    threads: int | None = None):
     """An onnxruntime session for already-inspected model bytes (built-in operators only)."""
@@ -258,7 +269,22 @@ class OnnxClassifier:
         if session is None:
             return None
         return CoalitionPredictor(session, self.info, self.to_model_input(image[None]),
-                                  self.to_model_input(background[None]), segments, self.finish_outputs)
+                                  self.to_model_input(background[None]), segments, self.finish_outputs,
+                                  self.fixed_batch)
+
+    @cached_property
+    def fixed_batch(self) -> int | None:
+        """The number of rows every run gets (smaller batches are padded), or None for any number.
+
+        The model's own fixed batch dimension when it has one. On a GPU, the job's ``batch_size``:
+        onnxruntime's CUDA convolutions re-plan whenever the batch shape differs from the last run's
+        (measured on an H100 with EfficientNet-Lite0: 0.4 to 1 s per change, against 0.05 s for a
+        whole batch of 512), and each shard ends in a smaller batch. Padding costs at most one
+        batch of extra inference per shard. On the CPU a new shape costs nothing measurable, so
+        batches run as they come."""
+        if self.info.batch is not None:
+            return self.info.batch
+        return self.settings.batch_size if session_device(self.session)[0] == "cuda" else None
 
     @property
     def input_size(self) -> tuple[int | None, int | None]:
@@ -282,7 +308,7 @@ class OnnxClassifier:
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Run the session on model-ready input, honouring a fixed batch dimension."""
-        return run_in_fixed_batches(self._run, batch, self.info.batch)
+        return run_in_fixed_batches(self._run, batch, self.fixed_batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         try:
