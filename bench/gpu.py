@@ -14,6 +14,8 @@ shapfleet       the engine end to end (segmentation, planning, evaluation, regre
                 batch size
 shapfleet_numpy the engine with the masking done in numpy (every masked image crosses), at the
                 first budget only
+*_tf32          the limit and the engine with onnxruntime's TF32 allowed (shapfleet turns it off:
+                see workers.engine.model.cuda_provider), with the largest difference in values
 
 Every engine figure is reported as evaluations per second and as its time over the limit's time
 for the same number of evaluations.
@@ -38,8 +40,9 @@ from run import RESULTS, cases, load_case, masked_inputs, median_time  # noqa: E
 
 from workers.engine.local import explain_array  # noqa: E402
 
-LIMIT_BATCH_SIZES = (64, 128, 256, 512, 1024)
-ENGINE_BATCH_SIZES = (256, 512, 1024)
+# Batches above 512 run out of the H100's memory with this model's activations and four sessions.
+LIMIT_BATCH_SIZES = (64, 128, 256, 512)
+ENGINE_BATCH_SIZES = (128, 256, 512)
 
 
 def limit_per_image(session, input_name: str, inputs: np.ndarray, repeats: int) -> dict:
@@ -74,6 +77,14 @@ def limit_per_image(session, input_name: str, inputs: np.ndarray, repeats: int) 
     return out
 
 
+def for_settings(classifier, settings):
+    """The classifier's sessions under other settings: on a GPU its batches are padded to the
+    settings' ``batch_size`` (see ``OnnxClassifier.fixed_batch``), so each batch size needs its own."""
+    from workers.engine.model import OnnxClassifier
+
+    return OnnxClassifier(classifier.sessions.model_bytes, settings, sessions=classifier.sessions, info=classifier.info)
+
+
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
@@ -87,18 +98,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{ort.get_available_providers()}", file=sys.stderr)
         return 2
 
+    from workers.engine.model import OnnxClassifier
+
     case = cases()["efficientnet"]
-    _, classifier, image = load_case(case)
+    model_bytes, classifier, image = load_case(case)
+    tf32 = [("CUDAExecutionProvider", {"use_tf32": "1"}), "CPUExecutionProvider"]
+    classifier_tf32 = OnnxClassifier(model_bytes, case["settings"], providers=tf32)
     if classifier.session.get_providers()[0] != "CUDAExecutionProvider":
         print(f"the session did not take the CUDA provider: {classifier.session.get_providers()}", file=sys.stderr)
         return 2
     base = case["settings"]
     inputs, plan = masked_inputs(classifier, image, base)
     per_image = limit_per_image(classifier.session, classifier.info.input_name, inputs, args.repeats)
+    per_image["resident_tf32"] = limit_per_image(classifier_tf32.session, classifier.info.input_name, inputs,
+                                                 args.repeats)["resident"]
     best = {label: min(times, key=times.get) for label, times in per_image.items()}
     limit_rate = {label: 1.0 / per_image[label][best[label]] for label in per_image}
     print(f"[gpu] limit: resident {limit_rate['resident']:.0f} images/s at batch {best['resident']}, "
-          f"host {limit_rate['host']:.0f} images/s at batch {best['host']}", flush=True)
+          f"host {limit_rate['host']:.0f} images/s at batch {best['host']}, "
+          f"resident with TF32 {limit_rate['resident_tf32']:.0f} images/s", flush=True)
 
     rows = []
     for nsamples in (int(n) for n in args.nsamples.split(",")):
@@ -108,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         for tool, fuse in tools:
             by_batch = {}
             for size in ENGINE_BATCH_SIZES:
-                tuned = settings.replace(batch_size=size)
-                run = lambda: explain_array(image, classifier.predict, tuned, fuse=fuse)  # noqa: E731
+                model = for_settings(classifier, settings.replace(batch_size=size))
+                run = lambda: explain_array(image, model.predict, model.settings, fuse=fuse)  # noqa: E731
                 evaluations = run().n_evaluations  # warm-up, and the evaluation count
                 by_batch[size] = median_time(run, args.repeats)
             size = min(by_batch, key=by_batch.get)
@@ -122,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
                          "ratio_to_limit_host": seconds / (evaluations / limit_rate["host"])})
             print(f"[gpu] {tool} nsamples {nsamples}: {evaluations} evaluations in {seconds:.3f}s at batch {size} "
                   f"= {evaluations / seconds:.0f}/s, {seconds / limit_seconds:.2f}x the resident limit", flush=True)
+        # The same job with TF32 allowed, at shapfleet's best batch size: its time and how far its
+        # values move from the float32 ones.
+        size = rows[-len(tools)]["batch_size"]
+        model, model_tf32 = (for_settings(c, settings.replace(batch_size=size)) for c in (classifier, classifier_tf32))
+        reference = explain_array(image, model.predict, model.settings).values
+        run = lambda: explain_array(image, model_tf32.predict, model_tf32.settings)  # noqa: E731
+        difference = float(np.abs(run().values - reference).max())
+        seconds = median_time(run, args.repeats)
+        rows.append({"tool": "shapfleet_tf32", "nsamples": nsamples, "evaluations": evaluations, "batch_size": size,
+                     "seconds": seconds, "evaluations_per_second": evaluations / seconds,
+                     "ratio_to_limit_resident": seconds / (evaluations / limit_rate["resident"]),
+                     "max_abs_difference_from_float32": difference, "max_abs_value": float(np.abs(reference).max())})
+        print(f"[gpu] shapfleet_tf32 nsamples {nsamples}: {seconds:.3f}s = {evaluations / seconds:.0f}/s, values differ "
+              f"from float32 by {difference:.2e} at most (largest value {np.abs(reference).max():.3f})", flush=True)
 
     device = {"onnxruntime": ort.__version__, "providers": classifier.session.get_providers(),
               "python": platform.python_version(), "machine": platform.node()}

@@ -252,9 +252,9 @@ def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
     image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300, batch_size=32)
     model_bytes = conv_model(12, 12, channels=3, layout="nchw")
-    cpu = OnnxClassifier(model_bytes, settings)
-    gpu_like = OnnxClassifier(model_bytes, settings,
-                              sessions=ModelSessions(model_bytes, plain=_ReportsCuda(create_session(model_bytes))))
+    cpu = OnnxClassifier(model_bytes, settings, providers=["CPUExecutionProvider"])
+    plain = _ReportsCuda(create_session(model_bytes, ["CPUExecutionProvider"]))
+    gpu_like = OnnxClassifier(model_bytes, settings, sessions=ModelSessions(model_bytes, plain=plain))
     assert cpu.fixed_batch is None and gpu_like.fixed_batch == 32
     expected = explain_array(image, cpu.predict, settings, fuse=False)
     padded = explain_array(image, gpu_like.predict, settings, fuse=False)
@@ -284,3 +284,28 @@ def test_models_with_a_fixed_batch_dimension(rng, fuse):
         fixed = OnnxClassifier(conv_model(12, 12, batch=batch), settings)
         assert fixed.info.batch == batch
         np.testing.assert_allclose(explain_array(image, fixed.predict, settings, fuse=fuse).values, expected, atol=1e-6)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="needs an onnxruntime without the CUDA provider")
+def test_a_gpu_session_that_falls_back_to_the_cpu_says_so(caplog):
+    """onnxruntime quietly runs on the next provider when CUDA cannot start (a CPU-only build here,
+    missing CUDA libraries on a GPU host): the worker's log must say so."""
+    import logging
+
+    from workers.engine.model import create_session
+
+    with caplog.at_level(logging.WARNING, logger="workers.engine.model"), pytest.warns(UserWarning):
+        session = create_session(conv_model(8, 8), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session.get_providers()[0] == "CPUExecutionProvider"
+    assert "could not start CUDAExecutionProvider and runs this model on CPUExecutionProvider" in caplog.text
+
+
+def test_the_cuda_provider_keeps_float32_arithmetic():
+    from workers.engine.model import cuda_provider
+
+    assert cuda_provider("CUDAExecutionProvider") == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert cuda_provider(("CUDAExecutionProvider", {"device_id": 1})) == ("CUDAExecutionProvider",
+                                                                          {"use_tf32": "0", "device_id": 1})
+    assert cuda_provider(("CUDAExecutionProvider", {"use_tf32": "1"}))[1]["use_tf32"] == "1"  # an explicit choice stays
+    assert cuda_provider("CPUExecutionProvider") == "CPUExecutionProvider"

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import ModelOutputError
 from .model import ModelInfo, run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"
@@ -100,7 +101,10 @@ class CoalitionPredictor:
         for name, value in self.bound_inputs.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.info.output_name, "cpu")
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own error types; out of GPU memory, for one
+            raise ModelOutputError(f"the model failed on a batch of {len(coalitions)}: {e}") from e
         return binding.copy_outputs_to_cpu()[0]
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
