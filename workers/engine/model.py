@@ -12,12 +12,11 @@ such as ``../../etc/passwd`` is refused, not resolved). Only onnxruntime's built
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -177,7 +176,7 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-@functools.cache
+@cache
 def load_cuda_libraries() -> None:
     """Load the CUDA and cuDNN libraries that onnxruntime-gpu's CUDA provider links against, once.
 
