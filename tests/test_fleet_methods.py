@@ -63,10 +63,12 @@ def test_partition_job_spreads_rounds_over_workers_and_equals_in_process(service
     assert result(services, record.id, "grid.png")[:4] == b"\x89PNG"
 
 
-def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, start_workers):
-    start_workers(1, queues="plan,reduce")  # nobody evaluates parts yet
+def partition_job_stopped_at_round_0(services, start_workers, image_name: str):
+    """A one-image partition job whose round 0 was chosen and whose part messages were lost (no
+    worker consumed the shards queue); returns the model, image, settings and job record."""
+    start_workers(1, queues="plan,reduce")
     model = (REPO / "examples" / "shapes.onnx").read_bytes()
-    image = (REPO / "examples" / "triangle.png").read_bytes()
+    image = (REPO / "examples" / f"{image_name}.png").read_bytes()
     settings = partition_settings(max_evals=300)
     record = submit_job(services, "t", store_model(services, model), [image], settings)
     deadline = time.monotonic() + 60
@@ -74,15 +76,24 @@ def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, sta
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.3)
-    services.redis.delete(services.settings.queue_shards)  # the round's part messages are lost
-    start_workers(1, queues="shards")
-    later = time.time() + services.settings.stall_seconds + 1
-    assert watchdog_pass(services, now=later) == {record.id: "re-sent 1 partition round(s)"}
-    final = wait_final(services, record.id)
+    services.redis.delete(services.settings.queue_shards)
+    return model, image, settings, record
+
+
+def assert_succeeds_as_in_process(services, record, model: bytes, image: bytes, settings, timeout: float = 120) -> None:
+    final = wait_final(services, record.id, timeout=timeout)
     assert final.status == JobStatus.SUCCEEDED, final.error
     (local,) = explain([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))], model, settings)
     fleet = Explanation.load(result(services, record.id, "attributions.npz"))
     np.testing.assert_allclose(fleet.pixel_attributions, local.explanation.pixel_attributions, rtol=0, atol=1e-9)
+
+
+def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, start_workers):
+    model, image, settings, record = partition_job_stopped_at_round_0(services, start_workers, "triangle")
+    start_workers(1, queues="shards")
+    later = time.time() + services.settings.stall_seconds + 1
+    assert watchdog_pass(services, now=later) == {record.id: "re-sent 1 partition round(s)"}
+    assert_succeeds_as_in_process(services, record, model, image, settings)
 
 
 def test_a_redelivered_part_of_a_complete_round_advances_it(services, start_workers):
@@ -92,28 +103,14 @@ def test_a_redelivered_part_of_a_complete_round_advances_it(services, start_work
     from workers import pipeline
     from workers.tasks import runtime_of
 
-    start_workers(1, queues="plan,reduce")  # nobody evaluates parts yet
-    model = (REPO / "examples" / "shapes.onnx").read_bytes()
-    image = (REPO / "examples" / "square.png").read_bytes()
-    settings = partition_settings(max_evals=300)
-    record = submit_job(services, "t", store_model(services, model), [image], settings)
-    deadline = time.monotonic() + 60
-    while not services.store.exists(partition_key(record.id, 0, "round-0.json")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)
-    services.redis.delete(services.settings.queue_shards)
+    model, image, settings, record = partition_job_stopped_at_round_0(services, start_workers, "square")
     # Every part of round 0 evaluated and recorded by a worker that then dies: no round step is sent.
     runtime = runtime_of(services.celery)
     n_parts = len(pipeline._json(services, partition_key(record.id, 0, "round-0.json"))["parts"])
     assert [pipeline.partition_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True
     start_workers(1, queues="shards")
     services.celery.send_task(PART_TASK, args=[record.id, 0, 0, 0], queue=services.settings.queue_shards)
-    final = wait_final(services, record.id, timeout=60)
-    assert final.status == JobStatus.SUCCEEDED, final.error
-    (local,) = explain([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))], model, settings)
-    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
-    np.testing.assert_allclose(fleet.pixel_attributions, local.explanation.pixel_attributions, rtol=0, atol=1e-9)
+    assert_succeeds_as_in_process(services, record, model, image, settings, timeout=60)
 
 
 def background_set(count: int, size: int, seed: int) -> bytes:
