@@ -238,10 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ShapfleetError, StackError, ValueError) as e:
-        print(f"shapfleet: error: {e}", file=sys.stderr)
-        return 1
-    except ApiError as e:
+    except (ShapfleetError, StackError, ValueError, ApiError) as e:
         print(f"shapfleet: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # requests' ConnectionError is an OSError too

@@ -283,8 +283,11 @@ class JobStore:
         added, done, _, _ = pipe.execute()
         return bool(added), int(done)
 
-    def done_shards(self, job_id: str) -> set[str]:
-        return {m.decode() for m in self.redis.smembers(self.shards_key(job_id))}
+    def missing_shards(self, job_id: str) -> list[tuple[int, int]]:
+        """The (image, shard) pairs of the job's plan not yet recorded done, in order."""
+        done = {m.decode() for m in self.redis.smembers(self.shards_key(job_id))}
+        return [(n, i) for n, count in enumerate(self.shard_counts(job_id)) for i in range(count)
+                if f"{n}/{i}" not in done]
 
     def count_delivery(self, job_id: str, delivery: str) -> int:
         """Count a start of the same shard message (``delivery`` names the shard and its retry number,

@@ -7,8 +7,9 @@ A pass looks at every job that is not final:
   lost, for example in a Redis restart): re-drive it from what its records say. Queued: enqueue the
   plan again. Running without a plan: plan again. Running with shards missing: enqueue those shards
   again (they are idempotent); for method partition, send each unfinished image's current round
-  step again (it re-sends that round's missing parts, or advances it). Running with every shard done: free a dead reducer's claim and
-  enqueue the reduce again (a job still succeeds once: the transition to succeeded is atomic).
+  step again (it re-sends that round's missing parts, or advances it). Running with every shard
+  done: free a dead reducer's claim and enqueue the reduce again (a job still succeeds once: the
+  transition to succeeded is atomic).
 
 Every action is safe to repeat, so several watchdogs (one per worker started with ``--beat``) may run.
 """
@@ -45,8 +46,7 @@ def watchdog_pass(services: Services, now: float | None = None) -> dict[str, str
             celery.send_task(PLAN_TASK, args=[job_id], queue=settings.queue_plan)
             actions[job_id] = "re-planned"
             continue
-        done = jobs.done_shards(job_id)
-        missing = [(n, i) for n, count in enumerate(counts) for i in range(count) if f"{n}/{i}" not in done]
+        missing = jobs.missing_shards(job_id)
         if missing and record.settings.get("method") == "partition":
             # Each unfinished image is re-driven from its current round (the step is idempotent:
             # it re-sends missing parts, or advances a round whose parts are all stored).

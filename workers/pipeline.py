@@ -143,9 +143,9 @@ def partition_round(runtime: WorkerRuntime, job_id: str, image_index: int, round
     final = partition_key(job_id, image_index, "final.json")
     if services.store.exists(final):
         return RoundStep([], completed=_record_done(services, job_id, f"{image_index}/0"))
-    plan = runtime.partition_plan(job_id, image_index)
     round_key = partition_key(job_id, image_index, f"round-{round_index}.json")
     if not services.store.exists(round_key):
+        plan = runtime.partition_plan(job_id, image_index)
         state = PartitionState.from_json(_json(services, partition_key(job_id, image_index, f"state-{round_index}.json")))
         expansions = state.pop_round()
         if not expansions:
@@ -250,17 +250,12 @@ def _record_done(services, job_id: str, name: str, on_new=None) -> bool:
     return done == sum(services.jobs.shard_counts(job_id))
 
 
-def expected_shards(runtime: WorkerRuntime, job_id: str) -> list[tuple[int, int]]:
-    return [(n, i) for n, count in enumerate(runtime.services.jobs.shard_counts(job_id)) for i in range(count)]
-
-
 def reduce_job(runtime: WorkerRuntime, job_id: str) -> list[dict]:
     """Check that every shard of every image is recorded done and stored, reduce, render, store;
     returns the results. (``combine`` checks again that each index arrived exactly once.)"""
     services = runtime.services
     job = services.jobs.get(job_id)
-    done = services.jobs.done_shards(job_id)
-    missing = [f"{n}/{i}" for n, i in expected_shards(runtime, job_id) if f"{n}/{i}" not in done]
+    missing = [f"{n}/{i}" for n, i in services.jobs.missing_shards(job_id)]
     if missing or not job.shards_total:
         raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
     results, explanations = [], []
@@ -269,8 +264,9 @@ def reduce_job(runtime: WorkerRuntime, job_id: str) -> list[dict]:
         services.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
         results.append({"name": name, "key": result_key(job_id, name), "size": len(data), "image": image})
 
+    method = ExplainSettings.from_dict(job.settings).method
     for index in range(job.n_images):
-        explanation = _reduce_image(runtime, job_id, index)
+        explanation = _reduce_image(runtime, job_id, index, method)
         explanation.extra["image_index"] = index
         explanations.append(explanation)
         for artifact, data in render_artifacts(explanation).items():
@@ -281,10 +277,10 @@ def reduce_job(runtime: WorkerRuntime, job_id: str) -> list[dict]:
     return results
 
 
-def _reduce_image(runtime: WorkerRuntime, job_id: str, index: int) -> Explanation:
+def _reduce_image(runtime: WorkerRuntime, job_id: str, index: int, method: str) -> Explanation:
     services = runtime.services
     try:
-        if ExplainSettings.from_dict(services.jobs.get(job_id).settings).method == "partition":
+        if method == "partition":
             plan = runtime.partition_plan(job_id, index)
             state = PartitionState.from_json(_json(services, partition_key(job_id, index, "final.json")))
             return partition_explanation(plan, state)
