@@ -9,9 +9,9 @@ limit     the inference limit: onnxruntime alone on the same masked images at it
           against shapfleet's engine (plan + shards + reduce, model loaded) and shap.KernelExplainer
           (l1_reg=False) with a vectorised masking function and with the VGG16 notebook's per-row,
           per-segment loop, all at the seed notebooks' settings.
-accuracy  relative L2 error against exact Shapley values (full enumeration) for shapfleet and
-          shap.KernelExplainer at nsamples 256..4096 on 12- and 16-superpixel cases, and the time each
-          needs to reach 5%, 2% and 1% error.
+accuracy  relative L2 error against exact Shapley values (full enumeration) for shapfleet (estimator
+          auto, and linear), and shap.KernelExplainer at nsamples 256..4096 on 12- and 16-superpixel
+          cases, and the time each needs to reach 5%, 2% and 1% error.
 service   a ~2000-evaluation job through the API, Redis, SeaweedFS and 2 workers against the same job
           in-process.
 scaling   the same job on 1 and on 2 worker processes with one inference thread each.
@@ -234,6 +234,11 @@ def exact_cases() -> dict:
     }
 
 
+#: shapfleet as shipped (estimator auto: the third-order surrogate on these cases where it applies),
+#: shapfleet's additive KernelSHAP fit (estimator linear), and shap's KernelExplainer.
+TOOLS = ("shapfleet", "shapfleet_linear", "shap_vectorised")
+
+
 def measure_accuracy(budgets: list[int], seeds: int) -> dict:
     results = {}
     for name, case in exact_cases().items():
@@ -248,12 +253,14 @@ def measure_accuracy(budgets: list[int], seeds: int) -> dict:
         classes = list(exact.classes)
         rows = []
         for budget in budgets:
-            for tool in ("shapfleet", "shap_vectorised"):
+            for tool in TOOLS:
                 errors, times = [], []
                 for seed in range(seeds):
                     started = time.perf_counter()
-                    if tool == "shapfleet":
-                        values = explain_array(image, classifier.predict, settings.replace(nsamples=budget, seed=seed)).values
+                    if tool.startswith("shapfleet"):
+                        estimator = "linear" if tool == "shapfleet_linear" else "auto"
+                        values = explain_array(image, classifier.predict,
+                                               settings.replace(nsamples=budget, seed=seed, estimator=estimator)).values
                     else:
                         values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
                     times.append(time.perf_counter() - started)
@@ -369,7 +376,7 @@ def plot(accuracy: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(accuracy), figsize=(5 * len(accuracy), 4), squeeze=False)
     for ax, (name, result) in zip(axes[0], accuracy.items()):
-        for tool, style in (("shapfleet", "o-"), ("shap_vectorised", "s--")):
+        for tool, style in (("shapfleet", "o-"), ("shapfleet_linear", "^:"), ("shap_vectorised", "s--")):
             rows = [r for r in result["rows"] if r["tool"] == tool]
             ax.plot([r["seconds"] for r in rows], [max(r["relative_l2_error"], 1e-6) for r in rows], style, label=tool)
         for target in (0.05, 0.02, 0.01):
@@ -385,8 +392,9 @@ def plot(accuracy: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Benchmark results\n\nMachine: {results['machine']}. Command: `.venv/bin/python bench/run.py`. "
-             "All ratios are within this one run.\n"]
+    lines = [f"# Benchmark results\n\nMachine: {results['machine']}. Command: `.venv/bin/python bench/run.py` "
+             "(`--only SECTION` re-runs one section and keeps the others' figures). Every ratio compares figures "
+             "from one run of its section.\n"]
     if "limit" in results:
         lines += ["## Against the inference limit (seed notebooks' settings)\n",
                   "| case | M | evaluations | batch (limit / shapfleet) | limit s | shapfleet s (x limit) | with model load (x) | "
@@ -409,7 +417,7 @@ def markdown(results: dict) -> str:
             tte = r["time_to_error"]
             mine, theirs = tte["shapfleet"]["1%"], tte["shap_vectorised"]["1%"]
             speedup = f"{theirs / mine:.1f}x" if mine and theirs else ("shap did not reach 1%" if mine else "-")
-            for tool in ("shapfleet", "shap_vectorised"):
+            for tool in TOOLS:
                 cells = [f"{tte[tool][t]:.2f}" if tte[tool][t] is not None else "-" for t in ("5%", "2%", "1%")]
                 lines.append(f"| {name} | {tool} | {' | '.join(cells)} | {speedup if tool == 'shapfleet' else ''} |")
     if "service" in results:
@@ -430,13 +438,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per budget in the accuracy study")
-    parser.add_argument("--budgets", default="256,512,1024,2048,4096")
+    parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
     parser.add_argument("--only", default="limit,accuracy,service,scaling")
     args = parser.parse_args()
     import onnxruntime
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    previous = RESULTS / "results.json"
+    results: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    results |= {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                 f"onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}"}
     parts = args.only.split(",")
     if "limit" in parts:

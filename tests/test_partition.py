@@ -210,6 +210,7 @@ def test_cli_partition_writes_pixel_level_values(tmp_path, capsys):
     (["--method", "partition", "--max-evals", "2"], "max_evals must be at least 3"),
     (["--method", "partition", "--masker", "dataset:x.npz"], "dataset: and image: maskers need method kernel"),
     (["--method", "partition", "--workers", "2"], "apply to method kernel"),
+    (["--method", "partition", "--estimator", "cubic"], "estimator applies to method kernel"),
 ])
 def test_cli_partition_refuses_settings_that_do_not_apply(capsys, argv, message):
     code = main(["explain", str(REPO / "examples" / "circle.png"), "--model", str(REPO / "examples" / "shapes.onnx"),
@@ -223,6 +224,8 @@ def test_settings_refuse_partition_with_kernel_only_options():
         ExplainSettings(method="deep")
     with pytest.raises(InvalidSettingsError, match="max_evals must be an integer"):
         ExplainSettings.from_dict({"method": "partition", "max_evals": "many"})
+    with pytest.raises(InvalidSettingsError, match="unknown estimator 'quadratic'"):
+        ExplainSettings.from_dict({"estimator": "quadratic"})
 
 
 def test_explain_many_images_writes_a_grid_and_one_stacked_npz(tmp_path):

@@ -15,7 +15,9 @@ the delete-a-group jackknife: with G groups of sample blocks,
     Var(phi) ~ (G - 1) / G * sum_g (phi_(-g) - mean_g phi_(-g))^2.
 
 Enumerated coalitions are not random and contribute no variance: an exact answer has std 0.
-All arithmetic is float64.
+Enumerated rows are kept too (packed bits and values), for the third-order surrogate of
+:mod:`workers.engine.interactions`, which ``estimate`` fits instead of the additive one when the
+``estimator`` setting asks for it. All arithmetic is float64.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from . import interactions
 from .design import CoalitionDesign
 from .errors import EstimationError
 
@@ -46,13 +49,17 @@ class ShardStatistics:
     sampled_block: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s
     sampled_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_s x ceil(M/8)
     sampled_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n_s x K
+    enumerated_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_e x ceil(M/8)
+    enumerated_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n_e x K
     _pending: list = field(default_factory=list, init=False, repr=False)
+    _pending_enumerated: list = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def zeros(cls, shard_index: int, n_players: int, n_classes: int) -> "ShardStatistics":
         m, k = n_players, n_classes
         return cls(shard_index, 0, 0, np.zeros((m, m)), np.zeros((m, k)), np.zeros((m, m)), np.zeros((m, k)), 0,
-                   np.zeros(0, np.int64), np.zeros((0, (m + 7) // 8), np.uint8), np.zeros((0, k)))
+                   np.zeros(0, np.int64), np.zeros((0, (m + 7) // 8), np.uint8), np.zeros((0, k)),
+                   np.zeros((0, (m + 7) // 8), np.uint8), np.zeros((0, k)))
 
     def add_enumerated(self, z: np.ndarray, weights: np.ndarray, y: np.ndarray) -> None:
         zf = z.astype(np.float64)
@@ -60,6 +67,7 @@ class ShardStatistics:
         self.enumerated_zz += weighted.T @ zf
         self.enumerated_zy += weighted.T @ y
         self.n_coalitions += len(z)
+        self._pending_enumerated.append((np.packbits(z, axis=1), y))
 
     def add_sampled(self, z: np.ndarray, block: int, y: np.ndarray) -> None:
         zf = z.astype(np.float64)
@@ -77,6 +85,11 @@ class ShardStatistics:
             self.sampled_bits = np.concatenate([self.sampled_bits, *bits])
             self.sampled_y = np.concatenate([self.sampled_y, *ys])
             self._pending = []
+        if self._pending_enumerated:
+            bits, ys = zip(*self._pending_enumerated)
+            self.enumerated_bits = np.concatenate([self.enumerated_bits, *bits])
+            self.enumerated_y = np.concatenate([self.enumerated_y, *ys])
+            self._pending_enumerated = []
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         self._flush()
@@ -102,7 +115,8 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
     total = ordered[0]
     total = ShardStatistics(-1, total.n_coalitions, total.n_evaluations, total.enumerated_zz.copy(),
                             total.enumerated_zy.copy(), total.sampled_zz.copy(), total.sampled_zy.copy(),
-                            total.sampled_count, total.sampled_block, total.sampled_bits, total.sampled_y)
+                            total.sampled_count, total.sampled_block, total.sampled_bits, total.sampled_y,
+                            total.enumerated_bits, total.enumerated_y)
     for shard in ordered[1:]:
         total.n_coalitions += shard.n_coalitions
         total.n_evaluations += shard.n_evaluations
@@ -114,6 +128,8 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
         total.sampled_block = np.concatenate([total.sampled_block, shard.sampled_block])
         total.sampled_bits = np.concatenate([total.sampled_bits, shard.sampled_bits])
         total.sampled_y = np.concatenate([total.sampled_y, shard.sampled_y])
+        total.enumerated_bits = np.concatenate([total.enumerated_bits, shard.enumerated_bits])
+        total.enumerated_y = np.concatenate([total.enumerated_y, shard.enumerated_y])
     return total
 
 
@@ -156,8 +172,14 @@ class Estimate:
     additivity_residual: np.ndarray  # K: sum(values) - (v(1) - v(0))
 
 
-def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray) -> Estimate:
-    """Shapley values and jackknife standard errors from combined statistics."""
+def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
+             estimator: str = "linear") -> Estimate:
+    """Shapley values and jackknife standard errors from combined statistics.
+
+    ``estimator``: ``linear`` is KernelSHAP's additive fit (shap's KernelExplainer); ``cubic`` fits
+    the third-order surrogate of :mod:`workers.engine.interactions`; ``auto`` picks the surrogate
+    where :func:`~workers.engine.interactions.use_interactions` says it is determined. A surrogate
+    too ill-conditioned to solve falls back to the additive fit."""
     v_empty = np.asarray(v_empty, dtype=np.float64)
     v_full = np.asarray(v_full, dtype=np.float64)
     total = v_full - v_empty
@@ -165,6 +187,15 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
     if m == 1:
         values = total[None, :].copy()
         return Estimate(values, np.zeros_like(values), np.zeros_like(total))
+    if interactions.use_interactions(design, estimator):
+        stats._flush()
+        fitted = interactions.fit(
+            design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
+            np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
+            stats.sampled_block % max(1, design.n_groups), total)
+        if fitted is not None:
+            values, std = fitted
+            return Estimate(values, std, values.sum(axis=0) - total)
     a, b = _regression(design, stats, stats.sampled_zz, stats.sampled_zy, stats.sampled_count)
     values = solve_constrained(a, b, total)
     std = np.zeros_like(values) if stats.sampled_count == 0 else _jackknife_std(design, stats, total)

@@ -179,7 +179,7 @@ def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
 def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
     """Sum the shards' statistics in index order, solve, and package the result."""
     total = combine(shards, plan.n_shards)
-    result = estimate(plan.design, total, plan.v_empty, plan.v_full)
+    result = estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
     return Explanation(
         values=result.values, std=result.std, segments=plan.segments, image=plan.image,
         classes=np.asarray(plan.classes), class_names=list(plan.class_names), base_values=plan.v_empty,

@@ -18,6 +18,8 @@ LAYOUTS = ("auto", "nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 OUTPUT_TRANSFORMS = ("raw", "softmax", "logit")
 METHODS = ("kernel", "partition")
+#: How method kernel turns evaluations into Shapley values (see workers.engine.interactions).
+ESTIMATORS = ("auto", "linear", "cubic")
 #: shap's PartitionExplainer default budget.
 DEFAULT_MAX_EVALS = 500
 
@@ -122,7 +124,9 @@ class ExplainSettings:
     ``method`` ``kernel`` estimates Shapley values of superpixels (segmenter settings, ``nsamples``);
     ``partition`` computes Owen values over shap's axis-aligned hierarchy of pixel boxes
     (``max_evals``; ``batch_size`` is then also the number of masked images per refinement round,
-    as in shap's PartitionExplainer).
+    as in shap's PartitionExplainer). ``estimator`` (kernel only) picks the regression that turns
+    evaluations into Shapley values: ``linear`` (KernelSHAP's), ``cubic`` (a third-order surrogate,
+    see :mod:`workers.engine.interactions`) or ``auto``.
     """
 
     method: str = "kernel"
@@ -147,6 +151,7 @@ class ExplainSettings:
     nsamples: int | None = None
     max_evals: int | None = None
     seed: int = 0
+    estimator: str = "auto"
     batch_size: int = 64
     # Model adapter
     layout: str = "auto"
@@ -199,6 +204,8 @@ class ExplainSettings:
             require(self.masker_spec.kind not in ("dataset", "image"),
                     "method partition masks with a single fill (constant, mean, blur:KX,KY, inpaint_telea, inpaint_ns), "
                     "as shap's Image masker does; dataset: and image: maskers need method kernel")
+        require(self.estimator in ESTIMATORS, f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        require(self.estimator == "auto" or self.method == "kernel", "estimator applies to method kernel")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
         require(self.channel_order in CHANNEL_ORDERS, f"channel_order must be rgb or bgr, got {self.channel_order!r}")
