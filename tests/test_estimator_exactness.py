@@ -218,3 +218,20 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
     assert not use_interactions(CoalitionDesign.create(20, 5000, 0), "auto")  # too many terms
     assert use_interactions(CoalitionDesign.create(20, 5000, 0), "cubic")
     assert not use_interactions(CoalitionDesign.create(12, 600, 0), "linear")
+
+
+def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
+    from workers.engine.errors import InvalidSettingsError
+
+    image = rng.uniform(0, 255, (10, 10, 3)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="5x5", masker="mean", estimator="cubic", nsamples=500)
+    model = OnnxClassifier(conv_model(10, 10, classes=2), settings)
+    calls = []
+
+    def counting_predict(images):
+        calls.append(len(images))
+        return model.predict(images)
+
+    with pytest.raises(InvalidSettingsError, match="at most 24 of them; this image has 25"):
+        explain_array(image, counting_predict, settings)
+    assert calls == []

@@ -92,6 +92,7 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(stack, browser, tmp_path)
     browser.find_element(By.ID, "class-value").send_keys("2")
     browser.find_element(By.ID, "class-names").send_keys("circle,square,triangle")
     browser.find_element(By.ID, "nsamples").send_keys("600")
+    Select(browser.find_element(By.ID, "estimator")).select_by_value("linear")
     assert Select(browser.find_element(By.ID, "model-select")).first_selected_option.get_attribute("value")  # uploaded
     browser.find_element(By.ID, "submit").click()
     wait.until(lambda d: d.find_element(By.ID, "job-status").text == "succeeded")

@@ -96,7 +96,10 @@ function settingsFromForm() {
     delete settings.segmenter;
     delete settings.n_segments;
     if ($("max-evals").value) settings.max_evals = Number($("max-evals").value);
-  } else if ($("nsamples").value) settings.nsamples = Number($("nsamples").value);
+  } else {
+    if ($("nsamples").value) settings.nsamples = Number($("nsamples").value);
+    if ($("estimator").value !== "auto") settings.estimator = $("estimator").value;
+  }
   if ($("resize").value.trim()) settings.resize = $("resize").value.trim();
   if ($("center-crop").value.trim()) settings.center_crop = $("center-crop").value.trim();
   const names = $("class-names").value.split(",").map((n) => n.trim()).filter((n) => n);

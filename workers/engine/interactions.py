@@ -50,6 +50,9 @@ from .design import CoalitionDesign
 RIDGE = 0.01
 #: Largest M for which ``auto`` fits the third-order surrogate (p = 696 terms at M = 16).
 MAX_PLAYERS = 16
+#: Largest M that ``cubic`` accepts (p = 2,324 terms at M = 24: a 43 MB normal matrix; at M = 49 it
+#: would be 3 GB). Planning refuses more, before any evaluation.
+MAX_CUBIC_PLAYERS = 24
 #: Above this (estimated) condition number the surrogate is not used.
 MAX_CONDITION = 1e12
 
@@ -72,7 +75,7 @@ def use_interactions(design: CoalitionDesign, estimator: str) -> bool:
     if estimator == "linear" or m < 3:
         return False
     if estimator == "cubic":
-        return True
+        return m <= MAX_CUBIC_PLAYERS
     return m <= MAX_PLAYERS and not design.is_exact and design.n_coalitions >= n_terms(m)
 
 

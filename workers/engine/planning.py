@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import interactions
 from .design import CoalitionDesign, WorkUnit
 from .errors import InvalidSettingsError, ModelOutputError
 from .maskers import Masker, build_masker, masker_from_arrays
@@ -175,6 +176,11 @@ def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarr
     if segments is None:
         segments = segment(image, settings)
     n_players = int(segments.max()) + 1
+    if settings.estimator == "cubic" and n_players > interactions.MAX_CUBIC_PLAYERS:
+        # Refused before any model evaluation: C(M, 3) terms make the fit's matrix grow as M^6.
+        raise InvalidSettingsError(
+            f"estimator cubic fits every triple of superpixels and allows at most {interactions.MAX_CUBIC_PLAYERS} "
+            f"of them; this image has {n_players}: use fewer superpixels, or estimator auto or linear")
     masker = build_masker(settings.masker_spec, image, load_reference, background_set)
     design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
     plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design)
