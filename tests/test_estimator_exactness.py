@@ -220,6 +220,15 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
     assert not use_interactions(CoalitionDesign.create(12, 600, 0), "linear")
 
 
+def test_the_summary_says_which_fit_auto_chose(rng):
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    base = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", preprocess="unit")
+    model = OnnxClassifier(conv_model(12, 12, classes=3), base)
+    assert explain_array(image, model.predict, base.replace(nsamples=600)).summary()["estimator"] == "cubic"
+    assert explain_array(image, model.predict, base.replace(nsamples=200)).summary()["estimator"] == "linear"
+    assert explain_array(image, model.predict, base.replace(nsamples=4094)).summary()["estimator"] == "linear"  # exact
+
+
 def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
     from workers.engine.errors import InvalidSettingsError
 

@@ -170,6 +170,7 @@ class Estimate:
     values: np.ndarray  # M x K
     std: np.ndarray  # M x K (0 where exact; NaN where fewer than 2 sample groups)
     additivity_residual: np.ndarray  # K: sum(values) - (v(1) - v(0))
+    estimator: str = "linear"  # the fit used: "linear" (additive) or "cubic" (third-order surrogate)
 
 
 def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
@@ -195,7 +196,7 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
             stats.sampled_block % max(1, design.n_groups), total)
         if fitted is not None:
             values, std = fitted
-            return Estimate(values, std, values.sum(axis=0) - total)
+            return Estimate(values, std, values.sum(axis=0) - total, "cubic")
     a, b = _regression(design, stats, stats.sampled_zz, stats.sampled_zy, stats.sampled_count)
     values = solve_constrained(a, b, total)
     std = np.zeros_like(values) if stats.sampled_count == 0 else _jackknife_std(design, stats, total)

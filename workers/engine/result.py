@@ -186,4 +186,5 @@ def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
         outputs=plan.v_full, all_outputs=plan.full_outputs,
         n_evaluations=plan.planning_evaluations + total.n_evaluations, n_coalitions=total.n_coalitions,
         exact=plan.design.is_exact, seed=plan.design.seed, settings=plan.settings.to_dict(),
+        extra={"estimator": result.estimator},
     )
