@@ -21,7 +21,7 @@ from .evaluation import Predict, coalition_predictor, evaluate_shard
 from .images import as_pixel_array, fit_to_model, load_image
 from .errors import InvalidSettingsError
 from .model import OnnxClassifier, read_model_file
-from .partition import plan_partition, partition_explanation, run_partition
+from .partition import explain_partition
 from .planning import JobPlan, plan_explanation
 from .rendering import render_artifacts, render_collection
 from .result import Explanation, reduce_shards
@@ -139,11 +139,13 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
         name = str(source) if not isinstance(source, np.ndarray) else f"image {index}"
         started = time.perf_counter()
         image = fit(source, name)
+        label = _label(name, index, len(images))
         if settings.method == "partition":
-            explanation = _explain_partition(image, classifier, settings, progress, _label(name, index, len(images)))
+            explanation = explain_partition(image, classifier.predict, settings,
+                                            (lambda total: progress(total, label)) if progress is not None else None)
         else:
             explanation = _explain_kernel(image, classifier, model_bytes, settings, segments, n_shards, workers,
-                                          progress, _label(name, index, len(images)), lambda path: fit(path, path))
+                                          progress, label, lambda path: fit(path, path))
         wall = time.perf_counter() - started
         explanation.extra["wall_seconds"] = round(wall, 3)
         artifacts = render_artifacts(explanation) if out_dir is not None else {}
@@ -158,18 +160,6 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
         for artifact, data in render_collection([run.explanation for run in runs]).items():
             (Path(out_dir) / artifact).write_bytes(data)
     return runs
-
-
-def _explain_partition(image: np.ndarray, classifier: OnnxClassifier, settings: ExplainSettings,
-                       progress: ProgressFactory | None, label: str) -> Explanation:
-    plan = plan_partition(image, classifier.predict, settings)
-    bar = progress(plan.total_evaluations, label) if progress else None
-    if bar is not None:
-        bar.update(plan.planning_evaluations)
-    state = run_partition(plan, classifier.predict, bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    return partition_explanation(plan, state)
 
 
 def _explain_kernel(image: np.ndarray, classifier: OnnxClassifier, model_bytes: bytes, settings: ExplainSettings,

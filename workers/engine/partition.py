@@ -29,7 +29,7 @@ import functools
 import heapq
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -313,9 +313,14 @@ def partition_explanation(plan: PartitionPlan, state: PartitionState):
 
 
 def explain_partition(image: np.ndarray, predict: Predict, settings: ExplainSettings,
-                      on_progress: Callable[[int], None] | None = None):
-    """Plan, refine and package in one call (the in-process path)."""
+                      progress: Callable[[int], Any] | None = None):
+    """Plan, refine and package in one call (the in-process path). ``progress(total)``, when given,
+    returns a progress bar (``update(n)``, ``close()``) for the plan's evaluations."""
     plan = plan_partition(image, predict, settings)
-    if on_progress is not None:
-        on_progress(plan.planning_evaluations)
-    return partition_explanation(plan, run_partition(plan, predict, on_progress))
+    bar = progress(plan.total_evaluations) if progress is not None else None
+    if bar is not None:
+        bar.update(plan.planning_evaluations)
+    state = run_partition(plan, predict, bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    return partition_explanation(plan, state)
