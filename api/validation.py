@@ -15,7 +15,7 @@ from flask import request
 from broker.keys import model_key
 from broker.services import Services
 from broker.settings import Limits
-from broker.submission import check_background_set, check_submission
+from broker.submission import check_submission
 from workers.engine.errors import ImageError
 from workers.engine.images import fit_to_model, load_image
 from workers.engine.model import ModelInfo, create_session, inspect_model
@@ -177,9 +177,8 @@ def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> No
     """Limits and model compatibility, with the limit named in each message (the job-level ones are
     :func:`broker.submission.check_submission`'s, answered 422 by the error handler)."""
     s = job.settings
-    check_submission(s, len(job.images), limits, job.background)
-    if job.background is not None:
-        shape = check_background_set(job.background, limits)
+    shape = check_submission(s, len(job.images), limits, job.background)
+    if shape is not None:
         height, width = model.get("height"), model.get("width")
         if isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
             raise Problem(422, "Invalid background set",

@@ -34,9 +34,11 @@ def store_model(services: Services, model_bytes: bytes) -> str:
     return sha256
 
 
-def check_submission(settings: ExplainSettings, n_images: int, limits: Limits, background: bytes | None = None) -> None:
+def check_submission(settings: ExplainSettings, n_images: int, limits: Limits,
+                     background: bytes | None = None) -> tuple[int, ...] | None:
     """The job-level limits (images per job, nsamples, max_evals, background images) and what jobs
-    cannot take (a reference-image file), each message naming the limit. Raises :class:`SubmissionError`."""
+    cannot take (a reference-image file), each message naming the limit. Raises :class:`SubmissionError`.
+    Returns the background set's array shape (see :func:`check_background_set`), or None without one."""
     if not n_images:
         raise SubmissionError("a job needs at least one image")
     if n_images > limits.max_images_per_job:
@@ -51,8 +53,7 @@ def check_submission(settings: ExplainSettings, n_images: int, limits: Limits, b
     if (settings.masker_spec.kind == "dataset") != (background is not None):
         raise SubmissionError("masker dataset: needs the background set uploaded with the job (file field "
                               "'background', an .npz of N x H x W (x C) images), and a background set needs masker dataset:")
-    if background is not None:
-        check_background_set(background, limits)
+    return check_background_set(background, limits) if background is not None else None
 
 
 def check_background_set(data: bytes, limits: Limits) -> tuple[int, ...]:
