@@ -244,11 +244,19 @@ class JobStore:
     def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]:
         """Record a finished shard, atomically returning whether it was new and how many shards are
         now done: of shards finishing concurrently, exactly one sees itself complete the set."""
+        return self._add_counted(job_id, self.shards_key(job_id), shard_name)
+
+    def _add_counted(self, job_id: str, set_key: str, member: str | int,
+                     expire_seconds: int | None = None) -> tuple[bool, int]:
+        """Add ``member`` to the set at ``set_key`` and count it in one transaction (so one caller
+        sees each count), marking the job as progressing; returns whether it was new and the count."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.sadd(self.shards_key(job_id), shard_name)
-        pipe.scard(self.shards_key(job_id))
+        pipe.sadd(set_key, member)
+        pipe.scard(set_key)
+        if expire_seconds is not None:
+            pipe.expire(set_key, expire_seconds)
         pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
-        added, done, _ = pipe.execute()
+        added, done = pipe.execute()[:2]
         return bool(added), int(done)
 
     # -- method partition: rounds per image ---------------------------------------------------
@@ -274,14 +282,7 @@ class JobStore:
     def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]:
         """Record a finished part of a round; returns, like :meth:`shard_done`, whether it was new and
         how many parts are now done."""
-        key = self.round_parts_key(job_id, image_index, round_index)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.sadd(key, part)
-        pipe.scard(key)
-        pipe.expire(key, 7 * 24 * 3600)
-        pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
-        added, done, _, _ = pipe.execute()
-        return bool(added), int(done)
+        return self._add_counted(job_id, self.round_parts_key(job_id, image_index, round_index), part, 7 * 24 * 3600)
 
     def missing_shards(self, job_id: str) -> list[tuple[int, int]]:
         """The (image, shard) pairs of the job's plan not yet recorded done, in order."""

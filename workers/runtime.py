@@ -74,8 +74,7 @@ class WorkerRuntime:
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        with np.load(io.BytesIO(self.services.store.get(plan_key(job_id, image_index))), allow_pickle=False) as arrays:
-            plan = kind.from_arrays({name: arrays[name] for name in arrays.files})
+        plan = from_npz(self.services.store.get(plan_key(job_id, image_index)), kind)
         self._plans[key] = plan
         while len(self._plans) > PLAN_CACHE_SIZE:
             self._plans.popitem(last=False)
@@ -88,6 +87,11 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def load_statistics(data: bytes) -> ShardStatistics:
+def from_npz(data: bytes, kind):
+    """``kind.from_arrays`` of an ``.npz`` written by :func:`npz_bytes` (no pickles)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-        return ShardStatistics.from_arrays({name: arrays[name] for name in arrays.files})
+        return kind.from_arrays({name: arrays[name] for name in arrays.files})
+
+
+def load_statistics(data: bytes) -> ShardStatistics:
+    return from_npz(data, ShardStatistics)
