@@ -154,6 +154,15 @@ class CoalitionDesign:
         """Independent groups of sample blocks for the jackknife error bars."""
         return min(MAX_GROUPS, self.n_blocks)
 
+    def groups_of(self, blocks: np.ndarray) -> np.ndarray:
+        """The jackknife group of each sample block: block j belongs to group j mod G."""
+        return np.asarray(blocks) % max(1, self.n_groups)
+
+    def kernel_probability(self, sizes: np.ndarray) -> np.ndarray:
+        """p(z) = q(|z|) / C(M, |z|) for coalitions of the given sizes: an enumerated coalition's weight."""
+        m = self.n_players
+        return self.q[sizes] / np.array([math.comb(m, s) for s in range(m + 1)], dtype=np.float64)[sizes]
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["enumerated_sizes"] = list(self.enumerated_sizes)
@@ -208,11 +217,9 @@ class CoalitionDesign:
             ((s, c) for c in itertools.combinations(range(m), s)) for s in self.enumerated_sizes
         )
         z = np.zeros((stop - start, m), dtype=bool)
-        w = np.empty(stop - start)
-        for row, (s, members) in enumerate(itertools.islice(combos, start, stop)):
+        for row, (_, members) in enumerate(itertools.islice(combos, start, stop)):
             z[row, list(members)] = True
-            w[row] = self.q[s] / math.comb(m, s)
-        return z, w
+        return z, self.kernel_probability(z.sum(axis=1))
 
     def _sample_block(self, block: int) -> np.ndarray:
         m = self.n_players

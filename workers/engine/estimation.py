@@ -193,7 +193,7 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
         fitted = interactions.fit(
             design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
             np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
-            stats.sampled_block % max(1, design.n_groups), total)
+            design.groups_of(stats.sampled_block), total)
         if fitted is not None:
             values, std = fitted
             return Estimate(values, std, values.sum(axis=0) - total, "cubic")
@@ -209,7 +209,7 @@ def _jackknife_std(design: CoalitionDesign, stats: ShardStatistics, total: np.nd
     if groups < 2:
         return np.full((m, k), np.nan)
     z = np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(np.float64)
-    membership = stats.sampled_block % groups
+    membership = design.groups_of(stats.sampled_block)
     replicates = []
     for g in range(groups):
         rows = membership == g

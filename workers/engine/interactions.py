@@ -129,8 +129,7 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
 def _fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
          y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     m = design.n_players
-    sizes = z_enumerated.sum(axis=1)
-    enumerated_weight = design.q[sizes] / np.array([math.comb(m, s) for s in range(m + 1)], dtype=np.float64)[sizes]
+    enumerated_weight = design.kernel_probability(z_enumerated.sum(axis=1))
     n_sampled = len(z_sampled)
     sampled_weight = design.sampled_mass / n_sampled if n_sampled else 0.0
     x = features(np.concatenate([z_enumerated, z_sampled]))
