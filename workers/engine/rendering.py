@@ -46,6 +46,14 @@ def _figure_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _draw_image(ax, image: np.ndarray, title: str, fontsize: int) -> None:
+    """The image as the model saw it (greyscale for one channel), untouched, with a title."""
+    shown = image[:, :, 0] if image.shape[2] == 1 else image
+    ax.imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
+    ax.axis("off")
+    ax.set_title(title, fontsize=fontsize)
+
+
 def _draw_attribution(ax, image: np.ndarray, pixel_values: np.ndarray, limit: float):
     ax.imshow(_grey(image), cmap="gray", alpha=0.15, extent=(-1, pixel_values.shape[1], pixel_values.shape[0], -1))
     mappable = ax.imshow(pixel_values, cmap=_colormap(), vmin=-limit, vmax=limit)
@@ -82,10 +90,7 @@ def summary_png(explanation: Explanation) -> bytes:
     limit = _scale(pixel_values)
     fig, axes = plt.subplots(1, n + 1, figsize=(3 * (n + 1), 3.6), squeeze=False)
     image = explanation.image
-    shown = image[:, :, 0] if image.shape[2] == 1 else image
-    axes[0, 0].imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
-    axes[0, 0].axis("off")
-    axes[0, 0].set_title("image", fontsize=10)
+    _draw_image(axes[0, 0], image, "image", 10)
     probabilities = explanation.probabilities()
     mappable = None
     for k in range(n):
@@ -111,10 +116,7 @@ def grid_png(explanations: list[Explanation]) -> bytes:
     mappable = None
     for row, explanation in enumerate(explanations):
         image = explanation.image
-        shown = image[:, :, 0] if image.shape[2] == 1 else image
-        axes[row, 0].imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
-        axes[row, 0].set_title(f"image {row}", fontsize=9)
-        axes[row, 0].axis("off")
+        _draw_image(axes[row, 0], image, f"image {row}", 9)
         probabilities = explanation.probabilities()
         pixel_values = explanation.pixel_values
         for k in range(n_classes):
