@@ -208,21 +208,47 @@ def test_resize_and_centre_crop(rng, tmp_path):
         load_image(str(tmp_path / "a.png"), 3, max_pixels=100)
 
 
-@pytest.mark.parametrize("layout, channels, masker", [("nchw", 3, "mean"), ("nhwc", 3, "blur:3,3"), ("nhwc", 1, "constant:0"),
-                                                       ("nchw", 1, "constant:200")])
-def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channels, masker):
+@pytest.mark.parametrize("layout, channels, masker, double", [("nchw", 3, "mean", False), ("nhwc", 3, "blur:3,3", False),
+                                                               ("nhwc", 1, "constant:0", False), ("nchw", 1, "constant:200", False),
+                                                               ("nchw", 3, "constant:90,10,250", True)])
+def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channels, masker, double):
+    """The fused graph selects pixels with keep * image + (not keep) * background: exact for finite
+    values, so the answers equal the numpy path's bit for bit, in float32 and float64 models."""
     from workers.engine.evaluation import coalition_predictor
     from workers.engine.planning import plan_explanation
 
     image = rng.uniform(0, 255, (12, 12, channels)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="3x4", masker=masker, all_classes=True, nsamples=600, batch_size=16)
-    model = OnnxClassifier(conv_model(12, 12, channels=channels, layout=layout), settings)
+    # onnxruntime has no float64 Conv on the CPU: the float64 case is a linear model.
+    model_bytes = (linear_model(rng.normal(size=(12, 12, channels, 3)), rng.normal(size=3), layout=layout, double=True)
+                   if double else conv_model(12, 12, channels=channels, layout=layout))
+    model = OnnxClassifier(model_bytes, settings)
     plan = plan_explanation(image, model.predict, settings)
     assert coalition_predictor(model, plan) is not None  # the fused path is really taken
     fused = explain_array(image, model.predict, settings)
     numpy_path = explain_array(image, model.predict, settings, fuse=False)
     np.testing.assert_array_equal(fused.values, numpy_path.values)
     np.testing.assert_array_equal(fused.std, numpy_path.std)
+
+
+def test_non_finite_model_inputs_are_not_fused(rng):
+    """0 * inf is NaN, so the fused selection is exact only for finite inputs: a normalisation that
+    overflows (a tiny std) takes the numpy path, which composes by selection."""
+    from workers.engine.evaluation import coalition_predictor
+    from workers.engine.fused import selection_is_exact
+    from workers.engine.planning import plan_explanation
+
+    finite = np.zeros((1, 3, 4, 4), np.float32)
+    assert selection_is_exact(finite, finite)
+    assert not selection_is_exact(finite, np.full_like(finite, np.inf))
+    assert not selection_is_exact(np.full_like(finite, np.nan), finite)
+    image = rng.uniform(1, 255, (12, 12, 3)).astype(np.float32)
+    fine = ExplainSettings(segmenter="grid", grid="3x4", masker="constant:0", all_classes=True, nsamples=100)
+    overflowing = fine.replace(preprocess=None, mean=(0.0,), std=(1e-40,))  # 255 / 1e-40 is inf in float32
+    plan = plan_explanation(image, lambda x: np.ones((len(x), 3)), fine)
+    assert coalition_predictor(OnnxClassifier(conv_model(12, 12), fine), plan) is not None
+    with np.errstate(over="ignore"):
+        assert coalition_predictor(OnnxClassifier(conv_model(12, 12), overflowing), plan) is None
 
 
 class _ReportsCuda:

@@ -8,9 +8,16 @@
     shapfleet_image       T      1 x ...    the normalised image, in the model's layout and dtype
     shapfleet_background  T      1 x ...    the normalised background, likewise
 
-and computes X = Where(Reshape(Gather(coalitions, segments, axis=1)), image, background) in front of
-the original graph. ``Where`` selects values, it does no arithmetic, so X is bit-identical to the
-composite the numpy path builds and normalises (tests check that answers are identical). The image
+and computes, in front of the original graph, with keep = Reshape(Gather(coalitions, segments, axis=1)),
+
+    X = Cast(keep) * image + Cast(Not(keep)) * background
+
+For finite values this selects exactly: 1 * a = a, 0 * b = +-0 and a + +-0 = a, so X equals the
+composite the numpy path builds and normalises, value for value (tests check that answers are
+identical); :func:`selection_is_exact` guards the finite case. It is written with ``Mul`` and
+``Add`` rather than ``Where(keep, image, background)``, which selects too but runs several times
+slower in onnxruntime's CPU kernels (0.17 s against 0.05 s for 128 images at 224 x 224 x 3,
+1 or 2 threads): that difference was a tenth of EfficientNet-Lite0's inference time. The image
 and background are inputs, not initializers, so one fused session serves every image and job of a
 model; :class:`CoalitionPredictor` binds them once on the session's device, so per batch only Z
 crosses into onnxruntime.
@@ -26,11 +33,11 @@ from .errors import ModelOutputError
 from .model import ModelInfo, run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"
-MIN_OPSET = 9  # Where
+MIN_OPSET = 7  # Mul and Add with numpy-style broadcasting
 
 
 def fuse_masking(model_bytes: bytes, info: ModelInfo) -> bytes | None:
-    """The fused model's bytes, or None when the model's opset predates ``Where``."""
+    """The fused model's bytes, or None when the model's opset predates broadcasting ``Mul``/``Add``."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -52,8 +59,13 @@ def fuse_masking(model_bytes: bytes, info: ModelInfo) -> bytes | None:
     ]
     nodes = [
         helper.make_node("Gather", [f"{PREFIX}coalitions", f"{PREFIX}segments"], [f"{PREFIX}pixel_mask"], axis=1),
-        helper.make_node("Reshape", [f"{PREFIX}pixel_mask", f"{PREFIX}mask_shape"], [f"{PREFIX}mask"]),
-        helper.make_node("Where", [f"{PREFIX}mask", f"{PREFIX}image", f"{PREFIX}background"], [info.input_name]),
+        helper.make_node("Reshape", [f"{PREFIX}pixel_mask", f"{PREFIX}mask_shape"], [f"{PREFIX}keep"]),
+        helper.make_node("Not", [f"{PREFIX}keep"], [f"{PREFIX}drop"]),
+        helper.make_node("Cast", [f"{PREFIX}keep"], [f"{PREFIX}keep_weight"], to=element),
+        helper.make_node("Cast", [f"{PREFIX}drop"], [f"{PREFIX}drop_weight"], to=element),
+        helper.make_node("Mul", [f"{PREFIX}keep_weight", f"{PREFIX}image"], [f"{PREFIX}kept_pixels"]),
+        helper.make_node("Mul", [f"{PREFIX}drop_weight", f"{PREFIX}background"], [f"{PREFIX}background_pixels"]),
+        helper.make_node("Add", [f"{PREFIX}kept_pixels", f"{PREFIX}background_pixels"], [info.input_name]),
     ]
     kept = [i for i in graph.input if i.name != info.input_name]
     del graph.input[:]
@@ -62,6 +74,12 @@ def fuse_masking(model_bytes: bytes, info: ModelInfo) -> bytes | None:
     del graph.node[:]
     graph.node.extend(nodes + existing)
     return model.SerializeToString()
+
+
+def selection_is_exact(image: np.ndarray, background: np.ndarray) -> bool:
+    """Whether the fused graph's arithmetic selection reproduces the numpy composite exactly: true
+    when the normalised image and background are finite (0 * inf would be NaN)."""
+    return bool(np.isfinite(image).all() and np.isfinite(background).all())
 
 
 class CoalitionPredictor:

@@ -302,14 +302,16 @@ class OnnxClassifier:
 
     def coalition_predictor(self, image: np.ndarray, background: np.ndarray, segments: np.ndarray):
         """``predict(Z) -> B x K`` with the masking inside the model (one background), or None when
-        the model cannot be fused."""
-        from .fused import CoalitionPredictor
+        the model cannot be fused or the fused selection would not be exact (a non-finite value)."""
+        from .fused import CoalitionPredictor, selection_is_exact
 
+        model_image, model_background = self.to_model_input(image[None]), self.to_model_input(background[None])
+        if not selection_is_exact(model_image, model_background):
+            return None
         session = self.sessions.fused(self.info)
         if session is None:
             return None
-        return CoalitionPredictor(session, self.info, self.to_model_input(image[None]),
-                                  self.to_model_input(background[None]), segments, self.finish_outputs,
+        return CoalitionPredictor(session, self.info, model_image, model_background, segments, self.finish_outputs,
                                   self.fixed_batch)
 
     @cached_property
