@@ -121,3 +121,24 @@ def test_batches_are_full_across_unit_boundaries():
     rows = np.concatenate([rows for parts in batches for _, rows, _ in parts])
     expected = np.concatenate([Plan.design.coalitions(u)[0] for u in units])
     np.testing.assert_array_equal(rows, expected)  # same coalitions, same order
+
+
+def test_shards_are_handed_out_largest_first():
+    """Shards are unequal (whole work units); every shard of every image is dispatched once, in
+    decreasing evaluation count, so the small ones even out the end of a job."""
+    from workers.engine.planning import largest_shards_first, plan_explanation
+    from workers.engine.settings import ExplainSettings
+
+    image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    predict = lambda x: x.reshape(len(x), -1)[:, :3].astype(np.float64)  # noqa: E731
+    plans = []
+    for grid, nsamples, shards in (("4x4", 1500, 7), ("3x4", 600, 5)):
+        plan = plan_explanation(image, predict, ExplainSettings(segmenter="grid", grid=grid, nsamples=nsamples,
+                                                                all_classes=True))
+        plan.split(shards)
+        plans.append(plan)
+    order = largest_shards_first(plans)
+    assert sorted(order) == [(n, i) for n, plan in enumerate(plans) for i in range(plan.n_shards)]
+    sizes = [plans[n].shard_evaluations(i) for n, i in order]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert order != sorted(order)  # index order is not already largest first here

@@ -1,6 +1,7 @@
 """Celery tasks: thin wrappers around :mod:`workers.pipeline` that handle state, retries and errors.
 
-- ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard.
+- ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard,
+  largest first (see :func:`~workers.engine.planning.largest_shards_first`).
 - ``shapfleet.shard(job_id, image, index)``: evaluate, store statistics, record the shard done; the
   shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
@@ -42,6 +43,7 @@ from broker.store import TransientStoreError
 from workers import pipeline
 from workers.engine.errors import Canceled, ShapfleetError
 from workers.engine.partition import PartitionPlan
+from workers.engine.planning import largest_shards_first
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -106,9 +108,8 @@ def plan(self, job_id: str) -> int:
         if isinstance(plans[0], PartitionPlan):
             group([partition_round.s(job_id, index, 0) for index in range(len(plans))]).apply_async()
             return len(plans)
-        shards = [shard.s(job_id, index, i) for index, p in enumerate(plans) for i in range(p.n_shards)]
-        group(shards).apply_async()
-        return len(shards)
+        group([shard.s(job_id, index, i) for index, i in largest_shards_first(plans)]).apply_async()
+        return sum(p.n_shards for p in plans)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, "planning")
 

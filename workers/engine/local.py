@@ -22,7 +22,7 @@ from .images import as_pixel_array, fit_to_model, load_image
 from .errors import InvalidSettingsError
 from .model import OnnxClassifier, read_model_file
 from .partition import explain_partition
-from .planning import JobPlan, plan_explanation
+from .planning import JobPlan, largest_shards_first, plan_explanation
 from .rendering import render_artifacts, render_collection
 from .result import Explanation, reduce_shards
 from .segmentation import check_segments, load_segments
@@ -80,10 +80,10 @@ def run_shards_in_pool(plan: JobPlan, model_bytes: bytes, workers: int,
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_pool_init,
                              initargs=(model_bytes, plan.settings.to_dict(), plan.to_arrays(), threads, queue)) as pool:
-        futures = [pool.submit(_pool_shard, i) for i in range(plan.n_shards)]
-        while not all(f.done() for f in futures):
+        futures = {i: pool.submit(_pool_shard, i) for _, i in largest_shards_first([plan])}
+        while not all(f.done() for f in futures.values()):
             _drain(queue, on_progress, timeout=0.1)
-        results = [ShardStatistics.from_arrays(f.result()) for f in futures]
+        results = [ShardStatistics.from_arrays(futures[i].result()) for i in range(plan.n_shards)]
     _drain(queue, on_progress, timeout=0.0)
     return results
 

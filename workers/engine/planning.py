@@ -139,6 +139,16 @@ class JobPlan(ImagePlan):
                    design=CoalitionDesign.from_dict(meta["design"]), n_shards=int(meta["n_shards"]))
 
 
+def largest_shards_first(plans: "list[JobPlan]") -> list[tuple[int, int]]:
+    """Every ``(image, shard)`` of ``plans`` by decreasing evaluation count (ties in image, then
+    shard order): the order to hand shards to workers that each take the next one when free.
+    Work units make shards unequal (the enumerated sizes, whole sampled blocks), and a large shard
+    left for last keeps one worker busy while the others idle; largest first leaves the small ones
+    to even out the end."""
+    shards = [(index, i) for index, plan in enumerate(plans) for i in range(plan.n_shards)]
+    return sorted(shards, key=lambda s: (-plans[s[0]].shard_evaluations(s[1]), s))
+
+
 def choose_classes(settings: ExplainSettings, full_outputs: np.ndarray) -> np.ndarray:
     """The explained classes: ``labels``, else the ``top_k`` by output, else all; top-1 by default."""
     n_classes = len(full_outputs)
