@@ -3,7 +3,9 @@
     .venv/bin/python bench/run.py [--repeats 3] [--only limit,accuracy,service,scaling]
 
 Writes bench/results/results.json, bench/results/error_vs_time.png and bench/results/README.md.
-What is measured (medians over --repeats, every figure a ratio against a number from the same run):
+What is measured (medians over --repeats, every figure a ratio against a number from the same run;
+the tools compared in a section are timed in alternating rounds, so that the machine's drift over
+minutes falls on all of them alike):
 
 limit     the inference limit: onnxruntime alone on the same masked images at its best batch size,
           against shapfleet's engine (plan + shards + reduce, model loaded) and shap.KernelExplainer
@@ -14,12 +16,14 @@ accuracy  relative L2 error against exact Shapley values (full enumeration) for 
           cases, and the time each needs to reach 5%, 2% and 1% error.
 service   a ~2000-evaluation job through the API, Redis, SeaweedFS and 2 workers against the same job
           in-process.
-scaling   the same job on 1 and on 2 worker processes with one inference thread each.
+scaling   the same job on 1 and on 2 worker processes with one inference thread each (two stacks up
+          at once, their jobs alternating).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -54,6 +58,27 @@ def median_time(function, repeats: int) -> float:
         function()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def interleaved_times(functions: dict, repeats: int) -> dict:
+    """Seconds of each run of each function, timed in rounds that run every function once (each
+    round starting one function later). This machine's speed drifts over minutes; timing one
+    function's repeats and then the next's puts that drift into their ratio, rounds spread it
+    over all."""
+    names = list(functions)
+    times: dict = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            functions[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def interleaved_medians(functions: dict, repeats: int) -> dict:
+    """Median seconds of each function over :func:`interleaved_times`' rounds."""
+    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats).items()}
 
 
 # -- cases ----------------------------------------------------------------------------------------
@@ -175,11 +200,12 @@ def measure_limit(repeats: int) -> dict:
         label = min(candidates, key=lambda k: candidates[k][0])
         _, batch, per_image, raw = candidates[label]
         # shapfleet at its own best batch size too (what a user sets with --batch-size).
-        engine_times = {}
-        for size in sorted({batch, 16, 64}):
-            explain_array(image, classifier.predict, settings.replace(batch_size=size))  # warm-up
-            engine_times[size] = median_time(lambda: explain_array(image, classifier.predict,
-                                                                   settings.replace(batch_size=size)), 1)
+        engine_candidates = {size: (lambda size=size: explain_array(image, classifier.predict,
+                                                                    settings.replace(batch_size=size)))
+                             for size in sorted({batch, 16, 64})}
+        for run_engine in engine_candidates.values():
+            run_engine()  # warm-up: onnxruntime allocates per shape on first use
+        engine_times = interleaved_medians(engine_candidates, 2)
         engine_batch = min(engine_times, key=engine_times.get)
         tuned = settings.replace(batch_size=engine_batch)
 
@@ -205,10 +231,8 @@ def measure_limit(repeats: int) -> dict:
             shap_kernel(classifier, image, segments, background, classes, settings.nsamples, vectorised=False)
 
         engine()  # warm-up
-        timings = {"limit": median_time(limit, repeats), "shapfleet": median_time(engine, repeats),
-                   "shapfleet_with_model_load": median_time(engine_with_load, repeats),
-                   "shap_vectorised": median_time(shap_vectorised, repeats),
-                   "shap_notebook_loop": median_time(shap_loop, max(1, repeats - 1))}
+        timings = interleaved_medians({"limit": limit, "shapfleet": engine, "shapfleet_with_model_load": engine_with_load,
+                                       "shap_vectorised": shap_vectorised, "shap_notebook_loop": shap_loop}, repeats)
         results[name] = {
             "superpixels": int(plan.n_players), "classes": classes, "evaluations": int(len(inputs)) + plan.planning_evaluations,
             "best_batch_size": batch, "shapfleet_batch_size": engine_batch, "limit_session": label,
@@ -302,17 +326,24 @@ def _stack(tmp: Path, workers: int):
     return [redis_server, seaweed, api, *started], api.url
 
 
-def _fleet_job_seconds(url: str, model: Path, image_png: bytes, settings: ExplainSettings) -> tuple[float, dict]:
+def _fleet_job(url: str, model_id: str, image_png: bytes, settings: ExplainSettings) -> dict:
+    """Submit one job for an uploaded model and wait for it (what a timed service run is)."""
     from api.client import Client
 
     client = Client(url, "bench")
-    model_id = client.upload_model(model)["id"]
-    started = time.perf_counter()
     job = client.submit([image_png], model_id=model_id, settings=settings.to_dict())
     final = client.wait(job["id"], poll_interval=0.05, max_interval=0.2)
-    elapsed = time.perf_counter() - started
     assert final["status"] == "succeeded", final
-    return elapsed, final
+    return final
+
+
+def _upload_and_warm(url: str, model: Path, image_png: bytes, settings: ExplainSettings) -> str:
+    """Upload the model and run a small job, so every worker's session exists; returns the model id."""
+    from api.client import Client
+
+    model_id = Client(url, "bench").upload_model(model)["id"]
+    _fleet_job(url, model_id, image_png, settings.replace(nsamples=200))
+    return model_id
 
 
 def _service_job() -> tuple[dict, object, bytes]:
@@ -330,41 +361,53 @@ def measure_service(repeats: int) -> dict:
     from workers.engine.local import explain
 
     case, settings, png = _service_job()
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         parts, url = _stack(Path(tmp), workers=2)
         try:
-            _fleet_job_seconds(url, case["model"], png, settings.replace(nsamples=200))  # warm the workers' sessions
-            fleet = [_fleet_job_seconds(url, case["model"], png, settings)[0] for _ in range(repeats)]
+            model_id = _upload_and_warm(url, case["model"], png, settings)
+            explain([case["image"]], case["model"], settings.replace(nsamples=200))
+            # The stack idles while the in-process runs (its workers wait on the broker).
+            seconds = interleaved_medians({
+                "service": lambda: _fleet_job(url, model_id, png, settings),
+                "in_process": lambda: explain([case["image"]], case["model"], settings),
+            }, repeats)
         finally:
             for part in reversed(parts):
                 part.stop()
-    in_process = median_time(lambda: explain([case["image"]], case["model"], settings), repeats)
-    results["in_process_seconds"] = in_process
-    results["service_2_workers_seconds"] = statistics.median(fleet)
-    results["ratio_service_to_in_process"] = results["service_2_workers_seconds"] / in_process
-    print(f"[service] in-process {in_process:.2f}s, service {results['service_2_workers_seconds']:.2f}s", flush=True)
+    results = {"in_process_seconds": seconds["in_process"], "service_2_workers_seconds": seconds["service"],
+               "ratio_service_to_in_process": seconds["service"] / seconds["in_process"]}
+    print(f"[service] in-process {seconds['in_process']:.2f}s, service {seconds['service']:.2f}s", flush=True)
     return results
 
 
 def measure_scaling(repeats: int) -> dict:
+    """The same job on a 1-worker and a 2-worker stack, both up at once and their jobs alternating
+    (the idle stack's workers wait on their broker), so both see the same machine."""
     case, settings, png = _service_job()
-    seconds = {}
-    for workers in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            parts, url = _stack(Path(tmp), workers=workers)
-            try:
-                _fleet_job_seconds(url, case["model"], png, settings.replace(nsamples=200))
-                runs = [_fleet_job_seconds(url, case["model"], png, settings) for _ in range(repeats)]
-            finally:
+    with tempfile.TemporaryDirectory() as tmp:
+        stacks, jobs, finals = [], {}, []
+
+        def job(url: str, model_id: str) -> None:
+            finals.append(_fleet_job(url, model_id, png, settings))
+
+        try:
+            for workers in (1, 2):
+                parts, url = _stack(Path(tmp) / f"{workers}-workers", workers=workers)
+                stacks.append(parts)
+                jobs[workers] = functools.partial(job, url, _upload_and_warm(url, case["model"], png, settings))
+            runs = interleaved_times(jobs, repeats)
+            evaluations = finals[0]["progress"]["evaluations_total"]
+        finally:
+            for parts in reversed(stacks):
                 for part in reversed(parts):
                     part.stop()
-        seconds[workers] = statistics.median(r[0] for r in runs)
-        evaluations = runs[0][1]["progress"]["evaluations_total"]
+    seconds = {workers: statistics.median(times) for workers, times in runs.items()}
     efficiency = seconds[1] / (2 * seconds[2])
-    print(f"[scaling] 1 worker {seconds[1]:.2f}s, 2 workers {seconds[2]:.2f}s, efficiency {efficiency:.2f}", flush=True)
+    print(f"[scaling] 1 worker {seconds[1]:.2f}s, 2 workers {seconds[2]:.2f}s, efficiency {efficiency:.2f} "
+          f"(runs: {runs})", flush=True)
     return {"evaluations": evaluations, "seconds_1_worker": seconds[1], "seconds_2_workers": seconds[2],
-            "efficiency": efficiency, "evaluations_per_second_per_worker": evaluations / seconds[1]}
+            "efficiency": efficiency, "evaluations_per_second_per_worker": evaluations / seconds[1],
+            "runs_seconds": {f"{workers}_worker{'s' if workers > 1 else ''}": times for workers, times in runs.items()}}
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -431,6 +474,10 @@ def markdown(results: dict) -> str:
                   f"1 worker {r['seconds_1_worker']:.2f} s, 2 workers {r['seconds_2_workers']:.2f} s: efficiency "
                   f"**{r['efficiency']:.2f}**; {r['evaluations_per_second_per_worker']:.1f} evaluations/s per worker "
                   "process (one CPU core, EfficientNet-Lite0)."]
+        if "runs_seconds" in r:
+            rounds = zip(r["runs_seconds"]["1_worker"], r["runs_seconds"]["2_workers"])
+            lines.append("Efficiency of each round (a 1-worker job and a 2-worker job, one after the other): "
+                         + ", ".join(f"{one / (2 * two):.2f}" for one, two in rounds) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -457,7 +504,7 @@ def main() -> None:
     if "service" in parts:
         results["service"] = measure_service(args.repeats)
     if "scaling" in parts:
-        results["scaling"] = measure_scaling(max(1, args.repeats - 1))
+        results["scaling"] = measure_scaling(args.repeats)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "README.md").write_text(markdown(results))
     print(markdown(results))
