@@ -277,20 +277,29 @@ def measure_accuracy(budgets: list[int], seeds: int) -> dict:
         classes = list(exact.classes)
         rows = []
         for budget in budgets:
-            for tool in TOOLS:
-                errors, times = [], []
-                for seed in range(seeds):
+            errors: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+
+            def run(tool: str, seed: int) -> None:
+                if tool.startswith("shapfleet"):
+                    estimator = "linear" if tool == "shapfleet_linear" else "auto"
+                    values = explain_array(image, classifier.predict,
+                                           settings.replace(nsamples=budget, seed=seed, estimator=estimator)).values
+                else:
+                    values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
+                errors[tool].append(float(np.linalg.norm(values - reference) / norm))
+
+            # In rounds, as interleaved_times does: round s runs every tool with seed s, each round
+            # starting one tool later.
+            times: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+            for seed in range(seeds):
+                shift = seed % len(TOOLS)
+                for tool in TOOLS[shift:] + TOOLS[:shift]:
                     started = time.perf_counter()
-                    if tool.startswith("shapfleet"):
-                        estimator = "linear" if tool == "shapfleet_linear" else "auto"
-                        values = explain_array(image, classifier.predict,
-                                               settings.replace(nsamples=budget, seed=seed, estimator=estimator)).values
-                    else:
-                        values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
-                    times.append(time.perf_counter() - started)
-                    errors.append(float(np.linalg.norm(values - reference) / norm))
-                rows.append({"tool": tool, "nsamples": budget, "relative_l2_error": statistics.median(errors),
-                             "seconds": statistics.median(times)})
+                    run(tool, seed)
+                    times[tool].append(time.perf_counter() - started)
+            for tool in TOOLS:
+                rows.append({"tool": tool, "nsamples": budget, "relative_l2_error": statistics.median(errors[tool]),
+                             "seconds": statistics.median(times[tool])})
                 print(f"[accuracy] {name} {tool} n={budget}: error {rows[-1]['relative_l2_error']:.4f} "
                       f"in {rows[-1]['seconds']:.2f}s", flush=True)
         results[name] = {"superpixels": m, "exact_evaluations": exact.n_evaluations, "rows": rows,
