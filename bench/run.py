@@ -60,14 +60,14 @@ def median_time(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved_times(functions: dict, repeats: int) -> dict:
-    """Seconds of each run of each function, timed in rounds that run every function once (each
-    round starting one function later). This machine's speed drifts over minutes; timing one
-    function's repeats and then the next's puts that drift into their ratio, rounds spread it
-    over all."""
+def interleaved_times(functions: dict, repeats: int, first_round: int = 0) -> dict:
+    """Seconds of each run of each function, timed in rounds that run every function once (round r
+    starting r functions later; rounds are numbered from ``first_round``). This machine's speed
+    drifts over minutes; timing one function's repeats and then the next's puts that drift into
+    their ratio, rounds spread it over all."""
     names = list(functions)
     times: dict = {name: [] for name in names}
-    for round_index in range(repeats):
+    for round_index in range(first_round, first_round + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
@@ -288,15 +288,12 @@ def measure_accuracy(budgets: list[int], seeds: int) -> dict:
                     values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
                 errors[tool].append(float(np.linalg.norm(values - reference) / norm))
 
-            # In rounds, as interleaved_times does: round s runs every tool with seed s, each round
-            # starting one tool later.
+            # Round s runs every tool with seed s.
             times: dict[str, list[float]] = {tool: [] for tool in TOOLS}
             for seed in range(seeds):
-                shift = seed % len(TOOLS)
-                for tool in TOOLS[shift:] + TOOLS[:shift]:
-                    started = time.perf_counter()
-                    run(tool, seed)
-                    times[tool].append(time.perf_counter() - started)
+                timed = interleaved_times({tool: functools.partial(run, tool, seed) for tool in TOOLS}, 1, first_round=seed)
+                for tool in TOOLS:
+                    times[tool] += timed[tool]
             for tool in TOOLS:
                 rows.append({"tool": tool, "nsamples": budget, "relative_l2_error": statistics.median(errors[tool]),
                              "seconds": statistics.median(times[tool])})

@@ -191,7 +191,7 @@ def test_cubic_error_bars_match_a_refitting_jackknife(rng):
             enumerated.append(z)
         else:
             sampled.append(z)
-            groups.append(np.full(len(z), unit.block % design.n_groups))
+            groups.append(design.groups_of(np.full(len(z), unit.block)))
     z_e, z_s, group = np.concatenate(enumerated), np.concatenate(sampled), np.concatenate(groups)
     v_empty = value_of(np.zeros((1, m), bool))[0]
     total = value_of(np.ones((1, m), bool))[0] - v_empty
