@@ -63,6 +63,24 @@ def test_sampled_sizes_follow_the_kernel():
     np.testing.assert_allclose(observed, size_distribution(10), atol=0.01)
 
 
+def test_sample_blocks_are_the_documented_random_stream():
+    """Block j's pairs are drawn from default_rng(SeedSequence(seed, spawn_key=(j,))): sizes as
+    Generator.choice draws them with p = q restricted to the sampled sizes, then a uniform subset of
+    each size (the smallest random keys). A seeded job's coalitions are fixed by this."""
+    design = CoalitionDesign.create(12, 600, seed=5)
+    sizes_q = design.q[design.sampled_sizes]
+    for unit in design.units:
+        if unit.kind != "sampled":
+            continue
+        rng = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(unit.block,)))
+        pairs = unit.n_coalitions // 2
+        sizes = rng.choice(design.sampled_sizes, size=pairs, p=sizes_q / sizes_q.sum())
+        ranks = np.argsort(np.argsort(rng.random((pairs, 12)), axis=1), axis=1)
+        z, _ = design.coalitions(unit)
+        np.testing.assert_array_equal(z[0::2], ranks < sizes[:, None])
+        np.testing.assert_array_equal(z[1::2], ranks >= sizes[:, None])
+
+
 def test_budget_checks():
     assert default_nsamples(50) == 2148
     with pytest.raises(InvalidSettingsError, match="too small"):

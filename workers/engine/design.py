@@ -128,6 +128,13 @@ class CoalitionDesign:
     def sampled_sizes(self) -> np.ndarray:
         return np.array([s for s in range(1, self.n_players) if s not in set(self.enumerated_sizes)], dtype=np.int64)
 
+    @cached_property
+    def _sampled_size_cdf(self) -> np.ndarray:
+        # Computed as Generator.choice computes it, so that the draws are the same to the last bit.
+        sizes_q = self.q[self.sampled_sizes]
+        cdf = np.cumsum(sizes_q / sizes_q.sum())
+        return cdf / cdf[-1]
+
     @property
     def sampled_mass(self) -> float:
         """q_R: the kernel probability of the sizes that are sampled rather than enumerated."""
@@ -226,8 +233,10 @@ class CoalitionDesign:
         first = block * self.pairs_per_block
         pairs = min(self.pairs_per_block, self.n_pairs - first)
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(block,)))
-        sizes_q = self.q[self.sampled_sizes]
-        sizes = rng.choice(self.sampled_sizes, size=pairs, p=sizes_q / sizes_q.sum())
+        # |z| ~ q(s) / q_R over the sampled sizes by inverting their distribution function: the
+        # draws Generator.choice(sampled_sizes, p=...) makes from the same stream, without its
+        # per-call checks of p (which cost more than the rest of a block).
+        sizes = self.sampled_sizes[np.searchsorted(self._sampled_size_cdf, rng.random(pairs), side="right")]
         # A uniformly random subset of size s: the s players with the smallest random keys.
         ranks = np.argsort(np.argsort(rng.random((pairs, m)), axis=1), axis=1)
         z = ranks < sizes[:, None]

@@ -155,7 +155,7 @@ def _fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.nda
     t = shapley_map(m)
     values = t @ coefficients
     x_sampled = x[len(z_enumerated):]
-    std = _jackknife_std(design, factor, x_sampled, y_sampled, sampled_group, coefficients, t)
+    std = _jackknife_std(design, factor, solved[:, -1], x_sampled, y_sampled, sampled_group, coefficients, t)
     return values, std
 
 
@@ -164,13 +164,17 @@ def _constrain(h_inv_rhs: np.ndarray, h_inv_1: np.ndarray, target: np.ndarray) -
     return h_inv_rhs - np.outer(h_inv_1, (h_inv_rhs.sum(axis=0) - target) / h_inv_1.sum())
 
 
-def _jackknife_std(design: CoalitionDesign, factor, x_sampled: np.ndarray, y_sampled: np.ndarray,
-                   sampled_group: np.ndarray, coefficients: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampled: np.ndarray,
+                   y_sampled: np.ndarray, sampled_group: np.ndarray, coefficients: np.ndarray,
+                   t: np.ndarray) -> np.ndarray:
     """Delete-a-group jackknife of the sampled rows without refitting: replicate g's coefficients
     are c + dc_g with H_g dc_g = r_g - 1 dmu exactly, where r_g is the change of the weighted
     residual sums X^T W (y - X c) when group g is dropped (and the others reweighted to q_R / (N_S - n_g)),
     and H_g^-1 = (H - s_g X_g^T X_g)^-1 comes from H's factorisation by the Woodbury identity.
-    (It neglects only the reweighting's effect on H, a relative change of n_g / N_S.)"""
+    (It neglects only the reweighting's effect on H, a relative change of n_g / N_S.)
+
+    Every product with H^-1 goes through U = H^-1 X_S^T and ``h_inv_1`` = H^-1 1: since
+    r_g = (s_g - s) X_S^T e - s_g X_g^T e_g, with e the residuals, H^-1 r_g = (s_g - s) U e - s_g U_g e_g."""
     m, k = t.shape[0], coefficients.shape[1]
     n_sampled = len(x_sampled)
     if n_sampled == 0:
@@ -178,15 +182,15 @@ def _jackknife_std(design: CoalitionDesign, factor, x_sampled: np.ndarray, y_sam
     groups = design.n_groups
     if groups < 2:
         return np.full((m, k), np.nan)
-    residual = y_sampled - x_sampled @ coefficients
+    residual = y_sampled - x_sampled @ coefficients  # n x K
     scale = design.sampled_mass / n_sampled
-    # H^-1 explicitly (from the Cholesky factor), so that what follows is matrix products.
+    # U = H^-1 X_S^T from H^-1's lower triangle (all that dpotri fills) by a symmetric product: on
+    # one BLAS thread this is several times faster than two triangular solves with N_S right-hand sides.
     h_inv, info = scipy.linalg.lapack.dpotri(factor[0], lower=1)
     if info != 0:
         return np.full((m, k), np.nan)
     p = len(h_inv)
-    upper = np.triu_indices(p, 1)
-    h_inv[upper] = h_inv.T[upper]  # dpotri fills the lower triangle only
+    u_all = scipy.linalg.blas.dsymm(1.0, h_inv, x_sampled.T, lower=1)  # p x n
     # Every group at once: its rows gathered into G x n_max arrays, padded with an all-zero row
     # (index n_sampled), which drops out of every product below.
     members = [np.flatnonzero(sampled_group == g) for g in range(groups)]
@@ -194,19 +198,19 @@ def _jackknife_std(design: CoalitionDesign, factor, x_sampled: np.ndarray, y_sam
     for g, rows in enumerate(members):
         index[g, :len(rows)] = rows
     x_groups = np.vstack([x_sampled, np.zeros((1, p))])[index]  # G x n x p
+    u = np.hstack([u_all, np.zeros((p, 1))])[:, index].transpose(1, 0, 2)  # G x p x n: U_g = H^-1 X_g^T
     residual_groups = np.vstack([residual, np.zeros((1, k))])[index]  # G x n x K
     scale_without = design.sampled_mass / (n_sampled - np.array([len(rows) for rows in members]))  # G
-    change = ((scale_without - scale)[:, None, None] * (x_sampled.T @ residual)[None]
-              - scale_without[:, None, None] * (x_groups.transpose(0, 2, 1) @ residual_groups))  # G x p x K
+    dropped, kept = scale_without[:, None, None], (scale_without - scale)[:, None, None]
+    change = kept * (x_sampled.T @ residual)[None] - dropped * (x_groups.transpose(0, 2, 1) @ residual_groups)
+    h_inv_change = kept * (u_all @ residual)[None] - dropped * (u @ residual_groups)  # G x p x K
     rhs = np.concatenate([change, np.ones((groups, p, 1))], axis=2)  # G x p x (K + 1)
-    # (Two large products rather than G small ones: one BLAS call each.)
-    h_inv_rhs = (h_inv @ rhs.transpose(1, 0, 2).reshape(p, -1)).reshape(p, groups, k + 1).transpose(1, 0, 2)
-    # Woodbury: H_g^-1 v = H^-1 v + U (I / s_g - X_g U)^-1 U^T v, with U = H^-1 X_g^T.
-    u = np.hstack([h_inv @ x_sampled.T, np.zeros((p, 1))])[:, index].transpose(1, 0, 2)  # G x p x n
+    h_inv_rhs = np.concatenate([h_inv_change, np.broadcast_to(h_inv_1[None, :, None], (groups, p, 1))], axis=2)
+    # Woodbury: H_g^-1 v = H^-1 v + U_g (I / s_g - X_g U_g)^-1 U_g^T v.
     inner = np.eye(index.shape[1])[None] / scale_without[:, None, None] - x_groups @ u
     solved = h_inv_rhs + u @ np.linalg.solve(inner, u.transpose(0, 2, 1) @ rhs)
-    h_inv_change, h_inv_1 = solved[:, :, :k], solved[:, :, k]
-    shifts = h_inv_change - h_inv_1[:, :, None] * (h_inv_change.sum(axis=1) / h_inv_1.sum(axis=1)[:, None])[:, None, :]
+    change_g, ones_g = solved[:, :, :k], solved[:, :, k]  # H_g^-1 r_g and H_g^-1 1
+    shifts = change_g - ones_g[:, :, None] * (change_g.sum(axis=1) / ones_g.sum(axis=1)[:, None])[:, None, :]
     replicates = t @ shifts  # G x M x K: each replicate minus the estimate
     variance = (groups - 1) / groups * ((replicates - replicates.mean(axis=0)) ** 2).sum(axis=0)
     return np.sqrt(variance)
