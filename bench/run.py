@@ -1,6 +1,6 @@
 """shapfleet benchmarks, measured side by side in one run (run bench/setup.sh first).
 
-    .venv/bin/python bench/run.py [--repeats 3] [--only limit,accuracy,service,scaling]
+    .venv/bin/python bench/run.py [--repeats 5] [--only limit,accuracy,service,scaling]
 
 Writes bench/results/results.json, bench/results/error_vs_time.png and bench/results/README.md.
 What is measured (medians over --repeats, every figure a ratio against a number from the same run;
@@ -498,7 +498,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per budget in the accuracy study (default: 9 on the MNIST cases, 3 on EfficientNet)")
     parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
