@@ -185,7 +185,8 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
     residual = y_sampled - x_sampled @ coefficients  # n x K
     scale = design.sampled_mass / n_sampled
     # U = H^-1 X_S^T from H^-1's lower triangle (all that dpotri fills) by a symmetric product: on
-    # one BLAS thread this is several times faster than two triangular solves with N_S right-hand sides.
+    # one BLAS thread about twice as fast as two triangular solves with N_S right-hand sides
+    # (2.2 ms against 4.7 ms at p = 298, N_S = 336).
     h_inv, info = scipy.linalg.lapack.dpotri(factor[0], lower=1)
     if info != 0:
         return np.full((m, k), np.nan)
@@ -201,6 +202,7 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
     u = np.hstack([u_all, np.zeros((p, 1))])[:, index].transpose(1, 0, 2)  # G x p x n: U_g = H^-1 X_g^T
     residual_groups = np.vstack([residual, np.zeros((1, k))])[index]  # G x n x K
     scale_without = design.sampled_mass / (n_sampled - np.array([len(rows) for rows in members]))  # G
+    # r_g = (s_g - s) X_S^T e - s_g X_g^T e_g: the other rows' weight goes from s to s_g, the group's to 0.
     dropped, kept = scale_without[:, None, None], (scale_without - scale)[:, None, None]
     change = kept * (x_sampled.T @ residual)[None] - dropped * (x_groups.transpose(0, 2, 1) @ residual_groups)
     h_inv_change = kept * (u_all @ residual)[None] - dropped * (u @ residual_groups)  # G x p x K
