@@ -160,3 +160,37 @@ def test_shards_are_handed_out_largest_first():
     sizes = [plans[n].shard_evaluations(i) for n, i in order]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
     assert order != sorted(order)  # index order is not already largest first here
+
+
+def test_the_engine_keeps_blas_to_one_thread_while_it_computes(monkeypatch):
+    """Spinning BLAS threads slow onnxruntime's threads between batches (workers.engine.threads): shard
+    evaluation and the reduce run with one BLAS thread, and the caller's setting comes back after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from workers.engine import estimation
+    from workers.engine.evaluation import evaluate_shard
+    from workers.engine.planning import plan_explanation
+    from workers.engine.settings import ExplainSettings
+
+    def blas_threads() -> set[int]:
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+
+    def predict(x):
+        seen.append(blas_threads())
+        return x.reshape(len(x), -1)[:, :3].astype(np.float64)
+
+    image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        plan = plan_explanation(image, predict, ExplainSettings(segmenter="grid", grid="4x4", nsamples=300,
+                                                                all_classes=True, batch_size=32))
+        seen.clear()
+        stats = evaluate_shard(plan, 0, predict)
+        assert seen and all(threads == {1} for threads in seen)
+        assert blas_threads() == {2}
+        jackknife, inside = estimation._jackknife_std, []
+        monkeypatch.setattr(estimation, "_jackknife_std", lambda *args: (inside.append(blas_threads()), jackknife(*args))[1])
+        estimation.estimate(plan.design, stats, plan.v_empty, plan.v_full, "linear")
+        assert inside == [{1}] and blas_threads() == {2}

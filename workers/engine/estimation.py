@@ -29,6 +29,7 @@ import numpy as np
 from . import interactions
 from .design import CoalitionDesign
 from .errors import EstimationError
+from .threads import one_blas_thread
 
 #: Above this condition number the regression is treated as singular.
 MAX_CONDITION = 1e12
@@ -181,6 +182,12 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
     the third-order surrogate of :mod:`workers.engine.interactions`; ``auto`` picks the surrogate
     where :func:`~workers.engine.interactions.use_interactions` says it is determined. A surrogate
     too ill-conditioned to solve falls back to the additive fit."""
+    with one_blas_thread():  # see workers.engine.threads: spinning BLAS threads would slow the next model calls
+        return _estimate(design, stats, v_empty, v_full, estimator)
+
+
+def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
+              estimator: str) -> Estimate:
     v_empty = np.asarray(v_empty, dtype=np.float64)
     v_full = np.asarray(v_full, dtype=np.float64)
     total = v_full - v_empty

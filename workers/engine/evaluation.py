@@ -16,6 +16,7 @@ from .errors import Canceled, ModelOutputError
 from .estimation import ShardStatistics
 from .design import WorkUnit
 from .planning import ImagePlan, JobPlan
+from .threads import one_blas_thread
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -88,6 +89,12 @@ def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
     made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true;
     ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
     """
+    with one_blas_thread():  # the statistics' small products must not spin BLAS threads beside onnxruntime
+        return _evaluate_shard(plan, shard_index, predict, on_progress, should_stop, predict_coalitions)
+
+
+def _evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict, on_progress: Callable[[int], None] | None,
+                    should_stop: Callable[[], bool] | None, predict_coalitions: Predict | None) -> ShardStatistics:
     stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
     per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
     for parts in _full_batches(plan, plan.shard_units[shard_index], per_batch):

@@ -41,9 +41,8 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.linalg
-from threadpoolctl import ThreadpoolController
-
 from .design import CoalitionDesign
+from .threads import one_blas_thread
 
 #: The ridge strength on triple terms relative to the mean diagonal of the players' block, per unit
 #: of p / n (chosen on the benchmark's exact cases; 0.003 to 0.03 all beat the additive fit there).
@@ -55,9 +54,6 @@ MAX_PLAYERS = 16
 MAX_CUBIC_PLAYERS = 24
 #: Above this (estimated) condition number the surrogate is not used.
 MAX_CONDITION = 1e12
-
-_threadpools: ThreadpoolController | None = None
-
 
 def n_terms(n_players: int) -> int:
     """p = M + C(M,2) + C(M,3)."""
@@ -119,10 +115,7 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
 
     BLAS runs on one thread here: at these sizes (p <= 696) a second thread on a busy 2-core machine
     made the fit 4x slower (55 ms against 14 ms at M = 12, 384 coalitions)."""
-    global _threadpools
-    if _threadpools is None:
-        _threadpools = ThreadpoolController()  # finding the BLAS libraries once, not per call
-    with _threadpools.limit(limits=1, user_api="blas"):
+    with one_blas_thread():
         return _fit(design, z_enumerated, y_enumerated, z_sampled, y_sampled, sampled_group, total)
 
 
