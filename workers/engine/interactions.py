@@ -41,6 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.linalg
+
 from .design import CoalitionDesign
 from .threads import one_blas_thread
 
@@ -54,6 +55,7 @@ MAX_PLAYERS = 16
 MAX_CUBIC_PLAYERS = 24
 #: Above this (estimated) condition number the surrogate is not used.
 MAX_CONDITION = 1e12
+
 
 def n_terms(n_players: int) -> int:
     """p = M + C(M,2) + C(M,3)."""
