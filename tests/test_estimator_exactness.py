@@ -106,7 +106,7 @@ def test_same_seed_same_answer_and_different_seed_different_samples(rng):
     assert np.abs(first.values - other.values).max() > 1e-6
 
 
-@pytest.mark.parametrize("estimator", ["linear", "cubic"])
+@pytest.mark.parametrize("estimator", ["linear", "cubic", "kriging"])
 def test_error_bars_cover_the_exact_values(rng, estimator):
     """Over 20 seeds, |estimate - exact| <= 1.96 std for between 85% and 99% of the values."""
     height = width = 12

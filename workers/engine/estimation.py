@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from . import interactions
+from . import interactions, kriging
 from .design import CoalitionDesign
 from .errors import EstimationError
 from .threads import one_blas_thread
@@ -171,7 +171,7 @@ class Estimate:
     values: np.ndarray  # M x K
     std: np.ndarray  # M x K (0 where exact; NaN where fewer than 2 sample groups)
     additivity_residual: np.ndarray  # K: sum(values) - (v(1) - v(0))
-    estimator: str = "linear"  # the fit used: "linear" (additive) or "cubic" (third-order surrogate)
+    estimator: str = "linear"  # the fit used: "linear" (additive), "cubic" (third-order surrogate) or "kriging"
 
 
 def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
@@ -179,9 +179,11 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
     """Shapley values and jackknife standard errors from combined statistics.
 
     ``estimator``: ``linear`` is KernelSHAP's additive fit (shap's KernelExplainer); ``cubic`` fits
-    the third-order surrogate of :mod:`workers.engine.interactions`; ``auto`` picks the surrogate
-    where :func:`~workers.engine.interactions.use_interactions` says it is determined. A surrogate
-    too ill-conditioned to solve falls back to the additive fit."""
+    the third-order surrogate of :mod:`workers.engine.interactions`; ``kriging`` the Gaussian-process
+    model of :mod:`workers.engine.kriging`; ``auto`` picks kriging where
+    :func:`~workers.engine.kriging.use_kriging` allows it, else the surrogate where
+    :func:`~workers.engine.interactions.use_interactions` says it is determined. A fit too
+    ill-conditioned to solve falls back to the additive one."""
     with one_blas_thread():  # see workers.engine.threads: spinning BLAS threads would slow the next model calls
         return _estimate(design, stats, v_empty, v_full, estimator)
 
@@ -195,15 +197,19 @@ def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarr
     if m == 1:
         values = total[None, :].copy()
         return Estimate(values, np.zeros_like(values), np.zeros_like(total))
-    if interactions.use_interactions(design, estimator):
+    for name, module, chosen in (("kriging", kriging, kriging.use_kriging(design, estimator)),
+                                 ("cubic", interactions, interactions.use_interactions(design, estimator))):
+        if not chosen:
+            continue
         stats._flush()
-        fitted = interactions.fit(
+        fitted = module.fit(
             design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
             np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
             design.groups_of(stats.sampled_block), total)
         if fitted is not None:
             values, std = fitted
-            return Estimate(values, std, values.sum(axis=0) - total, "cubic")
+            return Estimate(values, std, values.sum(axis=0) - total, name)
+        break  # the chosen fit was singular: the additive fit follows
     a, b = _regression(design, stats, stats.sampled_zz, stats.sampled_zy, stats.sampled_count)
     values = solve_constrained(a, b, total)
     std = np.zeros_like(values) if stats.sampled_count == 0 else _jackknife_std(design, stats, total)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import interactions
+from . import interactions, kriging
 from .design import CoalitionDesign, WorkUnit
 from .errors import InvalidSettingsError, ModelOutputError
 from .maskers import Masker, build_masker, masker_from_arrays
@@ -193,6 +193,8 @@ def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarr
             f"of them; this image has {n_players}: use fewer superpixels, or estimator auto or linear")
     masker = build_masker(settings.masker_spec, image, load_reference, background_set)
     design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
+    if settings.estimator == "kriging":
+        _check_kriging(design)
     plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design)
     plan.split(n_shards)
     return plan
@@ -217,3 +219,17 @@ def checked_outputs(predict: Callable[[np.ndarray], np.ndarray], images: np.ndar
     if out.ndim != 2 or out.shape[0] != len(images):
         raise ModelOutputError(f"the model returned shape {list(out.shape)} for {len(images)} images; expected batch x classes")
     return transform_outputs(out, "raw")  # checks finiteness; the adapter already applied --output
+
+
+def _check_kriging(design: CoalitionDesign) -> None:
+    """Refuse, before any model evaluation, a kriging fit that would be too large: its kernel
+    tables are exact integer sums over C(M, d), and its fit is O(n^3) in the pairs."""
+    if design.n_players > kriging.MAX_PLAYERS:
+        raise InvalidSettingsError(
+            f"estimator kriging allows at most {kriging.MAX_PLAYERS} superpixels; this image has "
+            f"{design.n_players}: use fewer superpixels, or estimator auto or linear")
+    if not design.is_exact and kriging.n_pairs(design) > kriging.MAX_PAIRS:  # an exact design needs no fit
+        raise InvalidSettingsError(
+            f"estimator kriging fits at most {2 * kriging.MAX_PAIRS} coalitions ({kriging.MAX_PAIRS} complementary "
+            f"pairs); this job's nsamples gives {design.n_coalitions}: lower nsamples, or use "
+            f"estimator auto or linear")

@@ -18,8 +18,9 @@ LAYOUTS = ("auto", "nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 OUTPUT_TRANSFORMS = ("raw", "softmax", "logit")
 METHODS = ("kernel", "partition")
-#: How method kernel turns evaluations into Shapley values (see workers.engine.interactions).
-ESTIMATORS = ("auto", "linear", "cubic")
+#: How method kernel turns evaluations into Shapley values (see workers.engine.interactions and
+#: workers.engine.kriging).
+ESTIMATORS = ("auto", "linear", "cubic", "kriging")
 #: shap's PartitionExplainer default budget.
 DEFAULT_MAX_EVALS = 500
 
@@ -126,7 +127,8 @@ class ExplainSettings:
     (``max_evals``; ``batch_size`` is then also the number of masked images per refinement round,
     as in shap's PartitionExplainer). ``estimator`` (kernel only) picks the regression that turns
     evaluations into Shapley values: ``linear`` (KernelSHAP's), ``cubic`` (a third-order surrogate,
-    see :mod:`workers.engine.interactions`) or ``auto``.
+    see :mod:`workers.engine.interactions`), ``kriging`` (a Gaussian-process model of the game, see
+    :mod:`workers.engine.kriging`) or ``auto``.
     """
 
     method: str = "kernel"

@@ -1,0 +1,239 @@
+"""Shapley values by kriging: a Gaussian-process model of the game's odd part, fitted to the pairs.
+
+**Only the odd part matters.** Write players as x = 2z - 1 in {-1, +1}^M and split the game into
+its parts that are even and odd under complementation, v(z) = e(x) + h(x) with
+h(x) = (v(z) - v(1 - z)) / 2. The even part has Shapley value zero (its marginal contributions
+cancel between a coalition and its complement, which the Shapley weights treat alike), so
+phi(v) = phi(h). In the Fourier basis chi_T(x) = prod_{i in T} x_i, h has only odd-degree terms,
+h = sum_{|T| odd} f_T chi_T, and each term's Shapley value is known:
+
+    phi_i(chi_T) = 2 / |T|   for i in T,   so   phi_i = sum_{T odd, i in T} 2 f_T / |T|.
+
+The design evaluates coalitions in complementary pairs, so every pair gives one exact observation
+h(x) = (y(z) - y(1 - z)) / 2 (y = v - v(0)), and the grand coalition gives h(1) = (v(1) - v(0)) / 2,
+which is the efficiency constraint.
+
+**The model.** The degree-1 coefficients (the additive part, what KernelSHAP fits) are fixed effects
+with a flat prior; the higher odd degrees are a zero-mean Gaussian process with independent
+coefficients, f_T ~ N(0, s^2 rho^((|T| - 1) / 2) / C(M, |T|)) for |T| = 3, 5, ...: each degree
+carries total variance s^2 rho^((d-3)/2) spread evenly over its C(M, d) terms, so higher orders are
+assumed smaller by a factor rho per step. The covariance of h at two points depends only on how
+many players they agree on, a (a Krawtchouk polynomial per degree), so the n x n kernel matrix costs
+nothing to form and the fit costs O(n^3) in the number of distinct pairs n, whatever M is. The
+estimate is the posterior mean (universal kriging: generalised least squares for the linear terms,
+then the interpolating residual): with alpha = K^-1 (d - X beta),
+
+    phi = 2 beta + A^T alpha,   A_ji = x_ji sum_{d odd >= 3} (2 w_d / d) e_{d-1}(x_j without i),
+
+with w_d the per-coefficient variance and e_k the elementary symmetric polynomials. The decay rho is
+chosen per job by restricted maximum likelihood (REML, shared by the classes, each with its own
+scale s^2) over :data:`RHO_GRID`.
+
+**Properties.** Observations are exact (no noise term), so the fit interpolates every evaluated
+pair: with every coalition evaluated it returns the game's own Shapley values, and a game whose odd
+part is additive (a linear model) is recovered exactly from any design that determines its M linear
+terms. With sampled coalitions it is the Bayes estimate under the prior above, which, unlike a
+truncated surrogate (:mod:`workers.engine.interactions`), also accounts for the terms of degree 5
+and more instead of letting them alias into the fitted ones.
+
+**Error bars** are the delete-a-group jackknife over the sampled pairs' groups at the chosen rho,
+without refitting: for the bordered system S s = r of universal kriging, deleting the equations and
+unknowns of a set g gives s_(-g) = s - C_{:,g} C_{gg}^-1 s_g (restricted to the rest) with C = S^-1.
+A pair sampled more than once is one observation, assigned to the group that drew it first.
+
+All arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import scipy.linalg
+
+from .design import CoalitionDesign
+from .threads import one_blas_thread
+
+#: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
+RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+#: Largest M for which ``kriging`` (and ``auto``'s use of it) is offered: the kernel's tables are
+#: exact integer sums over C(M, d) and stay cheap well beyond the 16 superpixels exact checks reach.
+MAX_PLAYERS = 64
+#: Most distinct pairs ``kriging`` fits (each fit is a few n x n Cholesky factorisations:
+#: about 1 s at 2048 on one core). Planning refuses more before evaluating anything.
+MAX_PAIRS = 2048
+#: Most pairs for which ``auto`` picks kriging (beyond, its O(n^3) cost outgrows the gain on a
+#: fast model and ``auto`` falls back to the cubic surrogate or the additive fit).
+MAX_AUTO_PAIRS = 1024
+#: Relative jitter on the kernel's diagonal, for round-off only.
+JITTER = 1e-10
+
+
+def n_pairs(design: CoalitionDesign) -> int:
+    """The complementary pairs a design evaluates (distinct ones may be fewer: sampled pairs can repeat)."""
+    return design.n_enumerated // 2 + design.n_pairs
+
+
+def use_kriging(design: CoalitionDesign, estimator: str) -> bool:
+    """Whether the reduce fits by kriging: for ``kriging`` when 3 <= M <= 64 and the design has at
+    most :data:`MAX_PAIRS` pairs (planning refuses more); for ``auto`` when 3 <= M <= 16 (where the
+    estimator has been checked against exact values), the design is not already exact (then
+    every fit gives the exact values, the additive one soonest) and has at most
+    :data:`MAX_AUTO_PAIRS` pairs."""
+    m = design.n_players
+    if m < 3 or design.is_exact:
+        return False
+    if estimator == "kriging":
+        return m <= MAX_PLAYERS and n_pairs(design) <= MAX_PAIRS
+    return estimator == "auto" and m <= 16 and n_pairs(design) <= MAX_AUTO_PAIRS
+
+
+@lru_cache(maxsize=16)
+def _symmetric_sums(n_players: int) -> np.ndarray:
+    """E[a, k] = e_k, the k-th elementary symmetric polynomial, of a +-1 vector of length M with a
+    entries +1 (a, k = 0..M): sum_r (-1)^r C(M - a, r) C(a, k - r), summed exactly in integers."""
+    m = n_players
+    table = np.zeros((m + 1, m + 1))
+    for a in range(m + 1):
+        b = m - a
+        for k in range(m + 1):
+            table[a, k] = sum((-1) ** r * math.comb(b, r) * math.comb(a, k - r) for r in range(max(0, k - a), min(k, b) + 1))
+    return table
+
+
+@lru_cache(maxsize=64)
+def _tables(n_players: int, rho: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For decay ``rho``: the kernel k(a) for two points agreeing on a players (a = 0..M), and the
+    Shapley map's factors for an entry x_ji = +1 and = -1 as functions of the number of +1 entries
+    in row j (0..M)."""
+    m = n_players
+    degrees = np.arange(3, m + 1, 2)
+    variance = np.array([rho ** ((d - 3) // 2) / math.comb(m, d) for d in degrees])  # w_d per coefficient
+    kernel = _symmetric_sums(m)[:, degrees] @ variance
+    # e_{d-1} over the other M - 1 players of row j with c entries +1: c - 1 of them +1 when x_ji = +1.
+    others = _symmetric_sums(m - 1)[:, degrees - 1] @ (2 * variance / degrees)  # by count of +1 among the M - 1
+    plus = np.zeros(m + 1)
+    minus = np.zeros(m + 1)
+    plus[1:] = others[: m]  # row with c >= 1 entries +1, x_ji = +1: c - 1 of the others are +1
+    minus[: m] = -others[: m]  # x_ji = -1: c of the others are +1 (c <= M - 1)
+    return kernel, plus, minus
+
+
+def pair_observations(z: np.ndarray, y: np.ndarray, total: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct pairs as +-1 points with their first player +1 (n x M), their odd parts
+    h = (y(z) - y(1 - z)) / 2 (n x K) and each pair's group (-1: enumerated; never dropped), the
+    grand coalition last with h = total / 2. ``z``: every evaluated coalition, each with its complement."""
+    flip = ~z[:, 0]
+    canonical = np.where(flip[:, None], ~z, z)
+    sign = np.where(flip, -1.0, 1.0)
+    keys, first, inverse = np.unique(np.packbits(canonical, axis=1), axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    sums = np.zeros((len(keys), y.shape[1]))
+    np.add.at(sums, inverse, sign[:, None] * y)
+    counts = np.bincount(inverse, minlength=len(keys))
+    # A pair seen once gives y(z) - y(1 - z) over 2 rows: the mean of the signed values is h.
+    odd = sums / counts[:, None]
+    x = np.unpackbits(keys, axis=1, count=z.shape[1]).astype(np.float64) * 2.0 - 1.0
+    grand = np.ones((1, z.shape[1]))
+    return (np.vstack([x, grand]), np.vstack([odd, np.asarray(total, np.float64)[None, :] / 2.0]),
+            np.concatenate([group[first], [-1]]))
+
+
+def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
+        y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Shapley values (M x K) and jackknife standard errors by kriging, from every evaluated
+    coalition with ``y = v(z) - v(0)``. None when the pairs do not determine the linear terms or a
+    matrix is singular (the caller then uses the additive fit)."""
+    with one_blas_thread():
+        return _fit(design, z_enumerated, y_enumerated, z_sampled, y_sampled, sampled_group, total)
+
+
+def _fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
+         y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    m = design.n_players
+    groups = np.concatenate([np.full(len(z_enumerated), -1), np.asarray(sampled_group, np.int64)])
+    x, odd, point_group = pair_observations(np.concatenate([z_enumerated, z_sampled]),
+                                            np.concatenate([y_enumerated, y_sampled]), total, groups)
+    if len(x) <= m:
+        return None
+    agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)  # players on which two points agree
+    best = None
+    for rho in RHO_GRID:
+        solved = _solve(x, odd, agreement, rho)
+        if solved is not None and (best is None or solved["objective"] < best["objective"]):
+            best = solved
+    if best is None:
+        return None
+    values = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
+    std = _posterior_std(x, best, m, bool((point_group >= 0).any()))
+    return values, std
+
+
+def _solve(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray, rho: float) -> dict | None:
+    """Universal kriging at decay ``rho``: beta (M x K), alpha (n x K), the Shapley map A (n x M)
+    and the REML objective (smaller is better)."""
+    n, m = x.shape
+    kernel, plus, minus = _tables(m, rho)
+    k = kernel[agreement]
+    k[np.diag_indices(n)] += JITTER * kernel[m]
+    try:
+        factor = scipy.linalg.cho_factor(k, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    k_inv_x = scipy.linalg.cho_solve(factor, x, check_finite=False)
+    k_inv_odd = scipy.linalg.cho_solve(factor, odd, check_finite=False)
+    normal = x.T @ k_inv_x
+    try:
+        normal_factor = scipy.linalg.cho_factor(normal, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    beta = scipy.linalg.cho_solve(normal_factor, x.T @ k_inv_odd, check_finite=False)
+    alpha = k_inv_odd - k_inv_x @ beta
+    # REML with each class's scale s^2 profiled out: (n - M) sum_k log(r_k^T K^-1 r_k) + K log|K| |X^T K^-1 X|.
+    quadratic = np.einsum("nk,nk->k", odd - x @ beta, alpha)
+    if np.any(quadratic <= 0):  # the odd parts are exactly linear: any rho interpolates them
+        quadratic = np.maximum(quadratic, np.finfo(float).tiny)
+    log_det = 2.0 * (np.log(np.diag(factor[0])).sum() + np.log(np.diag(normal_factor[0])).sum())
+    objective = (n - m) * np.log(quadratic).sum() + odd.shape[1] * log_det
+    positives = (x > 0).sum(axis=1)
+    shapley_map = np.where(x > 0, plus[positives][:, None], minus[positives][:, None])
+    return {"rho": rho, "beta": beta, "alpha": alpha, "map": shapley_map, "objective": objective, "quadratic": quadratic,
+            "factor": factor, "k_inv_x": k_inv_x, "normal_factor": normal_factor}
+
+
+def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -> np.ndarray:
+    """The posterior standard deviation of each phi_i for each class k, under the model with the
+    chosen rho and the class's REML scale s_k^2 = r_k^T K^-1 r_k / (n - M):
+
+        Var(phi_i) = s_k^2 (c_i - g_i^T S^-1 g_i),   g_i = (A_{:,i}, 2 e_i),
+
+    with S = [[K, X], [X^T, 0]] the bordered kriging system, A the Shapley map (A_ji is the prior
+    covariance of phi_i with h(x_j), per unit s^2) and c_i = sum_{d odd >= 3} (2 / d)^2 w_d C(M-1, d-1)
+    phi_i's prior variance. S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1 (P = K^-1,
+    Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
+    m = n_players
+    if not sampled:
+        return np.zeros((m, fitted["beta"].shape[1]))
+    n = len(x)
+    shapley_map = fitted["map"]
+    factor, k_inv_x = fitted["factor"], fitted["k_inv_x"]
+    k_inv_map = scipy.linalg.cho_solve(factor, shapley_map, check_finite=False)  # P A
+    q_inv = scipy.linalg.cho_solve(fitted["normal_factor"], np.eye(m), check_finite=False)
+    # g^T S^-1 g for g = (A e_i, 2 e_i), column by column:
+    #   A^T P A - (X^T P A)^T Q^-1 (X^T P A) + 4 (Q^-1 X^T P A)_ii - 4 Q^-1_ii
+    xpa = k_inv_x.T @ shapley_map  # X^T P A (M x M)
+    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,jk,ki->i", xpa, q_inv, xpa)
+                 + 4.0 * np.diag(q_inv @ xpa) - 4.0 * np.diag(q_inv))
+    prior = _prior_variance(m, fitted["rho"])
+    scale = fitted["quadratic"] / max(1, n - m)  # K
+    variance = np.maximum(prior - explained, 0.0)[:, None] * scale[None, :]
+    return np.sqrt(variance)
+
+
+@lru_cache(maxsize=64)
+def _prior_variance(n_players: int, rho: float) -> float:
+    """phi_i's prior variance per unit s^2: sum over odd d >= 3 of C(M-1, d-1) terms, each (2/d)^2 w_d."""
+    m = n_players
+    return float(sum((2.0 / d) ** 2 * rho ** ((d - 3) // 2) / math.comb(m, d) * math.comb(m - 1, d - 1)
+                     for d in range(3, m + 1, 2)))
