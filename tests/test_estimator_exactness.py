@@ -218,15 +218,35 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
     assert not use_interactions(CoalitionDesign.create(20, 5000, 0), "auto")  # too many terms
     assert use_interactions(CoalitionDesign.create(20, 5000, 0), "cubic")
     assert not use_interactions(CoalitionDesign.create(12, 600, 0), "linear")
+    assert not use_interactions(CoalitionDesign.create(12, 600, 0), "kriging")
+
+
+def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_1024_pairs():
+    from workers.engine.design import CoalitionDesign
+    from workers.engine.interactions import use_interactions
+    from workers.engine.kriging import n_pairs, use_kriging
+
+    assert n_pairs(CoalitionDesign.create(12, 600, 0)) == 300
+    assert use_kriging(CoalitionDesign.create(12, 200, 0), "auto")  # fewer coalitions than cubic terms
+    assert use_kriging(CoalitionDesign.create(16, 2048, 0), "auto")
+    assert not use_kriging(CoalitionDesign.create(16, 2060, 0), "auto")  # 1030 pairs: the cubic fit's turn
+    assert use_interactions(CoalitionDesign.create(16, 2060, 0), "auto")
+    assert not use_kriging(CoalitionDesign.create(12, 5000, 0), "auto")  # exact already
+    assert not use_kriging(CoalitionDesign.create(17, 600, 0), "auto")  # beyond the exactly checked sizes
+    assert use_kriging(CoalitionDesign.create(40, 600, 0), "kriging")
+    assert not use_kriging(CoalitionDesign.create(12, 600, 0), "linear")
+    assert not use_kriging(CoalitionDesign.create(12, 600, 0), "cubic")
 
 
 def test_the_summary_says_which_fit_auto_chose(rng):
     image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
     base = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", preprocess="unit")
     model = OnnxClassifier(conv_model(12, 12, classes=3), base)
-    assert explain_array(image, model.predict, base.replace(nsamples=600)).summary()["estimator"] == "cubic"
-    assert explain_array(image, model.predict, base.replace(nsamples=200)).summary()["estimator"] == "linear"
+    assert explain_array(image, model.predict, base.replace(nsamples=600)).summary()["estimator"] == "kriging"
+    assert explain_array(image, model.predict, base.replace(nsamples=200)).summary()["estimator"] == "kriging"
     assert explain_array(image, model.predict, base.replace(nsamples=4094)).summary()["estimator"] == "linear"  # exact
+    cubic = base.replace(nsamples=600, estimator="cubic")
+    assert explain_array(image, model.predict, cubic).summary()["estimator"] == "cubic"
 
 
 def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
@@ -244,3 +264,150 @@ def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
     with pytest.raises(InvalidSettingsError, match="at most 24 of them; this image has 25"):
         explain_array(image, counting_predict, settings)
     assert calls == []
+
+
+# -- kriging (estimator "kriging", workers/engine/kriging.py) -------------------------------------------
+def _design_rows(design, value_of):
+    """Every unit's coalitions, split into enumerated and sampled rows, with y = v(z) - v(0)."""
+    m = design.n_players
+    enumerated, sampled, groups = [np.zeros((0, m), bool)], [np.zeros((0, m), bool)], [np.zeros(0, np.int64)]
+    for unit in design.units:
+        z, _ = design.coalitions(unit)
+        if unit.kind == "enumerated":
+            enumerated.append(z)
+        else:
+            sampled.append(z)
+            groups.append(design.groups_of(np.full(len(z), unit.block)))
+    z_e, z_s, group = np.concatenate(enumerated), np.concatenate(sampled), np.concatenate(groups)
+    v_empty = value_of(np.zeros((1, m), bool))[0]
+    total = value_of(np.ones((1, m), bool))[0] - v_empty
+
+    def y(z):
+        return value_of(z) - v_empty if len(z) else np.zeros((0, len(v_empty)))
+
+    return z_e, y(z_e), z_s, y(z_s), group, total
+
+
+def test_kriging_on_every_pair_equals_brute_force_shapley(rng):
+    """With every coalition evaluated the model interpolates the game's odd part everywhere, so its
+    Shapley values are the game's (the claim that makes kriging consistent); its std is then 0."""
+    from workers.engine import kriging
+    from workers.engine.design import CoalitionDesign
+    from workers.engine.maskers import build_masker
+
+    height, width = 8, 8
+    image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
+    model_bytes = conv_model(height, width, classes=3, seed=2)
+    settings = ExplainSettings(segmenter="grid", grid="2x4", masker="constant:40", all_classes=True, preprocess="unit")
+    segments = explain_array(image, OnnxClassifier(model_bytes, settings).predict, settings).segments
+    background = build_masker(settings.masker_spec, image).backgrounds[0]
+    value_of = onnx_value_function(model_bytes, image, background, segments, [0, 1, 2])
+    design = CoalitionDesign.create(8, None, 0)
+    assert design.is_exact
+    values, std = kriging.fit(design, *_design_rows(design, value_of))
+    np.testing.assert_allclose(values, brute_force_shapley(value_of, 8), rtol=0, atol=1e-8)
+    assert np.all(std == 0)
+
+
+def test_kriging_recovers_a_linear_model_from_few_coalitions(linear_case):
+    """A linear model's odd part is additive, so the fixed-effect linear terms take all of it and
+    the answer is the closed form, from 400 of 2^30 coalitions, as for KernelSHAP's fit."""
+    weights, bias, image = linear_case
+    settings = ExplainSettings(segmenter="grid", grid="5x6", masker="mean", all_classes=True, preprocess="unit",
+                               nsamples=400, seed=3, estimator="kriging")
+    model = OnnxClassifier(linear_model(weights, bias, "nchw", double=True), settings)
+    result = explain_array(image, model.predict, settings)
+    assert result.summary()["estimator"] == "kriging"
+    background = np.broadcast_to(image.mean(axis=(0, 1)), image.shape)
+    expected = linear_shapley(weights, image, background, result.segments, std=255.0)
+    assert np.abs(result.values - expected).max() < 1e-8
+
+
+def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng):
+    """An independent computation of the same estimate: Bayesian linear regression on every odd
+    Fourier coefficient f_T of a 6-player game (prior N(0, w_|T|), a very wide one on degree 1;
+    exact observations h(x_j) and h(1)), then phi_i = sum_{T odd, i in T} 2 f_T / |T| with its
+    posterior variance, scaled by the REML variance s^2 the module reports."""
+    import itertools
+    import math
+
+    from workers.engine import kriging
+    from workers.engine.design import CoalitionDesign
+
+    m = 6
+    weights = rng.normal(size=(m, 2))
+
+    def value_of(z):
+        zf = z.astype(float)
+        return np.tanh(zf @ weights) + 0.3 * np.sin(zf @ weights[:, ::-1] * 2)
+
+    design = CoalitionDesign.create(m, 30, seed=1)
+    rows = _design_rows(design, value_of)
+    values, std = kriging.fit(design, *rows)
+    z_all = np.concatenate([rows[0], rows[2]])
+    x, odd = kriging.pair_observations(z_all, np.concatenate([rows[1], rows[3]]), rows[5])
+    chosen = kriging._solve(x, odd, np.rint((m + x @ x.T) / 2).astype(np.int64), 0.1)  # one rho of the grid
+    terms = [t for d in range(1, m + 1, 2) for t in itertools.combinations(range(m), d)]
+    prior = np.array([1e8 if len(t) == 1 else 0.1 ** ((len(t) - 3) // 2) / math.comb(m, len(t)) for t in terms])
+    features = np.array([[np.prod(point[list(t)]) for t in terms] for point in x])  # chi_T(x_j)
+    to_shapley = np.array([[2.0 / len(t) if i in t else 0.0 for t in terms] for i in range(m)])
+    gram = features * prior @ features.T
+    posterior_mean = prior[:, None] * features.T @ np.linalg.solve(gram, odd)
+    covariance = np.diag(prior) - (prior[:, None] * features.T) @ np.linalg.solve(gram, features * prior)
+    expected_values = to_shapley @ posterior_mean
+    np.testing.assert_allclose(2 * chosen["beta"] + chosen["map"].T @ chosen["alpha"], expected_values, rtol=1e-5, atol=1e-8)
+    scale = chosen["quadratic"] / (len(x) - m)
+    expected_std = np.sqrt(np.diag(to_shapley @ covariance @ to_shapley.T))[:, None] * np.sqrt(scale)[None, :]
+    np.testing.assert_allclose(kriging._posterior_std(x, chosen, m, True), expected_std, rtol=1e-4)
+    # And the estimate fit() returns is the one at the rho REML chose, whichever it was.
+    best = min((kriging._solve(x, odd, np.rint((m + x @ x.T) / 2).astype(np.int64), rho) for rho in kriging.RHO_GRID),
+               key=lambda solved: solved["objective"])
+    np.testing.assert_allclose(values, 2 * best["beta"] + best["map"].T @ best["alpha"], rtol=1e-12, atol=1e-14)
+
+
+def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
+    """On a nonlinear conv model with 12 superpixels and 600 coalitions (of 4094), kriging's median
+    error against full enumeration is well below the cubic surrogate's (0.4 to 0.5 of it when
+    written) and KernelSHAP's."""
+    height = width = 12
+    image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
+    base = ExplainSettings(segmenter="grid", grid="3x4", masker="constant:0", all_classes=True, preprocess="unit")
+    model = OnnxClassifier(conv_model(height, width, classes=3, seed=7), base)
+    exact = explain_array(image, model.predict, base.replace(nsamples=2 ** 12))
+    linear = _relative_errors(image, model, base.replace(nsamples=600, estimator="linear"), exact, 8)
+    cubic = _relative_errors(image, model, base.replace(nsamples=600, estimator="cubic"), exact, 8)
+    kriged = _relative_errors(image, model, base.replace(nsamples=600, estimator="kriging"), exact, 8)
+    assert np.median(kriged) < 0.75 * np.median(cubic), (np.median(kriged), np.median(cubic))
+    assert np.median(kriged) < 0.4 * np.median(linear), (np.median(kriged), np.median(linear))
+
+
+def test_pair_observations_are_the_odd_parts_of_distinct_pairs():
+    from workers.engine.kriging import pair_observations
+
+    z = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    y = np.array([[1.0], [5.0], [5.0], [1.0], [2.0], [4.0]])
+    x, odd = pair_observations(z, y, np.array([6.0]))
+    # Points have their first player +1 (a pair drawn twice is one point); the grand coalition
+    # comes last with h = total / 2.
+    np.testing.assert_array_equal(x, [[1, -1, -1], [1, 1, -1], [1, 1, 1]])
+    np.testing.assert_allclose(odd[:, 0], [(1 - 5) / 2, (2 - 4) / 2, 3])
+
+
+def test_kriging_refuses_too_large_a_fit_before_evaluating(rng):
+    from workers.engine.errors import InvalidSettingsError
+
+    image = rng.uniform(0, 255, (18, 18, 3)).astype(np.float32)
+    calls = []
+
+    def counting_predict(images):
+        calls.append(len(images))
+        return np.ones((len(images), 2), np.float32)
+
+    too_many_players = ExplainSettings(segmenter="grid", grid="9x9", masker="mean", estimator="kriging", nsamples=500)
+    with pytest.raises(InvalidSettingsError, match="at most 64 superpixels; this image has 81"):
+        explain_array(image, counting_predict, too_many_players)
+    too_many_pairs = ExplainSettings(segmenter="grid", grid="3x5", masker="mean", estimator="kriging", nsamples=5000)
+    with pytest.raises(InvalidSettingsError, match="at most 4096 coalitions"):
+        explain_array(image, counting_predict, too_many_pairs)
+    assert calls == []
+
