@@ -72,8 +72,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"partition: model evaluations in all (default {DEFAULT_MAX_EVALS}, as shap)")
     est.add_argument("--estimator", choices=ESTIMATORS, default="auto",
                      help="kernel: linear is KernelSHAP's additive fit (as shap); cubic also fits every pair and "
-                          "triple of superpixels, far less noisy for the same nsamples; auto (default): cubic "
-                          "when M <= 16 and nsamples covers its terms, else linear")
+                          "triple of superpixels, far less noisy for the same nsamples; kriging models the game as "
+                          "a Gaussian process over the evaluated pairs, less noisy still; auto (default): kriging "
+                          "when M <= 16 and nsamples <= about 2048, else cubic when M <= 16 and nsamples covers "
+                          "its terms, else linear")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--batch-size", type=int, default=64,
                      help="images per model call; partition: also masked images per refinement round")

@@ -12,7 +12,7 @@ limit     the inference limit: onnxruntime alone on the same masked images at it
           (l1_reg=False) with a vectorised masking function and with the VGG16 notebook's per-row,
           per-segment loop, all at the seed notebooks' settings.
 accuracy  relative L2 error against exact Shapley values (full enumeration) for shapfleet (estimator
-          auto, and linear), and shap.KernelExplainer at nsamples 256..4096 on 12- and 16-superpixel
+          auto, cubic and linear), and shap.KernelExplainer at nsamples 256..4096 on 12- and 16-superpixel
           cases, and the time each needs to reach 5%, 2% and 1% error (medians over --seeds seeds;
           by default 9 on the MNIST cases and 3 on EfficientNet).
 service   a ~2000-evaluation job through the API, Redis, SeaweedFS and 2 workers against the same job
@@ -262,9 +262,11 @@ def exact_cases() -> dict:
     }
 
 
-#: shapfleet as shipped (estimator auto: the third-order surrogate on these cases where it applies),
-#: shapfleet's additive KernelSHAP fit (estimator linear), and shap's KernelExplainer.
-TOOLS = ("shapfleet", "shapfleet_linear", "shap_vectorised")
+#: shapfleet as shipped (estimator auto: kriging on these cases, up to 1,024 pairs), shapfleet with
+#: the third-order surrogate (estimator cubic) and with KernelSHAP's additive fit (estimator linear),
+#: and shap's KernelExplainer.
+TOOLS = ("shapfleet", "shapfleet_cubic", "shapfleet_linear", "shap_vectorised")
+ESTIMATOR_OF_TOOL = {"shapfleet": "auto", "shapfleet_cubic": "cubic", "shapfleet_linear": "linear"}
 
 
 def measure_accuracy(budgets: list[int], seeds: int | None) -> dict:
@@ -287,9 +289,8 @@ def measure_accuracy(budgets: list[int], seeds: int | None) -> dict:
 
             def run(tool: str, seed: int) -> None:
                 if tool.startswith("shapfleet"):
-                    estimator = "linear" if tool == "shapfleet_linear" else "auto"
-                    values = explain_array(image, classifier.predict,
-                                           settings.replace(nsamples=budget, seed=seed, estimator=estimator)).values
+                    values = explain_array(image, classifier.predict, settings.replace(
+                        nsamples=budget, seed=seed, estimator=ESTIMATOR_OF_TOOL[tool])).values
                 else:
                     values = shap_kernel(classifier, image, exact.segments, background, classes, budget, True, seed)
                 errors[tool].append(float(np.linalg.norm(values - reference) / norm))
@@ -431,7 +432,8 @@ def plot(accuracy: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(accuracy), figsize=(5 * len(accuracy), 4), squeeze=False)
     for ax, (name, result) in zip(axes[0], accuracy.items()):
-        for tool, style in (("shapfleet", "o-"), ("shapfleet_linear", "^:"), ("shap_vectorised", "s--")):
+        for tool, style in (("shapfleet", "o-"), ("shapfleet_cubic", "d-."), ("shapfleet_linear", "^:"),
+                            ("shap_vectorised", "s--")):
             rows = [r for r in result["rows"] if r["tool"] == tool]
             ax.plot([r["seconds"] for r in rows], [max(r["relative_l2_error"], 1e-6) for r in rows], style, label=tool)
         for target in (0.05, 0.02, 0.01):
