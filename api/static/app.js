@@ -68,6 +68,11 @@ async function loadModels(selected) {
     const size = model.height ? `${model.height}x${model.width}` : "any size";
     select.append(element("option", { value: model.id, text: `${model.id.slice(0, 12)}… ${model.layout} ${size}, ${model.n_classes ?? "?"} classes` }));
   }
+  // A model uploaded a moment ago may not be listed yet (the store's listing can lag its writes):
+  // it is still the one the job uses, so it is shown and selected all the same.
+  if (selected && !models.some((model) => model.id === selected)) {
+    select.append(element("option", { value: selected, text: `${selected.slice(0, 12)}… (just uploaded)` }));
+  }
   if (selected) select.value = selected;
 }
 
