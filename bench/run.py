@@ -262,7 +262,7 @@ def exact_cases() -> dict:
     }
 
 
-#: shapfleet as shipped (estimator auto: kriging on these cases, up to 1,024 pairs), shapfleet with
+#: shapfleet as shipped (estimator auto: kriging on these cases, short of exact), shapfleet with
 #: the third-order surrogate (estimator cubic) and with KernelSHAP's additive fit (estimator linear),
 #: and shap's KernelExplainer.
 TOOLS = ("shapfleet", "shapfleet_cubic", "shapfleet_linear", "shap_vectorised")

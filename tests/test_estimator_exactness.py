@@ -221,16 +221,16 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
     assert not use_interactions(CoalitionDesign.create(12, 600, 0), "kriging")
 
 
-def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_1024_pairs():
+def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_2048_pairs():
     from workers.engine.design import CoalitionDesign
     from workers.engine.interactions import use_interactions
     from workers.engine.kriging import n_pairs, use_kriging
 
     assert n_pairs(CoalitionDesign.create(12, 600, 0)) == 300
     assert use_kriging(CoalitionDesign.create(12, 200, 0), "auto")  # fewer coalitions than cubic terms
-    assert use_kriging(CoalitionDesign.create(16, 2048, 0), "auto")
-    assert not use_kriging(CoalitionDesign.create(16, 2060, 0), "auto")  # 1030 pairs: the cubic fit's turn
-    assert use_interactions(CoalitionDesign.create(16, 2060, 0), "auto")
+    assert use_kriging(CoalitionDesign.create(16, 4096, 0), "auto")
+    beyond = CoalitionDesign.create(16, 4100, 0)  # 2050 pairs: the cubic fit's turn
+    assert not use_kriging(beyond, "auto") and use_interactions(beyond, "auto")
     assert not use_kriging(CoalitionDesign.create(12, 5000, 0), "auto")  # exact already
     assert not use_kriging(CoalitionDesign.create(17, 600, 0), "auto")  # beyond the exactly checked sizes
     assert use_kriging(CoalitionDesign.create(40, 600, 0), "kriging")
@@ -379,6 +379,23 @@ def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
     kriged = _relative_errors(image, model, base.replace(nsamples=600, estimator="kriging"), exact, 8)
     assert np.median(kriged) < 0.75 * np.median(cubic), (np.median(kriged), np.median(cubic))
     assert np.median(kriged) < 0.4 * np.median(linear), (np.median(kriged), np.median(linear))
+
+
+def test_kriging_with_rho_chosen_on_a_subset_of_many_pairs_still_beats_the_cubic_surrogate(rng):
+    """With more pairs than REML_POINTS, rho is chosen on a subset and the fit uses every pair: at
+    1,600 coalitions (about 800 pairs) of 4,094 the error is still below the cubic fit's."""
+    from workers.engine import kriging
+    from workers.engine.design import CoalitionDesign
+
+    assert kriging.n_pairs(CoalitionDesign.create(12, 1600, 0)) > kriging.REML_POINTS
+    height = width = 12
+    image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
+    base = ExplainSettings(segmenter="grid", grid="3x4", masker="constant:0", all_classes=True, preprocess="unit")
+    model = OnnxClassifier(conv_model(height, width, classes=3, seed=7), base)
+    exact = explain_array(image, model.predict, base.replace(nsamples=2 ** 12))
+    cubic = _relative_errors(image, model, base.replace(nsamples=1600, estimator="cubic"), exact, 4)
+    kriged = _relative_errors(image, model, base.replace(nsamples=1600, estimator="kriging"), exact, 4)
+    assert np.median(kriged) < 0.75 * np.median(cubic), (np.median(kriged), np.median(cubic))
 
 
 def test_pair_observations_are_the_odd_parts_of_distinct_pairs():
