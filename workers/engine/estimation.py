@@ -176,7 +176,8 @@ class Estimate:
 
 def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
              estimator: str = "linear") -> Estimate:
-    """Shapley values and jackknife standard errors from combined statistics.
+    """Shapley values and standard errors from combined statistics (the delete-a-group jackknife;
+    kriging's are its posterior standard deviations).
 
     ``estimator``: ``linear`` is KernelSHAP's additive fit (shap's KernelExplainer); ``cubic`` fits
     the third-order surrogate of :mod:`workers.engine.interactions`; ``kriging`` the Gaussian-process

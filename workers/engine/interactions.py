@@ -65,8 +65,9 @@ def n_terms(n_players: int) -> int:
 
 def use_interactions(design: CoalitionDesign, estimator: str) -> bool:
     """Whether the reduce fits the third-order surrogate: for ``cubic`` when 3 <= M <= 24 (planning
-    refuses more), never for ``linear`` or ``kriging``; for ``auto`` (where kriging was not chosen) when M <= 16, the design is not already exact (both fits then give
-    the exact values, the additive one sooner), and there are at least as many coalitions as terms.
+    refuses more), never for ``linear`` or ``kriging``; for ``auto`` (where kriging was not chosen)
+    when M <= 16, the design is not already exact (both fits then give the exact values, the
+    additive one sooner), and there are at least as many coalitions as terms.
     (With fewer, the penalised fit still beat the additive one on the benchmark's cases, but by
     less than its solve costs on a fast model.)"""
     m = design.n_players

@@ -59,8 +59,8 @@ from .threads import one_blas_thread
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
 RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-#: Largest M for which ``kriging`` (and ``auto``'s use of it) is offered: the kernel's tables are
-#: exact integer sums over C(M, d) and stay cheap well beyond the 16 superpixels exact checks reach.
+#: Largest M an explicit ``kriging`` accepts (``auto`` uses it up to 16, where exact checks reach):
+#: the kernel's tables are exact integer sums over C(M, d), cheap well beyond that.
 MAX_PLAYERS = 64
 #: Most pairs ``kriging`` fits, and ``auto`` picks it for (the fit is O(n^3) in the pairs n; beyond
 #: this ``auto`` uses the cubic surrogate, whose cost grows only as n). Planning refuses more for
