@@ -43,7 +43,6 @@ import numpy as np
 import scipy.linalg
 
 from .design import CoalitionDesign
-from .threads import one_blas_thread
 
 #: The ridge strength on triple terms relative to the mean diagonal of the players' block, per unit
 #: of p / n (chosen on the benchmark's exact cases; 0.003 to 0.03 all beat the additive fit there).
@@ -116,14 +115,9 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     ``y = v(z) - v(0)``. None when the penalised normal matrix is singular or too ill-conditioned
     (the caller then uses the additive fit).
 
-    BLAS runs on one thread here: at these sizes (p <= 696) a second thread on a busy 2-core machine
-    made the fit 4x slower (55 ms against 14 ms at M = 12, 384 coalitions)."""
-    with one_blas_thread():
-        return _fit(design, z_enumerated, y_enumerated, z_sampled, y_sampled, sampled_group, total)
-
-
-def _fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
-         y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    Its caller, :func:`workers.engine.estimation.estimate`, keeps BLAS on one thread: at these
+    sizes (p <= 696) a second thread on a busy 2-core machine made the fit 4x slower (55 ms against
+    14 ms at M = 12, 384 coalitions)."""
     m = design.n_players
     enumerated_weight = design.kernel_probability(z_enumerated.sum(axis=1))
     n_sampled = len(z_sampled)

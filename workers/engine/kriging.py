@@ -55,7 +55,6 @@ import numpy as np
 import scipy.linalg
 
 from .design import CoalitionDesign
-from .threads import one_blas_thread
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
 RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -144,13 +143,8 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     """Shapley values (M x K) and posterior standard deviations by kriging, from every evaluated
     coalition with ``y = v(z) - v(0)``. None when the pairs do not determine the linear terms or a
     matrix is singular (the caller then uses the additive fit). ``sampled_group`` is unused: the
-    signature is the cubic surrogate's, whose error bars need the groups."""
-    with one_blas_thread():
-        return _fit(design, z_enumerated, y_enumerated, z_sampled, y_sampled, sampled_group, total)
-
-
-def _fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
-         y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    signature is the cubic surrogate's, whose error bars need the groups. Its caller,
+    :func:`workers.engine.estimation.estimate`, keeps BLAS on one thread."""
     m = design.n_players
     x, odd = pair_observations(np.concatenate([z_enumerated, z_sampled]), np.concatenate([y_enumerated, y_sampled]),
                                total)
