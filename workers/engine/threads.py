@@ -10,14 +10,22 @@ one thread here as with its default of one thread per core (20 interleaved round
 
 from __future__ import annotations
 
+import sys
+
 from threadpoolctl import ThreadpoolController
 
 _controller: ThreadpoolController | None = None
+_modules_seen = -1
 
 
 def one_blas_thread():
-    """A context manager that limits the loaded BLAS libraries to one thread and restores them on exit."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()  # finding the BLAS libraries once, not per call
+    """A context manager that limits the loaded BLAS libraries to one thread and restores them on exit.
+
+    Finding the libraries takes about 1.3 ms, so it is done again only after an import: a BLAS
+    library is loaded with the extension module that links it (OpenCV brings its own OpenBLAS when
+    a masker first imports cv2), and a list found before that would leave it unlimited."""
+    global _controller, _modules_seen
+    if _controller is None or len(sys.modules) != _modules_seen:
+        _controller = ThreadpoolController()
+        _modules_seen = len(sys.modules)
     return _controller.limit(limits=1, user_api="blas")
