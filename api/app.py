@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from broker.services import Services
-from broker.settings import ServiceSettings
+from shapfleet.broker.services import Services
+from shapfleet.broker.settings import ServiceSettings
 
 from . import problems
 from .auth import KeyRing

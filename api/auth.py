@@ -14,7 +14,7 @@ import hmac
 import json
 from pathlib import Path
 
-from broker.settings import ServiceSettings
+from shapfleet.broker.settings import ServiceSettings
 
 DEV_TENANT = "default"
 

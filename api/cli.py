@@ -15,10 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from workers.engine.errors import InvalidSettingsError, ShapfleetError
-from workers.engine.settings import (
-    CHANNEL_ORDERS, DEFAULT_MAX_EVALS, ESTIMATORS, METHODS,
+from shapfleet.errors import InvalidSettingsError, ShapfleetError
+from shapfleet.workers.engine.settings import (
+    CHANNEL_ORDERS,
+    DEFAULT_MAX_EVALS,
+    ESTIMATORS,
     LAYOUTS,
+    METHODS,
     OUTPUT_TRANSFORMS,
     PREPROCESS_PRESETS,
     SEGMENTERS,
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the watchdog every SHAPFLEET_WATCHDOG_INTERVAL seconds (embedded scheduler)")
     worker.set_defaults(handler=run_worker)
 
-    api = commands.add_parser("api", help="run the HTTP API (development server; deploy with gunicorn api.wsgi:app)")
+    api = commands.add_parser("api", help="run the HTTP API (development server; deploy with gunicorn shapfleet.api.wsgi:app)")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.set_defaults(handler=run_api)
@@ -173,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from workers.engine.local import explain
-    from workers.engine.progress import ProgressBar
+    from shapfleet.workers.engine.local import explain
+    from shapfleet.workers.engine.progress import ProgressBar
 
     if args.workers < 1:
         raise InvalidSettingsError(f"--workers must be >= 1, got {args.workers}")
@@ -197,8 +200,8 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from broker.celery_app import create_celery
-    from broker.settings import ServiceSettings
+    from shapfleet.broker.celery_app import create_celery
+    from shapfleet.broker.settings import ServiceSettings
 
     settings = ServiceSettings.from_env()
     known = {settings.queue_plan, settings.queue_shards, settings.queue_reduce}
@@ -236,15 +239,25 @@ def run_up_command(args: argparse.Namespace) -> int:
     return run_up(Path(args.dir), args.workers, args.port, args.api_key)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .client import ApiError
-    from .stack import StackError
+#: The extra that provides each top-level module a command may miss in a partial install.
+_EXTRAS = {"numpy": "engine", "scipy": "engine", "onnx": "engine", "onnxruntime": "engine", "skimage": "engine",
+           "cv2": "engine", "PIL": "engine", "matplotlib": "engine", "threadpoolctl": "engine",
+           "celery": "service", "redis": "service", "boto3": "service", "flask": "service", "gunicorn": "service"}
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ShapfleetError, StackError, ValueError, ApiError) as e:
+    except ModuleNotFoundError as e:
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"shapfleet: error: `shapfleet {args.command}` needs {e.name}: pip install 'shapfleet[{extra}]'",
+              file=sys.stderr)
+        return 1
+    except (ShapfleetError, ValueError) as e:
         print(f"shapfleet: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # requests' ConnectionError is an OSError too

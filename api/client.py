@@ -18,21 +18,9 @@ from typing import Any, Callable, Iterable
 
 import requests
 
+from shapfleet.errors import ApiError, ServerUnreachable
+
 FINAL = ("succeeded", "failed", "canceled")
-
-
-class ApiError(Exception):
-    """Raised for a 4xx/5xx answer; ``problem`` is the problem+json body (type, title, status, detail)."""
-
-    def __init__(self, status: int, problem: dict[str, Any]) -> None:
-        self.status = status
-        self.problem = problem
-        prefix = f"{status} " if status else ""
-        super().__init__(f"{prefix}{problem.get('title', '')}: {problem.get('detail', '')}".strip())
-
-
-class ServerUnreachable(ApiError):
-    """Raised when the server cannot be reached at all (refused, DNS, timeout)."""
 
 
 class Client:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from functools import lru_cache
 
-from workers.engine.settings import ExplainSettings
+from shapfleet.workers.engine.settings import ExplainSettings
 
 PROBLEM = {"$ref": "#/components/schemas/Problem"}
 

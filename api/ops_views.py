@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
-from broker.jobs import SHARD_METRICS, SHARD_SECONDS_BUCKETS
+from shapfleet.broker.jobs import SHARD_METRICS, SHARD_SECONDS_BUCKETS
 
 from .openapi import openapi_document
 from .problems import Problem

@@ -1,7 +1,9 @@
 """RFC 9457 problem details: every error the API returns is ``application/problem+json``.
 
-Views raise :class:`Problem` (or a domain error that :func:`register` maps to one); Flask's own
-404/405/413 pass through the same handler. Nothing else reaches the client: an unexpected error is
+Views raise :class:`Problem` or any :class:`~shapfleet.errors.ShapfleetError`, which one handler
+answers from its branch of the tree (``http_status``, ``title``, ``public_detail``: a user error's
+message, a fixed text for the service's own failures); Flask's own 404/405/413 pass through the
+same handler. Nothing else reaches the client: an unexpected error is
 logged and answered with a 500 problem that holds no internals.
 """
 
@@ -12,10 +14,7 @@ import logging
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from broker.jobs import JobNotFound
-from broker.store import ObjectNotFound, StoreError, TransientStoreError
-from broker.submission import QueueUnavailable, SubmissionError
-from workers.engine.errors import ImageError, InvalidSettingsError, ModelError
+from shapfleet.errors import ShapfleetError
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +60,18 @@ def _from_http(error: HTTPException) -> Problem:
     return Problem(status, error.name, detail, headers=headers)
 
 
+def from_error(error: ShapfleetError) -> Problem:
+    """The problem for a shapfleet error, by its class attributes (see :mod:`shapfleet.errors`)."""
+    if error.http_status >= 500 and error.retry_after is None:
+        log.error("%s on %s %s: %s", type(error).__name__, request.method, request.path, error)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    return Problem(error.http_status, error.title, error.public_detail(), headers=headers)
+
+
 def register(app: Flask) -> None:
     app.register_error_handler(Problem, problem_response)
     app.register_error_handler(HTTPException, lambda e: problem_response(_from_http(e)))
-    app.register_error_handler(InvalidSettingsError, lambda e: problem_response(Problem(422, "Invalid settings", str(e))))
-    app.register_error_handler(ImageError, lambda e: problem_response(Problem(422, "Invalid image", str(e))))
-    app.register_error_handler(ModelError, lambda e: problem_response(Problem(422, "Invalid model", str(e))))
-    app.register_error_handler(SubmissionError, lambda e: problem_response(Problem(422, "Job not accepted", str(e))))
-    app.register_error_handler(QueueUnavailable, lambda e: problem_response(
-        Problem(503, "Service unavailable", str(e), headers={"Retry-After": "5"})))
-    app.register_error_handler(JobNotFound, lambda e: problem_response(Problem(404, "Not Found", "no such job")))
-    app.register_error_handler(ObjectNotFound, lambda e: problem_response(Problem(404, "Not Found", "no such object")))
-    app.register_error_handler(TransientStoreError, lambda e: problem_response(
-        Problem(503, "Storage unavailable", "the object store is unavailable; try again later", headers={"Retry-After": "5"})))
-    app.register_error_handler(StoreError, lambda e: problem_response(Problem(500, "Storage error", "the object store refused the operation")))
+    app.register_error_handler(ShapfleetError, lambda e: problem_response(from_error(e)))
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

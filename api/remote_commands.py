@@ -31,7 +31,7 @@ def _print(data) -> None:
 
 
 def wait_with_progress(client: Client, job_id: str, quiet: bool = False) -> dict:
-    from workers.engine.progress import ProgressBar
+    from shapfleet.workers.engine.progress import ProgressBar
 
     bar: ProgressBar | None = None
 

@@ -19,11 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shapfleet.errors import StackError
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-class StackError(RuntimeError):
-    """Raised when a local server cannot be found or does not start."""
 
 
 def port_is_free(port: int) -> bool:
@@ -230,7 +228,7 @@ class WorkerProcess:
     @classmethod
     def start(cls, env: dict[str, str], log_path: Path, queues: str = "plan,shards,reduce", concurrency: int = 1,
               name: str = "w") -> "WorkerProcess":
-        args = [sys.executable, "-m", "api.cli", "worker", "--queues", queues, "--concurrency", str(concurrency),
+        args = [sys.executable, "-m", "shapfleet.api.cli", "worker", "--queues", queues, "--concurrency", str(concurrency),
                 "--hostname", f"{name}-{secrets.token_hex(3)}@%h"]
         process = _spawn(args, log_path, env=env, cwd=REPO)
 
@@ -263,7 +261,7 @@ class ApiServer:
         port = port or free_port()
         args = [binary("gunicorn", "install the project's service extra (pip install shapfleet[service])"),
                 "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", "4", "--timeout", "120",
-                "--graceful-timeout", "10", "api.wsgi:app"]
+                "--graceful-timeout", "10", "shapfleet.api.wsgi:app"]
         process = _spawn(args, log_path, env=env, cwd=REPO)
         url = f"http://127.0.0.1:{port}"
 

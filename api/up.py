@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from broker.settings import ServiceSettings
+from shapfleet.broker.settings import ServiceSettings
 
 from .stack import ApiServer, RedisServer, SeaweedServer, StackError, WorkerProcess
 

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from flask import request
 
-from broker.keys import model_key
-from broker.services import Services
-from broker.settings import Limits
-from broker.submission import check_submission
-from workers.engine.errors import ImageError
-from workers.engine.images import fit_to_model, load_image
-from workers.engine.model import ModelInfo, create_session, inspect_model
-from workers.engine.settings import ExplainSettings
+from shapfleet.broker.keys import model_key
+from shapfleet.broker.services import Services
+from shapfleet.broker.settings import Limits
+from shapfleet.broker.submission import check_submission
+from shapfleet.errors import ImageError
+from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.workers.engine.model import ModelInfo, create_session, inspect_model
+from shapfleet.workers.engine.settings import ExplainSettings
 
 from .problems import Problem
 
@@ -175,7 +175,7 @@ def _base64(text: str, what: str) -> bytes:
 
 def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> None:
     """Limits and model compatibility, with the limit named in each message (the job-level ones are
-    :func:`broker.submission.check_submission`'s, answered 422 by the error handler)."""
+    :func:`shapfleet.broker.submission.check_submission`'s, answered 422 by the error handler)."""
     s = job.settings
     shape = check_submission(s, len(job.images), limits, job.background)
     if shape is not None:

@@ -1,5 +1,5 @@
 """The ``/v1`` routes: models, images, jobs, artifacts. Views parse, call broker functions, and
-render; every error is a problem+json response (see :mod:`api.problems`)."""
+render; every error is a problem+json response (see :mod:`shapfleet.api.problems`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, g, request, url_for
 
-from broker.jobs import JobRecord, JobStatus
-from broker.submission import submit_job
+from shapfleet.broker.jobs import JobRecord, JobStatus
+from shapfleet.broker.submission import submit_job
 
 from .problems import PROBLEM_BASE, Problem
 from .validation import (

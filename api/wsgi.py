@@ -1,4 +1,4 @@
-"""WSGI entry point for gunicorn: ``gunicorn api.wsgi:app`` (settings from SHAPFLEET_* variables)."""
+"""WSGI entry point for gunicorn: ``gunicorn shapfleet.api.wsgi:app`` (settings from SHAPFLEET_* variables)."""
 
 from .app import create_app
 

@@ -22,9 +22,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from api.client import Client  # noqa: E402
-from api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess  # noqa: E402
-from broker.settings import ServiceSettings  # noqa: E402
+from shapfleet.api.client import Client  # noqa: E402
+from shapfleet.api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess  # noqa: E402
+from shapfleet.broker.settings import ServiceSettings  # noqa: E402
 
 MODEL = HERE.parent / "examples" / "shapes.onnx"
 IMAGES = [HERE.parent / "examples" / f"{name}.png" for name in ("circle", "square", "triangle")]

@@ -41,11 +41,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from workers.engine.images import fit_to_model  # noqa: E402
-from workers.engine.local import explain_array  # noqa: E402
-from workers.engine.model import OnnxClassifier  # noqa: E402
-from workers.engine.planning import plan_explanation  # noqa: E402
-from workers.engine.settings import ExplainSettings  # noqa: E402
+from shapfleet.workers.engine.images import fit_to_model  # noqa: E402
+from shapfleet.workers.engine.local import explain_array  # noqa: E402
+from shapfleet.workers.engine.model import OnnxClassifier  # noqa: E402
+from shapfleet.workers.engine.planning import plan_explanation  # noqa: E402
+from shapfleet.workers.engine.settings import ExplainSettings  # noqa: E402
 
 MODELS = HERE / "models"
 RESULTS = HERE / "results"
@@ -325,8 +325,8 @@ def time_to_error(rows: list[dict]) -> dict:
 
 # -- 3. service against in-process, and scale-out ---------------------------------------------------------
 def _stack(tmp: Path, workers: int):
-    from api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess
-    from broker.settings import ServiceSettings
+    from shapfleet.api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess
+    from shapfleet.broker.settings import ServiceSettings
 
     redis_server = RedisServer.start(tmp / "redis")
     seaweed = SeaweedServer.start(tmp / "seaweed")
@@ -341,7 +341,7 @@ def _stack(tmp: Path, workers: int):
 
 def _fleet_job(url: str, model_id: str, image_png: bytes, settings: ExplainSettings) -> dict:
     """Submit one job for an uploaded model and wait for it (what a timed service run is)."""
-    from api.client import Client
+    from shapfleet.api.client import Client
 
     client = Client(url, "bench")
     job = client.submit([image_png], model_id=model_id, settings=settings.to_dict())
@@ -352,7 +352,7 @@ def _fleet_job(url: str, model_id: str, image_png: bytes, settings: ExplainSetti
 
 def _upload_and_warm(url: str, model: Path, image_png: bytes, settings: ExplainSettings) -> str:
     """Upload the model and run a small job, so every worker's session exists; returns the model id."""
-    from api.client import Client
+    from shapfleet.api.client import Client
 
     model_id = Client(url, "bench").upload_model(model)["id"]
     _fleet_job(url, model_id, image_png, settings.replace(nsamples=200))
@@ -371,7 +371,7 @@ def _service_job() -> tuple[dict, object, bytes]:
 
 
 def measure_service(repeats: int) -> dict:
-    from workers.engine.local import explain
+    from shapfleet.workers.engine.local import explain
 
     case, settings, png = _service_job()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ WATCHDOG_TASK = "shapfleet.watchdog"
 
 def create_celery(settings: ServiceSettings) -> Celery:
     app = Celery("shapfleet", broker=settings.celery_broker_url, backend=settings.celery_result_backend,
-                 include=["workers.tasks"])
+                 include=["shapfleet.workers.tasks"])
     transport = {"visibility_timeout": settings.visibility_timeout}
     app.conf.update(
         task_serializer="json",

@@ -1,4 +1,4 @@
-"""Entry point for the ``celery`` command (``celery -A broker.celery_entry flower``, ``... inspect``).
+"""Entry point for the ``celery`` command (``celery -A shapfleet.broker.celery_entry flower``, ``... inspect``).
 
 It reads ``SHAPFLEET_*`` from the environment when imported, so import it only from such commands;
 ``shapfleet worker`` builds its app itself.

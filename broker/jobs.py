@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from shapfleet.errors import JobNotFound
+
 PREFIX = "shapfleet"
 
 
@@ -36,10 +38,6 @@ class JobStatus(str, Enum):
     @property
     def is_final(self) -> bool:
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
-class JobNotFound(KeyError):
-    """Raised when no record exists for a job id (or it belongs to another tenant)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Object keys, in one place (the layout is documented in :mod:`broker.store`)."""
+"""Object keys, in one place (the layout is documented in :mod:`shapfleet.broker.store`)."""
 
 from __future__ import annotations
 

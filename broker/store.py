@@ -18,19 +18,9 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from shapfleet.errors import ObjectNotFound, StoreError, TransientStoreError
+
 from .settings import ServiceSettings
-
-
-class StoreError(Exception):
-    """Raised when the object store refuses an operation for a reason retrying will not fix."""
-
-
-class TransientStoreError(StoreError):
-    """Raised when the store is unreachable or overloaded; the operation may succeed if retried."""
-
-
-class ObjectNotFound(StoreError):
-    """Raised when a key does not exist."""
 
 
 class ObjectStore(Protocol):
@@ -128,7 +118,8 @@ class S3Store:
         self._bucket_ready = False
 
     def _call(self, operation: str, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         if not self._bucket_ready and operation != "create_bucket":
             self._ensure_bucket()

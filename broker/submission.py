@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
-from workers.engine.settings import ExplainSettings
+from shapfleet.errors import QueueUnavailable, SubmissionError
+from shapfleet.workers.engine.settings import ExplainSettings
 
 from .celery_app import PLAN_TASK
 from .jobs import JobRecord, new_job_id
@@ -16,14 +17,6 @@ from .keys import background_key, input_key, model_key
 from .services import Services
 from .settings import Limits
 from .store import ObjectNotFound
-
-
-class SubmissionError(Exception):
-    """Raised when a job cannot be accepted (too many images, nsamples over the limit, ...)."""
-
-
-class QueueUnavailable(SubmissionError):
-    """Raised when the job's plan task cannot be enqueued (the broker is down); the job is failed."""
 
 
 def store_model(services: Services, model_bytes: bytes) -> str:

@@ -57,7 +57,7 @@ def service_settings(redis_server, seaweed, request):
 
     import redis
 
-    from broker.settings import ServiceSettings
+    from shapfleet.broker.settings import ServiceSettings
 
     redis.Redis.from_url(redis_server.url).flushdb()
     bucket = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
@@ -70,7 +70,7 @@ def service_settings(redis_server, seaweed, request):
 
 @pytest.fixture
 def services(service_settings):
-    from broker.services import Services
+    from shapfleet.broker.services import Services
 
     return Services.from_settings(service_settings)
 

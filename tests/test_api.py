@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from api.app import create_app
-from broker.jobs import JobStatus
 from conftest import REPO
 from onnx_models import conv_model, two_input_model, vector_input_model
+from PIL import Image
+
+from shapfleet.api.app import create_app
+from shapfleet.broker.jobs import JobStatus
 
 pytestmark = pytest.mark.service
 
@@ -24,7 +24,7 @@ KEYS = {"alpha": "key-alpha-123", "beta": "key-beta-456"}
 
 @pytest.fixture
 def app(service_settings):
-    from broker.settings import Limits
+    from shapfleet.broker.settings import Limits
 
     settings = service_settings.replace(api_keys=",".join(f"{k}:{t}" for t, k in KEYS.items()),
                                         limits=Limits(max_superpixels=1500, max_nsamples=50_000))
@@ -304,7 +304,7 @@ def test_keys_file_in_both_formats(service_settings, tmp_path):
 def test_a_broker_outage_at_submit_is_a_503_and_the_job_is_failed_not_lost(service_settings):
     """The record is written before the plan task is enqueued; when enqueueing fails the job is
     failed at once (no job stays queued forever) and the client gets 503 with Retry-After."""
-    from broker.services import Services
+    from shapfleet.broker.services import Services
 
     broken = service_settings.replace(api_keys="k:t", broker_url="redis://127.0.0.1:1/0")
     services = Services.from_settings(broken)

@@ -10,9 +10,15 @@ import urllib.request
 import numpy as np
 import pytest
 
-from broker.jobs import JobNotFound, JobStatus, JobStore, new_job_id
-from broker.settings import ServiceSettings
-from broker.store import LocalStore, ObjectNotFound, S3Store, StoreError, TransientStoreError
+from shapfleet.broker.jobs import JobNotFound, JobStatus, JobStore, new_job_id
+from shapfleet.broker.settings import ServiceSettings
+from shapfleet.broker.store import (
+    LocalStore,
+    ObjectNotFound,
+    S3Store,
+    StoreError,
+    TransientStoreError,
+)
 
 pytestmark = pytest.mark.service
 
@@ -161,10 +167,11 @@ def _rabbitmq_reachable() -> bool:
 
 @pytest.mark.skipif(not _rabbitmq_reachable(), reason="no RabbitMQ on 127.0.0.1:5672 (the broker test needs one)")
 def test_rabbitmq_as_broker(service_settings, start_workers):
-    from broker.services import Services
-    from broker.submission import store_model, submit_job
     from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
-    from workers.engine import ExplainSettings, Explanation
+
+    from shapfleet import ExplainSettings, Explanation
+    from shapfleet.broker.services import Services
+    from shapfleet.broker.submission import store_model, submit_job
 
     # RabbitMQ keeps queues between runs: private queue names keep this run's messages apart.
     suffix = new_job_id()[-6:]

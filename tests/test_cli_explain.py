@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from api.cli import main
 from conftest import REPO
 from onnx_models import conv_model, nan_model, two_input_model, vector_input_model
-from workers.engine import Explanation, explain
+from PIL import Image
+
+from shapfleet import Explanation, explain
+from shapfleet.api.cli import main
 
 EXAMPLE_MODEL = REPO / "examples" / "shapes.onnx"
 EXAMPLE_IMAGE = REPO / "examples" / "triangle.png"
@@ -128,7 +128,7 @@ def test_bad_input_gives_a_message_and_a_non_zero_exit(tmp_path, capsys, write_f
 
 def test_the_installed_command_exits_cleanly_on_bad_input(tmp_path, write_file):
     """Through a real process: a message on stderr, exit status 1, no traceback."""
-    result = subprocess.run([sys.executable, "-m", "api.cli", "explain", _image(tmp_path), "--model",
+    result = subprocess.run([sys.executable, "-m", "shapfleet.api.cli", "explain", _image(tmp_path), "--model",
                              write_file("x.onnx", b"garbage")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr

@@ -16,11 +16,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
-from api.cli import build_parser
-from broker.settings import Limits, ServiceSettings
 from conftest import REPO
 from servers import free_port, stop_process, wait_until
+
+from shapfleet.api.cli import build_parser
+from shapfleet.broker.settings import Limits, ServiceSettings
 
 COMPOSE = REPO / "docker-compose.yml"
 K8S = REPO / "deploy" / "k8s"
@@ -186,7 +186,7 @@ def test_the_containers_commands_run_here(service_settings, tmp_path):
                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert ping.returncode == 0 and "shapfleet-plan-reduce@" in ping.stdout and "shapfleet-shards@" in ping.stdout, ping
         # And the three together serve a job.
-        from api.client import Client
+        from shapfleet.api.client import Client
 
         client = Client(f"http://127.0.0.1:{port}", "deploy-key")
         job = client.submit([REPO / "examples" / "circle.png"], model=REPO / "examples" / "shapes.onnx",

@@ -7,9 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from workers.engine.design import CoalitionDesign, default_nsamples, size_distribution
-from workers.engine.errors import EstimationError, InvalidSettingsError
-from workers.engine.estimation import ShardStatistics, combine, solve_constrained
+from shapfleet.errors import EstimationError, InvalidSettingsError
+from shapfleet.workers.engine.design import (
+    CoalitionDesign,
+    default_nsamples,
+    size_distribution,
+)
+from shapfleet.workers.engine.estimation import (
+    ShardStatistics,
+    combine,
+    solve_constrained,
+)
 
 
 def all_rows(design: CoalitionDesign, n_shards: int = 1):
@@ -126,7 +134,7 @@ def test_statistics_round_trip_through_arrays():
 
 
 def test_batches_are_full_across_unit_boundaries():
-    from workers.engine.evaluation import _full_batches
+    from shapfleet.workers.engine.evaluation import _full_batches
 
     class Plan:  # just what the batcher reads
         design = CoalitionDesign.create(20, 1000, seed=1)
@@ -144,8 +152,8 @@ def test_batches_are_full_across_unit_boundaries():
 def test_shards_are_handed_out_largest_first():
     """Shards are unequal (whole work units); every shard of every image is dispatched once, in
     decreasing evaluation count, so the small ones even out the end of a job."""
-    from workers.engine.planning import largest_shards_first, plan_explanation
-    from workers.engine.settings import ExplainSettings
+    from shapfleet.workers.engine.planning import largest_shards_first, plan_explanation
+    from shapfleet.workers.engine.settings import ExplainSettings
 
     image = np.random.default_rng(0).uniform(0, 255, (16, 16, 3)).astype(np.float32)
     predict = lambda x: x.reshape(len(x), -1)[:, :3].astype(np.float64)  # noqa: E731
@@ -163,14 +171,14 @@ def test_shards_are_handed_out_largest_first():
 
 
 def test_the_engine_keeps_blas_to_one_thread_while_it_computes(monkeypatch):
-    """Spinning BLAS threads slow onnxruntime's threads between batches (workers.engine.threads): shard
+    """Spinning BLAS threads slow onnxruntime's threads between batches (shapfleet.workers.engine.threads): shard
     evaluation and the reduce run with one BLAS thread, and the caller's setting comes back after."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from workers.engine import estimation
-    from workers.engine.evaluation import evaluate_shard
-    from workers.engine.planning import plan_explanation
-    from workers.engine.settings import ExplainSettings
+    from shapfleet.workers.engine import estimation
+    from shapfleet.workers.engine.evaluation import evaluate_shard
+    from shapfleet.workers.engine.planning import plan_explanation
+    from shapfleet.workers.engine.settings import ExplainSettings
 
     def blas_threads() -> set[int]:
         return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}

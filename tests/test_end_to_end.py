@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from api.client import ApiError, Client
-from api.stack import StackError
 from conftest import REPO
+from PIL import Image
 from servers import ApiServer, wait_until
 from test_pipeline import in_process
-from workers.engine import ExplainSettings, Explanation
+
+from shapfleet import ExplainSettings, Explanation
+from shapfleet.api.client import ApiError, Client
+from shapfleet.api.stack import StackError
 
 pytestmark = pytest.mark.service
 

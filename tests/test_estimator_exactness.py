@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from onnx_models import conv_model, linear_model
 from shapley_reference import brute_force_shapley, onnx_value_function
-from workers.engine.local import explain_array
-from workers.engine.model import OnnxClassifier
-from workers.engine.settings import ExplainSettings
+
+from shapfleet.workers.engine.local import explain_array
+from shapfleet.workers.engine.model import OnnxClassifier
+from shapfleet.workers.engine.settings import ExplainSettings
 
 
 def linear_shapley(weights: np.ndarray, image: np.ndarray, background: np.ndarray, segments: np.ndarray,
@@ -67,7 +67,7 @@ def test_nonlinear_model_equals_brute_force_shapley(rng, masker):
     model = OnnxClassifier(model_bytes, settings)
     result = explain_array(image, model.predict, settings)
     assert result.exact
-    from workers.engine.maskers import build_masker
+    from shapfleet.workers.engine.maskers import build_masker
 
     background = build_masker(settings.masker_spec, image).backgrounds[0]
     reference = brute_force_shapley(onnx_value_function(model_bytes, image, background, result.segments, [0, 1, 2]), 9)
@@ -130,7 +130,7 @@ def test_error_bars_cover_the_exact_values(rng, estimator):
 def _conv_game_of_8_superpixels(rng):
     """v(z) for 3 classes of a conv model on an 8 x 8 image in 2 x 4 superpixels, computed directly
     with onnxruntime (hidden superpixels take a constant background)."""
-    from workers.engine.maskers import build_masker
+    from shapfleet.workers.engine.maskers import build_masker
 
     height, width = 8, 8
     image = rng.uniform(0, 255, (height, width, 3)).astype(np.float32)
@@ -144,8 +144,8 @@ def _conv_game_of_8_superpixels(rng):
 def test_cubic_surrogate_on_every_coalition_equals_brute_force_shapley(rng):
     """The surrogate's own Shapley values equal the game's when every coalition is in the fit: the
     claim that makes the cubic estimator consistent (the ridge vanishes on a complete design)."""
-    from workers.engine import interactions
-    from workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine import interactions
+    from shapfleet.workers.engine.design import CoalitionDesign
 
     value_of = _conv_game_of_8_superpixels(rng)
     design = CoalitionDesign.create(8, None, 0)
@@ -208,8 +208,8 @@ def _design_rows(design, value_of):
 def test_cubic_error_bars_match_a_refitting_jackknife(rng):
     """The Woodbury shortcut gives the delete-a-group jackknife's standard errors: each group dropped
     and the surrogate refitted from scratch gives the same spread to within 15%."""
-    from workers.engine import interactions
-    from workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine import interactions
+    from shapfleet.workers.engine.design import CoalitionDesign
 
     m, classes = 10, 2
     weights = rng.normal(size=(m, classes))
@@ -233,8 +233,8 @@ def test_cubic_error_bars_match_a_refitting_jackknife(rng):
 
 
 def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
-    from workers.engine.design import CoalitionDesign
-    from workers.engine.interactions import n_terms, use_interactions
+    from shapfleet.workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine.interactions import n_terms, use_interactions
 
     assert n_terms(12) == 12 + 66 + 220
     assert use_interactions(CoalitionDesign.create(12, 600, 0), "auto")
@@ -247,9 +247,9 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
 
 
 def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_2048_pairs():
-    from workers.engine.design import CoalitionDesign
-    from workers.engine.interactions import use_interactions
-    from workers.engine.kriging import n_pairs, use_kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine.interactions import use_interactions
+    from shapfleet.workers.engine.kriging import n_pairs, use_kriging
 
     assert n_pairs(CoalitionDesign.create(12, 600, 0)) == 300
     assert use_kriging(CoalitionDesign.create(12, 200, 0), "auto")  # fewer coalitions than cubic terms
@@ -275,7 +275,7 @@ def test_the_summary_says_which_fit_auto_chose(rng):
 
 
 def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
-    from workers.engine.errors import InvalidSettingsError
+    from shapfleet.errors import InvalidSettingsError
 
     image = rng.uniform(0, 255, (10, 10, 3)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="5x5", masker="mean", estimator="cubic", nsamples=500)
@@ -295,8 +295,8 @@ def test_cubic_estimator_refuses_too_many_superpixels_before_evaluating(rng):
 def test_kriging_on_every_pair_equals_brute_force_shapley(rng):
     """With every coalition evaluated the model interpolates the game's odd part everywhere, so its
     Shapley values are the game's (the claim that makes kriging consistent); its std is then 0."""
-    from workers.engine import kriging
-    from workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
 
     value_of = _conv_game_of_8_superpixels(rng)
     design = CoalitionDesign.create(8, None, 0)
@@ -328,8 +328,8 @@ def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coeffici
     import itertools
     import math
 
-    from workers.engine import kriging
-    from workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
 
     m = 6
     weights = rng.normal(size=(m, 2))
@@ -375,8 +375,8 @@ def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
 def test_kriging_with_rho_chosen_on_a_subset_of_many_pairs_still_beats_the_cubic_surrogate(rng):
     """With more pairs than REML_POINTS, rho is chosen on a subset and the fit uses every pair: at
     1,600 coalitions (about 800 pairs) of 4,094 the error is still below the cubic fit's."""
-    from workers.engine import kriging
-    from workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
 
     assert kriging.n_pairs(CoalitionDesign.create(12, 1600, 0)) > kriging.REML_POINTS
     median_error = _median_error_on_a_conv_model(rng)
@@ -385,7 +385,7 @@ def test_kriging_with_rho_chosen_on_a_subset_of_many_pairs_still_beats_the_cubic
 
 
 def test_pair_observations_are_the_odd_parts_of_distinct_pairs():
-    from workers.engine.kriging import pair_observations
+    from shapfleet.workers.engine.kriging import pair_observations
 
     z = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
     y = np.array([[1.0], [5.0], [5.0], [1.0], [2.0], [4.0]])
@@ -397,7 +397,7 @@ def test_pair_observations_are_the_odd_parts_of_distinct_pairs():
 
 
 def test_kriging_refuses_too_large_a_fit_before_evaluating(rng):
-    from workers.engine.errors import InvalidSettingsError
+    from shapfleet.errors import InvalidSettingsError
 
     image = rng.uniform(0, 255, (18, 18, 3)).astype(np.float32)
     calls = []

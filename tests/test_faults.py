@@ -10,14 +10,14 @@ import time
 
 import numpy as np
 import pytest
-
-from broker.celery_app import SHARD_TASK
-from broker.jobs import JobStatus
-from broker.keys import result_prefix
-from broker.submission import store_model, submit_job
-from broker.watchdog import watchdog_pass
 from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
-from workers.engine import ExplainSettings, Explanation
+
+from shapfleet import ExplainSettings, Explanation
+from shapfleet.broker.celery_app import SHARD_TASK
+from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.keys import result_prefix
+from shapfleet.broker.submission import store_model, submit_job
+from shapfleet.broker.watchdog import watchdog_pass
 
 pytestmark = pytest.mark.service
 
@@ -26,7 +26,7 @@ LONG = ExplainSettings(n_segments=60, all_classes=True, nsamples=6000, seed=21, 
 
 def settings_for(redis_url: str, seaweed, bucket: str, **overrides):
     """Service settings for a test that brings its own Redis or SeaweedFS (to break it)."""
-    from broker.settings import ServiceSettings
+    from shapfleet.broker.settings import ServiceSettings
 
     return ServiceSettings(redis_url=redis_url, s3_endpoint=seaweed.endpoint, s3_access_key=seaweed.access_key,
                            s3_secret_key=seaweed.secret_key, s3_bucket=bucket, ort_threads=1, **overrides)
@@ -100,7 +100,7 @@ def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_work
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED, final.error
     # And the reduce message delivered again after success: a no-op.
-    from broker.celery_app import REDUCE_TASK
+    from shapfleet.broker.celery_app import REDUCE_TASK
 
     for _ in range(2):
         services.celery.send_task(REDUCE_TASK, args=[record.id], queue=services.settings.queue_reduce).get(timeout=60)
@@ -112,7 +112,7 @@ def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_work
 def test_visibility_timeout_redelivery(service_settings, start_workers, fault_report):
     """A shard slower than the visibility timeout is delivered again to the other worker; the
     answer is the same and the job is reduced once."""
-    from broker.services import Services
+    from shapfleet.broker.services import Services
 
     settings = service_settings.replace(visibility_timeout=2, shard_evaluations=6000)
     services = Services.from_settings(settings)
@@ -129,7 +129,7 @@ def test_visibility_timeout_redelivery(service_settings, start_workers, fault_re
 def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings, start_workers, fault_report):
     """A shard whose worker process dies every time it runs (here: SIGKILLed each time it starts):
     the job fails after a bounded number of deliveries, saying so, and the fleet serves the next job."""
-    from broker.services import Services
+    from shapfleet.broker.services import Services
 
     settings = service_settings.replace(shard_evaluations=100_000, max_shard_deliveries=3)
     services = Services.from_settings(settings)
@@ -194,8 +194,9 @@ def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_wo
 
 def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_path_factory, redis_server, start_workers,
                                                                           fault_report):
-    from broker.services import Services
     from servers import SeaweedServer
+
+    from shapfleet.broker.services import Services
 
     seaweed = SeaweedServer.start(tmp_path_factory.mktemp("flaky-seaweed"))
     try:
@@ -227,8 +228,9 @@ def test_store_down_for_a_while_is_retried_and_a_long_outage_fails_clearly(tmp_p
 def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_workers, fault_report):
     """Redis (append-only file, fsync every second) restarts mid-job: every job reaches a final
     state, the succeeded ones with the undisturbed answer; the watchdog re-drives what was lost."""
-    from broker.services import Services
     from servers import RedisServer
+
+    from shapfleet.broker.services import Services
 
     redis_server = RedisServer.start(tmp_path_factory.mktemp("aof-redis"), appendonly=True)
     try:
@@ -263,8 +265,9 @@ def test_redis_restart_mid_job_loses_nothing(tmp_path_factory, seaweed, start_wo
 
 
 def test_api_restart_between_submit_and_poll(service_settings, start_workers, tmp_path, fault_report):
-    from api.client import Client
     from servers import ApiServer
+
+    from shapfleet.api.client import Client
 
     settings = service_settings.replace(api_keys="restart-key:t")
     env = {**os.environ, **settings.environment()}

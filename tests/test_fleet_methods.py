@@ -8,16 +8,16 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from broker.jobs import JobStatus
-from broker.keys import partition_key, result_prefix
-from broker.submission import SubmissionError, store_model, submit_job
-from broker.watchdog import watchdog_pass
 from conftest import REPO
 from onnx_models import conv_model, linear_model
+from PIL import Image
 from test_pipeline import wait_final
-from workers.engine import ExplainSettings, Explanation, explain
+
+from shapfleet import ExplainSettings, Explanation, explain
+from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.keys import partition_key, result_prefix
+from shapfleet.broker.submission import SubmissionError, store_model, submit_job
+from shapfleet.broker.watchdog import watchdog_pass
 
 pytestmark = pytest.mark.service
 
@@ -99,9 +99,9 @@ def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, sta
 def test_a_redelivered_part_of_a_complete_round_advances_it(services, start_workers):
     """The worker that stores a round's last part can die before sending the round step. Its
     redelivered part finds the round complete and sends the step itself (no watchdog runs here)."""
-    from broker.celery_app import PART_TASK
-    from workers import pipeline
-    from workers.tasks import runtime_of
+    from shapfleet.broker.celery_app import PART_TASK
+    from shapfleet.workers import pipeline
+    from shapfleet.workers.tasks import runtime_of
 
     model, image, settings, record = partition_job_stopped_at_round_0(services, start_workers, "square")
     # Every part of round 0 evaluated and recorded by a worker that then dies: no round step is sent.

@@ -14,12 +14,12 @@ import zlib
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
-from broker.settings import Limits, ServiceSettings
 from conftest import REPO
 from onnx_models import nan_model, two_input_model, vector_input_model
+from PIL import Image
 from servers import ApiServer, WorkerProcess
+
+from shapfleet.broker.settings import Limits, ServiceSettings
 
 pytestmark = pytest.mark.service
 
@@ -182,7 +182,7 @@ def test_replayed_idempotency_key_with_a_different_body(stack):
 
 
 def test_model_returning_nan_or_inf_fails_the_job_with_that_reason(stack):
-    from api.client import Client
+    from shapfleet.api.client import Client
 
     client = Client(stack["url"], KEYS["alpha"])
     final = client.wait(client.submit([IMAGE], model=nan_model(32, 32), settings={"segmenter": "grid", "grid": "4x4"})["id"],
@@ -191,7 +191,7 @@ def test_model_returning_nan_or_inf_fails_the_job_with_that_reason(stack):
 
 
 def test_the_service_keeps_serving_and_nothing_leaks(stack):
-    from api.client import Client
+    from shapfleet.api.client import Client
 
     client = Client(stack["url"], KEYS["alpha"])
     final = client.wait(client.submit([IMAGE], model_id=stack["model_id"], settings={"nsamples": 300})["id"], timeout=120)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from onnx_models import conv_model, linear_model
 from PIL import Image
 
-from onnx_models import conv_model, linear_model
-from workers.engine.errors import ImageError, InvalidSettingsError, ModelError
-from workers.engine.images import fit_to_model, load_image
-from workers.engine.local import explain, explain_array
-from workers.engine.maskers import InpaintMasker, build_masker
-from workers.engine.model import OnnxClassifier, inspect_model
-from workers.engine.segmentation import check_segments, renumber, segment
-from workers.engine.settings import ExplainSettings, MaskerSpec
+from shapfleet.errors import ImageError, InvalidSettingsError, ModelError
+from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.workers.engine.local import explain, explain_array
+from shapfleet.workers.engine.maskers import InpaintMasker, build_masker
+from shapfleet.workers.engine.model import OnnxClassifier, inspect_model
+from shapfleet.workers.engine.segmentation import check_segments, renumber, segment
+from shapfleet.workers.engine.settings import ExplainSettings, MaskerSpec
 
 
 def linear_expected(weights, image, background, segments, mean=0.0, std=1.0):
@@ -214,8 +214,8 @@ def test_resize_and_centre_crop(rng, tmp_path):
 def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channels, masker, double):
     """The fused graph selects pixels with keep * image + (not keep) * background: exact for finite
     values, so the answers equal the numpy path's bit for bit, in float32 and float64 models."""
-    from workers.engine.evaluation import coalition_predictor
-    from workers.engine.planning import plan_explanation
+    from shapfleet.workers.engine.evaluation import coalition_predictor
+    from shapfleet.workers.engine.planning import plan_explanation
 
     image = rng.uniform(0, 255, (12, 12, channels)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="3x4", masker=masker, all_classes=True, nsamples=600, batch_size=16)
@@ -234,9 +234,9 @@ def test_masking_fused_into_the_model_gives_identical_values(rng, layout, channe
 def test_non_finite_model_inputs_are_not_fused(rng):
     """0 * inf is NaN, so the fused selection is exact only for finite inputs: a normalisation that
     overflows (a tiny std) takes the numpy path, which composes by selection."""
-    from workers.engine.evaluation import coalition_predictor
-    from workers.engine.fused import selection_is_exact
-    from workers.engine.planning import plan_explanation
+    from shapfleet.workers.engine.evaluation import coalition_predictor
+    from shapfleet.workers.engine.fused import selection_is_exact
+    from shapfleet.workers.engine.planning import plan_explanation
 
     finite = np.zeros((1, 3, 4, 4), np.float32)
     assert selection_is_exact(finite, finite)
@@ -273,7 +273,7 @@ def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
     """onnxruntime's CUDA convolutions re-plan on every change of batch shape, so on a GPU the last,
     smaller batch of each shard (and the planning batch) is padded to ``batch_size``; the padding's
     outputs are dropped and the values do not change. On the CPU batches run as they come."""
-    from workers.engine.model import ModelSessions, create_session
+    from shapfleet.workers.engine.model import ModelSessions, create_session
 
     image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300, batch_size=32)
@@ -290,8 +290,8 @@ def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
 
 
 def test_inpainting_is_not_fused(colour_image):
-    from workers.engine.evaluation import coalition_predictor
-    from workers.engine.planning import plan_explanation
+    from shapfleet.workers.engine.evaluation import coalition_predictor
+    from shapfleet.workers.engine.planning import plan_explanation
 
     model = OnnxClassifier(conv_model(10, 12), ExplainSettings())
     plan = plan_explanation(colour_image, model.predict, ExplainSettings(segmenter="grid", grid="2x2", masker="inpaint_telea"))
@@ -319,16 +319,16 @@ def test_a_gpu_session_that_falls_back_to_the_cpu_says_so(caplog):
     missing CUDA libraries on a GPU host): the worker's log must say so."""
     import logging
 
-    from workers.engine.model import create_session
+    from shapfleet.workers.engine.model import create_session
 
-    with caplog.at_level(logging.WARNING, logger="workers.engine.model"), pytest.warns(UserWarning):
+    with caplog.at_level(logging.WARNING, logger="shapfleet.workers.engine.model"), pytest.warns(UserWarning):
         session = create_session(conv_model(8, 8), ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert session.get_providers()[0] == "CPUExecutionProvider"
     assert "could not start CUDAExecutionProvider and runs this model on CPUExecutionProvider" in caplog.text
 
 
 def test_the_cuda_provider_keeps_float32_arithmetic():
-    from workers.engine.model import cuda_provider
+    from shapfleet.workers.engine.model import cuda_provider
 
     assert cuda_provider("CUDAExecutionProvider") == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert cuda_provider(("CUDAExecutionProvider", {"device_id": 1})) == ("CUDAExecutionProvider",

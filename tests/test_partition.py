@@ -13,15 +13,15 @@ import warnings
 
 import numpy as np
 import pytest
-
-from api.cli import main
 from conftest import REPO
 from onnx_models import conv_model
-from workers.engine import Explanation, explain
-from workers.engine.errors import InvalidSettingsError
-from workers.engine.evaluation import masked_values
-from workers.engine.model import OnnxClassifier
-from workers.engine.partition import (
+
+from shapfleet import Explanation, explain
+from shapfleet.api.cli import main
+from shapfleet.errors import InvalidSettingsError
+from shapfleet.workers.engine.evaluation import masked_values
+from shapfleet.workers.engine.model import OnnxClassifier
+from shapfleet.workers.engine.partition import (
     PartitionState,
     explain_partition,
     full_refinement_evaluations,
@@ -30,7 +30,7 @@ from workers.engine.partition import (
     run_partition,
     split_box,
 )
-from workers.engine.settings import ExplainSettings
+from shapfleet.workers.engine.settings import ExplainSettings
 
 
 def linear_predict(weights: np.ndarray):

@@ -7,13 +7,13 @@ import time
 
 import numpy as np
 import pytest
-
-from broker.jobs import JobStatus
-from broker.keys import result_prefix, shard_key
-from broker.submission import store_model, submit_job
 from conftest import REPO
 from onnx_models import conv_model, nan_model
-from workers.engine import ExplainSettings, Explanation, explain
+
+from shapfleet import ExplainSettings, Explanation, explain
+from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.keys import result_prefix, shard_key
+from shapfleet.broker.submission import store_model, submit_job
 
 pytestmark = pytest.mark.service
 
@@ -175,7 +175,7 @@ def test_a_shard_run_twice_leaves_one_object_and_the_same_answer(services, start
     key = shard_key(record.id, 0, 1)
     stored = services.store.get(key)
     # Deliver shard 1 again, by name, as a redelivery would: the stored statistics stay as they were.
-    from broker.celery_app import SHARD_TASK
+    from shapfleet.broker.celery_app import SHARD_TASK
 
     services.redis.hset(services.jobs.key(record.id), "status", "running")  # as if it were still running
     result = services.celery.send_task(SHARD_TASK, args=[record.id, 0, 1], queue=services.settings.queue_shards)
@@ -183,8 +183,8 @@ def test_a_shard_run_twice_leaves_one_object_and_the_same_answer(services, start
     assert services.jobs.reductions(record.id) == 1  # a redelivered shard does not reduce again
     assert services.store.list(f"jobs/{record.id}/shards/") == before and services.store.get(key) == stored
     # Rerunning the whole reduction over the stored shards gives the identical answer.
-    from workers.pipeline import reduce_job
-    from workers.tasks import runtime_of
+    from shapfleet.workers.pipeline import reduce_job
+    from shapfleet.workers.tasks import runtime_of
 
     runtime = runtime_of(services.celery)
     reduce_job(runtime, record.id)

@@ -1,6 +1,6 @@
 """Per-process choices a worker makes without a GPU being present."""
 
-from workers.runtime import session_providers
+from shapfleet.workers.runtime import session_providers
 
 
 def test_each_pool_process_gets_its_own_gpu():

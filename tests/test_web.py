@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from api.stack import StackError
 from conftest import REPO
 from servers import wait_until
+
+from shapfleet.api.stack import StackError
 
 pytestmark = pytest.mark.service
 

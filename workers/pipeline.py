@@ -2,8 +2,8 @@
 method partition, drive a round and evaluate one part of a round.
 
 They call the same engine functions as the in-process path (``plan_explanation``, ``evaluate_shard``,
-``reduce_shards``, :class:`~workers.engine.partition.PartitionState`); the Celery tasks in
-:mod:`workers.tasks` only wrap them with retries and state.
+``reduce_shards``, :class:`~shapfleet.workers.engine.partition.PartitionState`); the Celery tasks in
+:mod:`shapfleet.workers.tasks` only wrap them with retries and state.
 """
 
 from __future__ import annotations
@@ -15,13 +15,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker.jobs import JobStatus, record_shard_metrics
-from broker.keys import background_key, input_key, partition_key, plan_key, result_key, shard_key
-from broker.store import ObjectNotFound
-from workers.engine.errors import Canceled, InvalidSettingsError, ShapfleetError
-from workers.engine.evaluation import coalition_predictor, evaluate_shard, masked_values
-from workers.engine.images import fit_to_model, load_image
-from workers.engine.partition import (
+from shapfleet.broker.jobs import JobStatus, record_shard_metrics
+from shapfleet.broker.keys import (
+    background_key,
+    input_key,
+    partition_key,
+    plan_key,
+    result_key,
+    shard_key,
+)
+from shapfleet.broker.store import ObjectNotFound
+from shapfleet.errors import (
+    Canceled,
+    InvalidSettingsError,
+    PipelineError,
+    ShapfleetError,
+)
+from shapfleet.workers.engine.evaluation import (
+    coalition_predictor,
+    evaluate_shard,
+    masked_values,
+)
+from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.workers.engine.partition import (
     PartitionPlan,
     PartitionState,
     expansions_from_json,
@@ -30,20 +46,16 @@ from workers.engine.partition import (
     partition_explanation,
     plan_partition,
 )
-from workers.engine.planning import JobPlan, plan_explanation
-from workers.engine.rendering import render_artifacts, render_collection
-from workers.engine.result import Explanation, reduce_shards
-from workers.engine.settings import ExplainSettings
-from workers.runtime import WorkerRuntime, load_statistics, npz_bytes
+from shapfleet.workers.engine.planning import JobPlan, plan_explanation
+from shapfleet.workers.engine.rendering import render_artifacts, render_collection
+from shapfleet.workers.engine.result import Explanation, reduce_shards
+from shapfleet.workers.engine.settings import ExplainSettings
+from shapfleet.workers.runtime import WorkerRuntime, load_statistics, npz_bytes
 
 #: Progress is written to Redis at most this often per shard (seconds), and at its end.
 PROGRESS_INTERVAL = 0.25
 
 CONTENT_TYPES = {".npz": "application/octet-stream", ".png": "image/png", ".json": "application/json"}
-
-
-class PipelineError(ShapfleetError):
-    """Raised when the pipeline's own bookkeeping is inconsistent (for example a missing shard)."""
 
 
 def plan_job(runtime: WorkerRuntime, job_id: str) -> list[JobPlan] | list[PartitionPlan]:

@@ -11,13 +11,18 @@ from collections import OrderedDict
 
 import numpy as np
 
-from broker.keys import model_key, plan_key
-from broker.services import Services
-from workers.engine.estimation import ShardStatistics
-from workers.engine.model import ModelInfo, ModelSessions, OnnxClassifier, inspect_model
-from workers.engine.partition import PartitionPlan
-from workers.engine.planning import JobPlan
-from workers.engine.settings import ExplainSettings
+from shapfleet.broker.keys import model_key, plan_key
+from shapfleet.broker.services import Services
+from shapfleet.workers.engine.estimation import ShardStatistics
+from shapfleet.workers.engine.model import (
+    ModelInfo,
+    ModelSessions,
+    OnnxClassifier,
+    inspect_model,
+)
+from shapfleet.workers.engine.partition import PartitionPlan
+from shapfleet.workers.engine.planning import JobPlan
+from shapfleet.workers.engine.settings import ExplainSettings
 
 PLAN_CACHE_SIZE = 8
 

@@ -1,7 +1,7 @@
-"""Celery tasks: thin wrappers around :mod:`workers.pipeline` that handle state, retries and errors.
+"""Celery tasks: thin wrappers around :mod:`shapfleet.workers.pipeline` that handle state, retries and errors.
 
 - ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard,
-  largest first (see :func:`~workers.engine.planning.largest_shards_first`).
+  largest first (see :func:`~shapfleet.workers.engine.planning.largest_shards_first`).
 - ``shapfleet.shard(job_id, image, index)``: evaluate, store statistics, record the shard done; the
   shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
@@ -36,15 +36,22 @@ import redis.exceptions
 from celery import current_app, group, shared_task
 from celery.signals import worker_process_init
 
-from broker.celery_app import PART_TASK, PLAN_TASK, REDUCE_TASK, ROUND_TASK, SHARD_TASK, WATCHDOG_TASK
-from broker.jobs import JobStatus
-from broker.services import Services
-from broker.store import TransientStoreError
-from workers import pipeline
-from workers.engine.errors import Canceled, ShapfleetError
-from workers.engine.partition import PartitionPlan
-from workers.engine.planning import largest_shards_first
-from workers.runtime import WorkerRuntime
+from shapfleet.broker.celery_app import (
+    PART_TASK,
+    PLAN_TASK,
+    REDUCE_TASK,
+    ROUND_TASK,
+    SHARD_TASK,
+    WATCHDOG_TASK,
+)
+from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.services import Services
+from shapfleet.broker.store import TransientStoreError
+from shapfleet.errors import Canceled, ShapfleetError
+from shapfleet.workers import pipeline
+from shapfleet.workers.engine.partition import PartitionPlan
+from shapfleet.workers.engine.planning import largest_shards_first
+from shapfleet.workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def _remember_pool_index(**_) -> None:
     """Record this pool process's index, which picks its GPU on multi-GPU hosts."""
     from billiard.process import current_process
 
-    from workers import runtime
+    from shapfleet.workers import runtime
 
     runtime.process_index = getattr(current_process(), "index", None)
 
@@ -202,6 +209,6 @@ def reduce(self, job_id: str) -> int:
 @shared_task(name=WATCHDOG_TASK)
 def watchdog() -> dict:
     """Periodic (``shapfleet worker --beat``): fail overdue jobs, re-drive stalled ones."""
-    from broker.watchdog import watchdog_pass
+    from shapfleet.broker.watchdog import watchdog_pass
 
     return watchdog_pass(runtime_of(current_app).services)

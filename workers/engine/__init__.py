@@ -2,33 +2,8 @@
 
 Stages, one module each: ``segmentation`` -> ``maskers`` -> ``design`` (coalitions) -> ``model``
 (onnxruntime adapter) -> ``evaluation`` (shards) -> ``estimation`` (regression) -> ``rendering``.
-``planning`` and ``result`` tie them into plan / shard / reduce steps; ``local`` runs those in-process.
+``planning`` and ``result`` tie them into plan / shard / reduce steps.
+
+Importing this package loads nothing: ``shapfleet.workers.engine.settings`` (the job message's
+contract) is read by the API without numpy's stack. The public names are in :mod:`shapfleet`.
 """
-
-from .errors import (
-    Canceled,
-    EstimationError,
-    ImageError,
-    InvalidSettingsError,
-    ModelError,
-    ModelOutputError,
-    ShapfleetError,
-)
-from .local import ExplainRun, explain, explain_array
-from .result import Explanation
-from .settings import ExplainSettings
-
-__all__ = [
-    "Canceled",
-    "EstimationError",
-    "ExplainRun",
-    "ExplainSettings",
-    "Explanation",
-    "ImageError",
-    "InvalidSettingsError",
-    "ModelError",
-    "ModelOutputError",
-    "ShapfleetError",
-    "explain",
-    "explain_array",
-]

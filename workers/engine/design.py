@@ -33,7 +33,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import InvalidSettingsError
+from shapfleet.errors import InvalidSettingsError
 
 ENUMERATION_CHUNK = 256
 MAX_PAIRS_PER_BLOCK = 64

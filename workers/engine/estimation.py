@@ -16,7 +16,7 @@ the delete-a-group jackknife: with G groups of sample blocks,
 
 Enumerated coalitions are not random and contribute no variance: an exact answer has std 0.
 Enumerated rows are kept too (packed bits and values), for the third-order surrogate of
-:mod:`workers.engine.interactions`, which ``estimate`` fits instead of the additive one when the
+:mod:`shapfleet.workers.engine.interactions`, which ``estimate`` fits instead of the additive one when the
 ``estimator`` setting asks for it. All arithmetic is float64.
 """
 
@@ -26,9 +26,10 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from shapfleet.errors import EstimationError
+
 from . import interactions, kriging
 from .design import CoalitionDesign
-from .errors import EstimationError
 from .threads import one_blas_thread
 
 #: Above this condition number the regression is treated as singular.
@@ -180,12 +181,12 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
     kriging's are its posterior standard deviations).
 
     ``estimator``: ``linear`` is KernelSHAP's additive fit (shap's KernelExplainer); ``cubic`` fits
-    the third-order surrogate of :mod:`workers.engine.interactions`; ``kriging`` the Gaussian-process
-    model of :mod:`workers.engine.kriging`; ``auto`` picks kriging where
-    :func:`~workers.engine.kriging.use_kriging` allows it, else the surrogate where
-    :func:`~workers.engine.interactions.use_interactions` says it is determined. A fit too
+    the third-order surrogate of :mod:`shapfleet.workers.engine.interactions`; ``kriging`` the Gaussian-process
+    model of :mod:`shapfleet.workers.engine.kriging`; ``auto`` picks kriging where
+    :func:`~shapfleet.workers.engine.kriging.use_kriging` allows it, else the surrogate where
+    :func:`~shapfleet.workers.engine.interactions.use_interactions` says it is determined. A fit too
     ill-conditioned to solve falls back to the additive one."""
-    with one_blas_thread():  # see workers.engine.threads: spinning BLAS threads would slow the next model calls
+    with one_blas_thread():  # see shapfleet.workers.engine.threads: spinning BLAS threads would slow the next model calls
         return _estimate(design, stats, v_empty, v_full, estimator)
 
 

@@ -12,9 +12,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import Canceled, ModelOutputError
-from .estimation import ShardStatistics
+from shapfleet.errors import Canceled, ModelOutputError
+
 from .design import WorkUnit
+from .estimation import ShardStatistics
 from .planning import ImagePlan, JobPlan
 from .threads import one_blas_thread
 

@@ -34,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ModelOutputError
+from shapfleet.errors import ModelOutputError
+
 from .model import ModelInfo, run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"

@@ -14,7 +14,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError
+from shapfleet.errors import ImageError
+
 from .settings import parse_size
 
 #: Images with more pixels than this are refused before decoding.

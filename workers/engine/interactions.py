@@ -115,7 +115,7 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     ``y = v(z) - v(0)``. None when the penalised normal matrix is singular or too ill-conditioned
     (the caller then uses the additive fit).
 
-    Its caller, :func:`workers.engine.estimation.estimate`, keeps BLAS on one thread: at these
+    Its caller, :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread: at these
     sizes (p <= 696) a second thread on a busy 2-core machine made the fit 4x slower (55 ms against
     14 ms at M = 12, 384 coalitions)."""
     m = design.n_players

@@ -34,7 +34,7 @@ scale s^2) over :data:`RHO_GRID`.
 pair: with every coalition evaluated it returns the game's own Shapley values, and a game whose odd
 part is additive (a linear model) is recovered exactly from any design that determines its M linear
 terms. With sampled coalitions it is the Bayes estimate under the prior above, which, unlike a
-truncated surrogate (:mod:`workers.engine.interactions`), also accounts for the terms of degree 5
+truncated surrogate (:mod:`shapfleet.workers.engine.interactions`), also accounts for the terms of degree 5
 and more instead of letting them alias into the fitted ones.
 
 **Error bars** are the posterior standard deviations of phi at the chosen rho and each class's
@@ -144,7 +144,7 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     coalition with ``y = v(z) - v(0)``. None when the pairs do not determine the linear terms or a
     matrix is singular (the caller then uses the additive fit). ``sampled_group`` is unused: the
     signature is the cubic surrogate's, whose error bars need the groups. Its caller,
-    :func:`workers.engine.estimation.estimate`, keeps BLAS on one thread."""
+    :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread."""
     m = design.n_players
     x, odd = pair_observations(np.concatenate([z_enumerated, z_sampled]), np.concatenate([y_enumerated, y_sampled]),
                                total)

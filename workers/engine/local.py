@@ -16,10 +16,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from shapfleet.errors import InvalidSettingsError
+
 from .estimation import ShardStatistics
 from .evaluation import Predict, coalition_predictor, evaluate_shard
 from .images import as_pixel_array, fit_to_model, load_image
-from .errors import InvalidSettingsError
 from .model import OnnxClassifier, read_model_file
 from .partition import explain_partition
 from .planning import JobPlan, largest_shards_first, plan_explanation
@@ -44,7 +45,7 @@ def explain_array(image: np.ndarray, predict: Predict, settings: ExplainSettings
     """Explain a float32 ``H x W x C`` pixel image for any ``predict(images) -> outputs`` callable.
 
     When ``predict`` is an :class:`OnnxClassifier`'s method and ``fuse`` is true, the masking runs
-    inside the model (see :mod:`workers.engine.fused`); the values are identical either way."""
+    inside the model (see :mod:`shapfleet.workers.engine.fused`); the values are identical either way."""
     plan = plan_explanation(image, predict, settings, segments=segments, n_shards=shards)
     owner = getattr(predict, "__self__", None)
     fused = coalition_predictor(owner, plan) if fuse and owner is not None else None

@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ImageError, InvalidSettingsError
+from shapfleet.errors import ImageError, InvalidSettingsError
+
 from .images import as_pixel_array
 from .settings import MaskerSpec
 

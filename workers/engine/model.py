@@ -21,7 +21,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import ModelError, ModelOutputError
+from shapfleet.errors import ModelError, ModelOutputError
+
 from .settings import ExplainSettings
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def create_session(model_bytes: bytes, providers: Sequence[str | tuple[str, dict
 
 class ModelSessions:
     """One model's onnxruntime sessions, each created on first use: ``plain`` (image input) and
-    ``fused(info)`` (coalition input, see :mod:`workers.engine.fused`). Workers keep one per model."""
+    ``fused(info)`` (coalition input, see :mod:`shapfleet.workers.engine.fused`). Workers keep one per model."""
 
     def __init__(self, model_bytes: bytes, providers: Sequence[str | tuple[str, dict]] | None = None,
                  threads: int | None = None, plain=None) -> None:

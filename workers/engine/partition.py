@@ -33,9 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InvalidSettingsError, ModelOutputError
-from .maskers import build_masker
+from shapfleet.errors import InvalidSettingsError, ModelOutputError
+
 from .evaluation import masked_values
+from .maskers import build_masker
 from .planning import ImagePlan, plan_image
 from .settings import ExplainSettings
 
@@ -290,7 +291,7 @@ def run_partition(plan: PartitionPlan, predict: Predict,
 
 
 def partition_explanation(plan: PartitionPlan, state: PartitionState):
-    """Package a finished refinement as an :class:`~workers.engine.result.Explanation`: pixel-level
+    """Package a finished refinement as an :class:`~shapfleet.workers.engine.result.Explanation`: pixel-level
     values (``H x W x C x K``), and per region (the finest boxes refined) their summed value."""
     from .result import Explanation
 

@@ -15,9 +15,10 @@ from typing import Callable
 
 import numpy as np
 
+from shapfleet.errors import InvalidSettingsError, ModelOutputError
+
 from . import interactions, kriging
 from .design import CoalitionDesign, WorkUnit
-from .errors import InvalidSettingsError, ModelOutputError
 from .maskers import Masker, build_masker, masker_from_arrays
 from .model import transform_outputs
 from .segmentation import segment

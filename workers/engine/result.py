@@ -72,6 +72,21 @@ class Explanation:
             probs = e / e.sum()
         return probs[self.classes]
 
+    def to_shap(self):
+        """This explanation as a ``shap.Explanation`` of one image, so ``shap.image_plot(e.to_shap())``
+        draws it: values ``1 x H x W x C x K`` (method kernel spreads each pixel's value evenly over
+        its C channels, since image_plot sums them back), base values ``1 x K``, the image scaled to
+        0..1 as data, and the class names as output names. Needs shap installed."""
+        try:
+            import shap
+        except ModuleNotFoundError as e:
+            raise ImportError("Explanation.to_shap() needs shap: pip install shap") from e
+        channels = self.image.shape[2]
+        values = self.pixel_attributions if self.pixel_attributions is not None else \
+            np.repeat(self.pixel_values[:, :, None, :] / channels, channels, axis=2)
+        return shap.Explanation(values=values[None], base_values=np.asarray(self.base_values)[None],
+                                data=self.image[None] / 255.0, output_names=list(self.class_names))
+
     def to_npz_bytes(self) -> bytes:
         buffer = io.BytesIO()
         optional = {} if self.pixel_attributions is None else {"pixel_attributions": self.pixel_attributions}

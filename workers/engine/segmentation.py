@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from .errors import ImageError, InvalidSettingsError
+from shapfleet.errors import ImageError, InvalidSettingsError
+
 from .settings import ExplainSettings
 
 
@@ -27,7 +28,9 @@ def segment(image: np.ndarray, settings: ExplainSettings) -> np.ndarray:
     SLIC, quickshift and Felzenszwalb see the image as uint8, so that scikit-image scales it to
     [0, 1] (and to Lab for colour SLIC) the same way whatever the model's preprocessing is.
     """
-    from skimage import segmentation as sk  # imported here: scikit-image is slow to import
+    from skimage import (
+        segmentation as sk,  # imported here: scikit-image is slow to import
+    )
 
     height, width, channels = image.shape
     if settings.segmenter == "grid":

@@ -11,15 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidSettingsError
+from shapfleet.errors import InvalidSettingsError
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb", "grid")
 LAYOUTS = ("auto", "nchw", "nhwc")
 CHANNEL_ORDERS = ("rgb", "bgr")
 OUTPUT_TRANSFORMS = ("raw", "softmax", "logit")
 METHODS = ("kernel", "partition")
-#: How method kernel turns evaluations into Shapley values (see workers.engine.interactions and
-#: workers.engine.kriging).
+#: How method kernel turns evaluations into Shapley values (see shapfleet.workers.engine.interactions and
+#: shapfleet.workers.engine.kriging).
 ESTIMATORS = ("auto", "linear", "cubic", "kriging")
 #: shap's PartitionExplainer default budget.
 DEFAULT_MAX_EVALS = 500
@@ -127,8 +127,8 @@ class ExplainSettings:
     (``max_evals``; ``batch_size`` is then also the number of masked images per refinement round,
     as in shap's PartitionExplainer). ``estimator`` (kernel only) picks the regression that turns
     evaluations into Shapley values: ``linear`` (KernelSHAP's), ``cubic`` (a third-order surrogate,
-    see :mod:`workers.engine.interactions`), ``kriging`` (a Gaussian-process model of the game, see
-    :mod:`workers.engine.kriging`) or ``auto``.
+    see :mod:`shapfleet.workers.engine.interactions`), ``kriging`` (a Gaussian-process model of the game, see
+    :mod:`shapfleet.workers.engine.kriging`) or ``auto``.
     """
 
     method: str = "kernel"
