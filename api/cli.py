@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from shapfleet.workers.engine.local import explain
     from shapfleet.workers.engine.progress import ProgressBar
+    from shapfleet.workers.local import explain
 
     if args.workers < 1:
         raise InvalidSettingsError(f"--workers must be >= 1, got {args.workers}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app
 
-from shapfleet.broker.jobs import SHARD_METRICS, SHARD_SECONDS_BUCKETS
+from shapfleet.broker.jobs import SHARD_SECONDS_BUCKETS
+from shapfleet.broker.redis_keys import SHARD_METRICS
 
 from .openapi import openapi_document
 from .problems import Problem

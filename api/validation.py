@@ -12,24 +12,18 @@ from dataclasses import dataclass
 
 from flask import request
 
-from shapfleet.broker.keys import model_key
+from shapfleet.broker import redis_keys
+from shapfleet.broker.keys import image_key, model_key
 from shapfleet.broker.services import Services
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.submission import check_submission
 from shapfleet.errors import ImageError
 from shapfleet.workers.engine.images import fit_to_model, load_image
-from shapfleet.workers.engine.model import ModelInfo, create_session, inspect_model
+from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
+from shapfleet.workers.engine.sessions import create_session
 from shapfleet.workers.engine.settings import ExplainSettings
 
 from .problems import Problem
-
-MODEL_META = "shapfleet:model:{}"
-TENANT_MODELS = "shapfleet:tenant:{}:models"
-TENANT_IMAGES = "shapfleet:tenant:{}:images"
-
-
-def image_key(sha256: str) -> str:
-    return f"images/{sha256}"
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -52,16 +46,16 @@ def store_model_for(services: Services, tenant: str, data: bytes, info: ModelInf
     created = not services.store.exists(key)
     if created:
         services.store.put(key, data)
-    services.redis.set(MODEL_META.format(info.sha256), json.dumps({**info.to_dict(), "size": len(data)}))
-    services.redis.sadd(TENANT_MODELS.format(tenant), info.sha256)
+    services.redis.set(redis_keys.model_meta(info.sha256), json.dumps({**info.to_dict(), "size": len(data)}))
+    services.redis.sadd(redis_keys.tenant_models(tenant), info.sha256)
     return info, created
 
 
 def model_for(services: Services, tenant: str, model_id: str) -> dict:
     """A tenant's model description, or 404 (another tenant's model is as absent as a missing one)."""
-    if not isinstance(model_id, str) or not services.redis.sismember(TENANT_MODELS.format(tenant), model_id):
+    if not isinstance(model_id, str) or not services.redis.sismember(redis_keys.tenant_models(tenant), model_id):
         raise Problem(404, "Not Found", f"no model {model_id!r} for this tenant; upload it with POST /v1/models")
-    meta = services.redis.get(MODEL_META.format(model_id))
+    meta = services.redis.get(redis_keys.model_meta(model_id))
     return json.loads(meta) if meta else {}
 
 
@@ -95,7 +89,7 @@ def store_image_for(services: Services, tenant: str, data: bytes) -> tuple[str, 
     sha256 = hashlib.sha256(data).hexdigest()
     if not services.store.exists(image_key(sha256)):
         services.store.put(image_key(sha256), data)
-    services.redis.sadd(TENANT_IMAGES.format(tenant), sha256)
+    services.redis.sadd(redis_keys.tenant_images(tenant), sha256)
     return sha256, pixels.shape[:2]
 
 
@@ -159,7 +153,7 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
     if (model_id is None) == (model_bytes is None):
         raise Problem(422, "Invalid request", "give exactly one of model_id or an inline model")
     for image_id in image_ids:
-        if not services.redis.sismember(TENANT_IMAGES.format(tenant), image_id):
+        if not services.redis.sismember(redis_keys.tenant_images(tenant), image_id):
             raise Problem(404, "Not Found", f"no image {image_id!r} for this tenant; upload it with POST /v1/images")
         images.append(services.store.get(image_key(image_id)))
     settings = ExplainSettings.from_dict(settings_data)  # InvalidSettingsError -> 422

@@ -9,12 +9,12 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, g, request, url_for
 
-from shapfleet.broker.jobs import JobRecord, JobStatus
+from shapfleet.broker import redis_keys
+from shapfleet.broker.records import JobRecord, JobStatus
 from shapfleet.broker.submission import submit_job
 
 from .problems import PROBLEM_BASE, Problem
 from .validation import (
-    TENANT_MODELS,
     check_job_against_limits,
     model_for,
     parse_job_request,
@@ -28,7 +28,6 @@ v1 = Blueprint("v1", __name__, url_prefix="/v1")
 
 #: Idempotency keys are kept this long (at least the 24 h the contract promises).
 IDEMPOTENCY_TTL = 48 * 3600
-IDEMPOTENCY_KEY = "shapfleet:idempotency:{}:{}"
 MAX_PAGE = 100
 
 
@@ -97,7 +96,7 @@ def upload_model():
 @v1.get("/models")
 def list_models():
     svc = services()
-    ids = sorted(m.decode() for m in svc.redis.smembers(TENANT_MODELS.format(g.tenant)))
+    ids = sorted(m.decode() for m in svc.redis.smembers(redis_keys.tenant_models(g.tenant)))
     return {"models": [{"id": model_id, **model_for(svc, g.tenant, model_id)} for model_id in ids]}
 
 
@@ -128,7 +127,7 @@ def create_job():
     if idempotency is not None:
         if not idempotency or len(idempotency) > 200:
             raise Problem(400, "Bad Request", "Idempotency-Key must be 1 to 200 characters")
-        redis_key, fingerprint = IDEMPOTENCY_KEY.format(g.tenant, idempotency), job.fingerprint(model_sha256)
+        redis_key, fingerprint = redis_keys.idempotency(g.tenant, idempotency), job.fingerprint(model_sha256)
         existing = _idempotent_replay(svc, redis_key, fingerprint)
         if existing is not None:
             return job_response(existing, 202)

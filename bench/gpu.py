@@ -15,7 +15,7 @@ shapfleet       the engine end to end (segmentation, planning, evaluation, regre
 shapfleet_numpy the engine with the masking done in numpy (every masked image crosses), at the
                 first budget only
 *_tf32          the limit and the engine with onnxruntime's TF32 allowed (shapfleet turns it off:
-                see shapfleet.workers.engine.model.cuda_provider), with the largest difference in values
+                see shapfleet.workers.engine.sessions.cuda_provider), with the largest difference in values
 
 Every engine figure is reported as evaluations per second and as its time over the limit's time
 for the same number of evaluations.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from run import RESULTS, cases, load_case, masked_inputs, median_time  # noqa: E402
 
-from shapfleet.workers.engine.local import explain_array  # noqa: E402
+from shapfleet.workers.local import explain_array  # noqa: E402
 
 # Batches above 512 run out of the H100's memory with this model's activations and four sessions.
 LIMIT_BATCH_SIZES = (64, 128, 256, 512)

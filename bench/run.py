@@ -42,10 +42,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from shapfleet.workers.engine.images import fit_to_model  # noqa: E402
-from shapfleet.workers.engine.local import explain_array  # noqa: E402
 from shapfleet.workers.engine.model import OnnxClassifier  # noqa: E402
 from shapfleet.workers.engine.planning import plan_explanation  # noqa: E402
 from shapfleet.workers.engine.settings import ExplainSettings  # noqa: E402
+from shapfleet.workers.local import explain_array  # noqa: E402
 
 MODELS = HERE / "models"
 RESULTS = HERE / "results"
@@ -371,7 +371,7 @@ def _service_job() -> tuple[dict, object, bytes]:
 
 
 def measure_service(repeats: int) -> dict:
-    from shapfleet.workers.engine.local import explain
+    from shapfleet.workers.local import explain
 
     case, settings, png = _service_job()
     with tempfile.TemporaryDirectory() as tmp:

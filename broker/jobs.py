@@ -1,12 +1,7 @@
-"""Job records in Redis and their state machine.
+"""Job records in Redis: the fleet's :class:`~shapfleet.broker.records.JobRecords`.
 
-    queued --start--> running --succeed--> succeeded
-       |                 |----fail-------> failed
-       |                 +----cancel-----> canceled
-       +--fail / cancel--------------------^
-
-A record is a Redis hash ``shapfleet:job:<id>``, written before anything is enqueued. Transitions run
-as one Lua script that checks the current status, so concurrent workers, a watchdog and a cancel
+The record and its states are in :mod:`shapfleet.broker.records`. A record is a Redis hash
+``shapfleet:job:<id>``, written before anything is enqueued. Transitions run as one Lua script that checks the current status, so concurrent workers, a watchdog and a cancel
 request cannot move a job out of a final state: every job reaches exactly one.
 
 Progress is kept so that a redelivered shard is never counted twice: shards done is a set of shard
@@ -18,51 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from shapfleet.errors import JobNotFound
 
-PREFIX = "shapfleet"
-
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: str
-    tenant: str
-    status: JobStatus
-    created_at: float
-    started_at: float | None
-    completed_at: float | None
-    settings: dict[str, Any]
-    model_sha256: str
-    inputs: list[str]
-    shards_total: int
-    shards_done: int
-    evaluations_total: int
-    evaluations_done: int
-    error: dict[str, Any] | None = None
-    results: list[dict[str, Any]] = field(default_factory=list)
-    deadline: float | None = None
-
-    @property
-    def n_images(self) -> int:
-        return len(self.inputs)
-
+from . import redis_keys
+from .records import JobRecord, JobStatus, new_job_id
 
 # KEYS[1] job hash, KEYS[2] active-jobs zset, KEYS[3] jobs-by-status counters; ARGV: job id, new
 # status, n allowed, allowed..., then field/value pairs. Returns {1, status} when applied,
@@ -95,30 +51,30 @@ class JobStore:
     # -- keys ---------------------------------------------------------------------------------
     @staticmethod
     def key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}"
+        return redis_keys.job(job_id)
 
     @staticmethod
     def shards_key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:shards"
+        return redis_keys.job_shards(job_id)
 
     @staticmethod
     def progress_key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:progress"
+        return redis_keys.job_progress(job_id)
 
     @staticmethod
     def deliveries_key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:deliveries"
+        return redis_keys.job_deliveries(job_id)
 
     @staticmethod
     def reduce_lock_key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:reduce-lock"
+        return redis_keys.job_reduce_lock(job_id)
 
     @staticmethod
     def tenant_key(tenant: str) -> str:
-        return f"{PREFIX}:tenant:{tenant}:jobs"
+        return redis_keys.tenant_jobs(tenant)
 
-    ACTIVE = f"{PREFIX}:jobs:active"
-    BY_STATUS = f"{PREFIX}:metrics:jobs_by_status"
+    ACTIVE = redis_keys.ACTIVE_JOBS
+    BY_STATUS = redis_keys.JOBS_BY_STATUS
 
     # -- creation and reading -----------------------------------------------------------------
     def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
@@ -260,11 +216,11 @@ class JobStore:
     # -- method partition: rounds per image ---------------------------------------------------
     @staticmethod
     def rounds_key(job_id: str) -> str:
-        return f"{PREFIX}:job:{job_id}:rounds"
+        return redis_keys.job_rounds(job_id)
 
     @staticmethod
     def round_parts_key(job_id: str, image_index: int, round_index: int) -> str:
-        return f"{PREFIX}:job:{job_id}:round:{image_index}:{round_index}"
+        return redis_keys.job_round_parts(job_id, image_index, round_index)
 
     def set_round(self, job_id: str, image_index: int, round_index: int) -> None:
         """Record that image ``image_index`` reached round ``round_index`` (never moves back)."""
@@ -322,21 +278,16 @@ class JobStore:
 
 #: Upper bounds (seconds) of the shard-duration histogram buckets.
 SHARD_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-SHARD_METRICS = f"{PREFIX}:metrics:shards"
 
 
 def record_shard_metrics(redis, seconds: float, evaluations: int) -> None:
     """Add one finished shard to the fleet-wide counters that ``/metrics`` exposes."""
     pipe = redis.pipeline(transaction=False)
-    pipe.hincrbyfloat(SHARD_METRICS, "seconds_sum", seconds)
-    pipe.hincrby(SHARD_METRICS, "count", 1)
-    pipe.hincrby(SHARD_METRICS, "evaluations", int(evaluations))
+    pipe.hincrbyfloat(redis_keys.SHARD_METRICS, "seconds_sum", seconds)
+    pipe.hincrby(redis_keys.SHARD_METRICS, "count", 1)
+    pipe.hincrby(redis_keys.SHARD_METRICS, "evaluations", int(evaluations))
     for bound in SHARD_SECONDS_BUCKETS:
         if seconds <= bound:
-            pipe.hincrby(SHARD_METRICS, f"le_{bound}", 1)
+            pipe.hincrby(redis_keys.SHARD_METRICS, f"le_{bound}", 1)
     pipe.execute()
 
-
-def new_job_id() -> str:
-    """Time-ordered ids: 12 hex digits of milliseconds, then 16 random hex digits."""
-    return f"{int(time.time() * 1000):012x}{uuid.uuid4().hex[:16]}"

@@ -1,10 +1,16 @@
-"""Object keys, in one place (the layout is documented in :mod:`shapfleet.broker.store`)."""
+"""Object-store keys, in one place (the layout is documented in :mod:`shapfleet.broker.store`;
+Redis key names are in :mod:`shapfleet.broker.redis_keys`)."""
 
 from __future__ import annotations
 
 
 def model_key(sha256: str) -> str:
     return f"models/{sha256}.onnx"
+
+
+def image_key(sha256: str) -> str:
+    """An image uploaded with ``POST /v1/images``, content-addressed."""
+    return f"images/{sha256}"
 
 
 def input_key(job_id: str, image_index: int) -> str:
@@ -45,3 +51,13 @@ def result_prefix(job_id: str) -> str:
 
 def result_key(job_id: str, name: str) -> str:
     return f"{result_prefix(job_id)}{name}"
+
+
+def segments_key(job_id: str, image_index: int) -> str:
+    """Image ``image_index``'s own label map (``.npy`` integers or a label PNG), when the job has one."""
+    return f"jobs/{job_id}/inputs/{image_index}.segments"
+
+
+def reference_key(job_id: str) -> str:
+    """The ``image:`` masker's reference image, uploaded with the job."""
+    return f"jobs/{job_id}/inputs/reference"

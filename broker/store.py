@@ -1,12 +1,18 @@
-"""The object store: S3 (boto3, path-style, any endpoint) or a local folder, behind one small interface.
+"""The object store: S3 (boto3, path-style, any endpoint), a local folder, or memory (the
+in-process run), behind one small interface.
 
 Key layout::
 
     models/<sha256>.onnx                 uploaded models, content-addressed
-    jobs/<id>/inputs/<n>.<ext>           the job's images (and optional segment maps)
+    images/<sha256>                      images uploaded with POST /v1/images, content-addressed
+    jobs/<id>/inputs/<n>                 the job's images; <n>.segments a label map, when given
+    jobs/<id>/inputs/background.npz      the dataset: masker's background set; inputs/reference the image: one
     jobs/<id>/plans/<n>.npz              each image's plan (image, segments, backgrounds, design)
     jobs/<id>/shards/<n>/<i>.npz         shard i's statistics for image n (deterministic: a rerun overwrites)
+    jobs/<id>/partition/<n>/...          method partition's round records
     jobs/<id>/results/...                attributions.npz, summary.png, class-*.png
+
+The functions that build these keys are in :mod:`shapfleet.broker.keys`.
 
 Errors: :class:`ObjectNotFound` for a missing key; :class:`TransientStoreError` for failures worth
 retrying (connection refused, timeouts, 5xx, throttling); anything else is :class:`StoreError`.
@@ -98,6 +104,41 @@ class LocalStore:
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StoreError(f"the store folder {self.root} is not writable")
+
+
+class MemoryStore:
+    """Objects in a dict: the in-process run's store (``shapfleet explain``), nothing on disk."""
+
+    def __init__(self, objects: dict[str, bytes] | None = None) -> None:
+        self.objects: dict[str, bytes] = dict(objects or {})
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.objects[_safe_key(key)] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.objects[key]
+        except KeyError:
+            raise ObjectNotFound(key) from None
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def size(self, key: str) -> int:
+        return len(self.get(key))
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(key for key in self.objects if key.startswith(prefix))
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            del self.objects[key]
+
+    def presigned_url(self, key: str, expires: int) -> str | None:
+        return None
+
+    def check(self) -> None:
+        return None
 
 
 class S3Store:

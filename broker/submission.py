@@ -12,8 +12,8 @@ from shapfleet.errors import QueueUnavailable, SubmissionError
 from shapfleet.workers.engine.settings import ExplainSettings
 
 from .celery_app import PLAN_TASK
-from .jobs import JobRecord, new_job_id
 from .keys import background_key, input_key, model_key
+from .records import JobRecord, new_job_id
 from .services import Services
 from .settings import Limits
 from .store import ObjectNotFound

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from .celery_app import PLAN_TASK, REDUCE_TASK, ROUND_TASK, SHARD_TASK
-from .jobs import JobStatus
+from .records import JobStatus
 from .services import Services
 
 

@@ -27,9 +27,9 @@ __version__ = "0.1.0"
 
 #: Each public name and the module that defines it.
 _LAZY = {
-    "explain": "shapfleet.workers.engine.local",
-    "explain_array": "shapfleet.workers.engine.local",
-    "ExplainRun": "shapfleet.workers.engine.local",
+    "explain": "shapfleet.workers.local",
+    "explain_array": "shapfleet.workers.local",
+    "ExplainRun": "shapfleet.workers.local",
     "ExplainSettings": "shapfleet.workers.engine.settings",
     "Explanation": "shapfleet.workers.engine.result",
     "Client": "shapfleet.api.client",
@@ -52,9 +52,9 @@ __all__ = [
 if TYPE_CHECKING:
     from .api.client import Client
     from .errors import ApiError
-    from .workers.engine.local import ExplainRun, explain, explain_array
     from .workers.engine.result import Explanation
     from .workers.engine.settings import ExplainSettings
+    from .workers.local import ExplainRun, explain, explain_array
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from onnx_models import conv_model, two_input_model, vector_input_model
 from PIL import Image
 
 from shapfleet.api.app import create_app
-from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.records import JobStatus
 
 pytestmark = pytest.mark.service
 

@@ -10,21 +10,32 @@ import urllib.request
 import numpy as np
 import pytest
 
-from shapfleet.broker.jobs import JobNotFound, JobStatus, JobStore, new_job_id
+from shapfleet.broker.jobs import JobStore
+from shapfleet.broker.records import JobStatus, MemoryJobs, new_job_id
 from shapfleet.broker.settings import ServiceSettings
 from shapfleet.broker.store import (
     LocalStore,
+    MemoryStore,
     ObjectNotFound,
     S3Store,
     StoreError,
     TransientStoreError,
 )
+from shapfleet.errors import JobNotFound
 
 pytestmark = pytest.mark.service
 
 
+@pytest.fixture(params=["redis", "memory"])
+def jobs(request) -> JobStore | MemoryJobs:
+    """Both kinds of job records: the steps run on either, so they must answer every call alike."""
+    if request.param == "memory":
+        return MemoryJobs()
+    return request.getfixturevalue("services").jobs
+
+
 @pytest.fixture
-def jobs(services) -> JobStore:
+def redis_jobs(services) -> JobStore:
     return services.jobs
 
 
@@ -55,7 +66,8 @@ def test_state_machine_reaches_exactly_one_final_state(jobs):
     final = jobs.get(job_id)
     assert final.status == JobStatus.SUCCEEDED and final.error is None and final.results == [{"name": "a"}]
     assert final.completed_at >= final.started_at
-    assert job_id not in jobs.overdue(now=time.time() + 3600)  # final jobs leave the active set
+    if isinstance(jobs, JobStore):
+        assert job_id not in jobs.overdue(now=time.time() + 3600)  # final jobs leave the active set
 
 
 def test_cancel_and_fail_from_queued_and_concurrent_transitions(jobs):
@@ -79,9 +91,22 @@ def test_progress_counts_each_shard_once(jobs):
     assert jobs.shard_done(job_id, "0/1") == (True, 2)
     record = jobs.get(job_id)
     assert (record.shards_done, record.evaluations_done) == (2, 100)
+    assert jobs.missing_shards(job_id) == [(1, 0)]
 
 
-def test_tenant_listing_and_isolation(jobs):
+def test_partition_rounds_and_parts_are_counted_once(jobs):
+    job_id = make(jobs)
+    assert jobs.current_round(job_id, 0) == 0
+    jobs.set_round(job_id, 0, 2)
+    jobs.set_round(job_id, 0, 1)  # a late step of an earlier round never moves it back
+    assert (jobs.current_round(job_id, 0), jobs.current_round(job_id, 1)) == (2, 0)
+    assert jobs.round_part_done(job_id, 0, 2, 0) == (True, 1)
+    assert jobs.round_part_done(job_id, 0, 2, 0) == (False, 1)
+    assert jobs.round_part_done(job_id, 0, 2, 1) == (True, 2) and jobs.round_part_done(job_id, 1, 2, 0) == (True, 1)
+
+
+def test_tenant_listing_and_isolation(redis_jobs):
+    jobs = redis_jobs
     ids = [make(jobs, "alpha") for _ in range(5)]
     other = make(jobs, "beta")
     listed = [i for i, _ in jobs.list_ids("alpha", limit=10)]
@@ -95,14 +120,16 @@ def test_tenant_listing_and_isolation(jobs):
         jobs.get(new_job_id())
 
 
-def test_deadline_index(jobs):
+def test_deadline_index(redis_jobs):
+    jobs = redis_jobs
     job_id = jobs.create("t", {}, "0" * 64, [], deadline_seconds=-1).id
     assert job_id in jobs.overdue()
 
 
-@pytest.mark.parametrize("kind", ["s3", "local"])
+@pytest.mark.parametrize("kind", ["s3", "local", "memory"])
 def test_object_store_round_trip(kind, service_settings, tmp_path):
-    store = S3Store(service_settings) if kind == "s3" else LocalStore(tmp_path / "store")
+    store = {"s3": lambda: S3Store(service_settings), "local": lambda: LocalStore(tmp_path / "store"),
+             "memory": MemoryStore}[kind]()
     store.put("jobs/a/results/x.npz", b"abc")
     store.put("jobs/a/results/1/y.png", b"defg")
     store.put("jobs/b/inputs/0", b"z")

@@ -7,9 +7,9 @@ import pytest
 from onnx_models import conv_model, linear_model
 from shapley_reference import brute_force_shapley, onnx_value_function
 
-from shapfleet.workers.engine.local import explain_array
 from shapfleet.workers.engine.model import OnnxClassifier
 from shapfleet.workers.engine.settings import ExplainSettings
+from shapfleet.workers.local import explain_array
 
 
 def linear_shapley(weights: np.ndarray, image: np.ndarray, background: np.ndarray, segments: np.ndarray,

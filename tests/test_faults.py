@@ -14,8 +14,8 @@ from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
 
 from shapfleet import ExplainSettings, Explanation
 from shapfleet.broker.celery_app import SHARD_TASK
-from shapfleet.broker.jobs import JobStatus
 from shapfleet.broker.keys import result_prefix
+from shapfleet.broker.records import JobStatus
 from shapfleet.broker.submission import store_model, submit_job
 from shapfleet.broker.watchdog import watchdog_pass
 

@@ -14,8 +14,8 @@ from PIL import Image
 from test_pipeline import wait_final
 
 from shapfleet import ExplainSettings, Explanation, explain
-from shapfleet.broker.jobs import JobStatus
 from shapfleet.broker.keys import partition_key, result_prefix
+from shapfleet.broker.records import JobStatus
 from shapfleet.broker.submission import SubmissionError, store_model, submit_job
 from shapfleet.broker.watchdog import watchdog_pass
 
@@ -100,14 +100,14 @@ def test_a_redelivered_part_of_a_complete_round_advances_it(services, start_work
     """The worker that stores a round's last part can die before sending the round step. Its
     redelivered part finds the round complete and sends the step itself (no watchdog runs here)."""
     from shapfleet.broker.celery_app import PART_TASK
-    from shapfleet.workers import pipeline
+    from shapfleet.workers import steps
     from shapfleet.workers.tasks import runtime_of
 
     model, image, settings, record = partition_job_stopped_at_round_0(services, start_workers, "square")
     # Every part of round 0 evaluated and recorded by a worker that then dies: no round step is sent.
     runtime = runtime_of(services.celery)
-    n_parts = len(pipeline._json(services, partition_key(record.id, 0, "round-0.json"))["parts"])
-    assert [pipeline.partition_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True
+    n_parts = len(steps._json(runtime, partition_key(record.id, 0, "round-0.json"))["parts"])
+    assert [steps.partition_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True
     start_workers(1, queues="shards")
     services.celery.send_task(PART_TASK, args=[record.id, 0, 0, 0], queue=services.settings.queue_shards)
     assert_succeeds_as_in_process(services, record, model, image, settings, timeout=60)

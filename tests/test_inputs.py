@@ -10,11 +10,12 @@ from PIL import Image
 
 from shapfleet.errors import ImageError, InvalidSettingsError, ModelError
 from shapfleet.workers.engine.images import fit_to_model, load_image
-from shapfleet.workers.engine.local import explain, explain_array
 from shapfleet.workers.engine.maskers import InpaintMasker, build_masker
-from shapfleet.workers.engine.model import OnnxClassifier, inspect_model
+from shapfleet.workers.engine.inspection import inspect_model
+from shapfleet.workers.engine.model import OnnxClassifier
 from shapfleet.workers.engine.segmentation import check_segments, renumber, segment
 from shapfleet.workers.engine.settings import ExplainSettings, MaskerSpec
+from shapfleet.workers.local import explain, explain_array
 
 
 def linear_expected(weights, image, background, segments, mean=0.0, std=1.0):
@@ -273,7 +274,8 @@ def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
     """onnxruntime's CUDA convolutions re-plan on every change of batch shape, so on a GPU the last,
     smaller batch of each shard (and the planning batch) is padded to ``batch_size``; the padding's
     outputs are dropped and the values do not change. On the CPU batches run as they come."""
-    from shapfleet.workers.engine.model import ModelSessions, create_session
+    from shapfleet.workers.engine.model import ModelSessions
+    from shapfleet.workers.engine.sessions import create_session
 
     image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
     settings = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300, batch_size=32)
@@ -319,16 +321,16 @@ def test_a_gpu_session_that_falls_back_to_the_cpu_says_so(caplog):
     missing CUDA libraries on a GPU host): the worker's log must say so."""
     import logging
 
-    from shapfleet.workers.engine.model import create_session
+    from shapfleet.workers.engine.sessions import create_session
 
-    with caplog.at_level(logging.WARNING, logger="shapfleet.workers.engine.model"), pytest.warns(UserWarning):
+    with caplog.at_level(logging.WARNING, logger="shapfleet.workers.engine.sessions"), pytest.warns(UserWarning):
         session = create_session(conv_model(8, 8), ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert session.get_providers()[0] == "CPUExecutionProvider"
     assert "could not start CUDAExecutionProvider and runs this model on CPUExecutionProvider" in caplog.text
 
 
 def test_the_cuda_provider_keeps_float32_arithmetic():
-    from shapfleet.workers.engine.model import cuda_provider
+    from shapfleet.workers.engine.sessions import cuda_provider
 
     assert cuda_provider("CUDAExecutionProvider") == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert cuda_provider(("CUDAExecutionProvider", {"device_id": 1})) == ("CUDAExecutionProvider",

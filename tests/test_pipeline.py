@@ -11,8 +11,8 @@ from conftest import REPO
 from onnx_models import conv_model, nan_model
 
 from shapfleet import ExplainSettings, Explanation, explain
-from shapfleet.broker.jobs import JobStatus
 from shapfleet.broker.keys import result_prefix, shard_key
+from shapfleet.broker.records import JobStatus
 from shapfleet.broker.submission import store_model, submit_job
 
 pytestmark = pytest.mark.service
@@ -183,7 +183,7 @@ def test_a_shard_run_twice_leaves_one_object_and_the_same_answer(services, start
     assert services.jobs.reductions(record.id) == 1  # a redelivered shard does not reduce again
     assert services.store.list(f"jobs/{record.id}/shards/") == before and services.store.get(key) == stored
     # Rerunning the whole reduction over the stored shards gives the identical answer.
-    from shapfleet.workers.pipeline import reduce_job
+    from shapfleet.workers.steps import reduce_job
     from shapfleet.workers.tasks import runtime_of
 
     runtime = runtime_of(services.celery)
@@ -206,3 +206,33 @@ def test_conv_model_multi_image_job(services, start_workers):
     for index, image in enumerate((EXAMPLE_IMAGE, circle)):
         fleet = Explanation.load(services.store.get(f"{result_prefix(record.id)}{index}/attributions.npz"))
         np.testing.assert_allclose(fleet.values, in_process(settings, model, image).values, rtol=0, atol=1e-10)
+
+
+def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers, tmp_path):
+    """The fleet and ``explain`` run the same steps: a two-image job gives the same artifact set
+    (``<n>/...`` on the fleet, ``<n>-<stem>/...`` on disk) with the same arrays and the same pictures."""
+    from PIL import Image
+
+    start_workers(2)
+    settings = ExplainSettings(n_segments=20, top_k=2, nsamples=400, seed=8, class_names=("circle", "square", "triangle"))
+    paths = [REPO / "examples" / "triangle.png", REPO / "examples" / "circle.png"]
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [p.read_bytes() for p in paths], settings)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    runs = explain([str(p) for p in paths], EXAMPLE_MODEL, settings, out_dir=tmp_path / "local")
+    local = {str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file()}
+    stems = {"0": "0-triangle", "1": "1-circle"}
+    fleet = {r["name"]: r["key"] for r in final.results}
+    assert {"/".join([stems.get(n.split("/")[0], n.split("/")[0]), *n.split("/")[1:]]) for n in fleet} == local
+    for name, key in fleet.items():
+        mine = tmp_path / "local" / "/".join([stems.get(name.split("/")[0], name.split("/")[0]), *name.split("/")[1:]])
+        data = services.store.get(key)
+        if name.endswith(".npz"):
+            with np.load(io.BytesIO(data)) as theirs, np.load(mine) as ours:
+                assert theirs.files == ours.files
+                for array in ("values", "std", "pixel_values", "segments", "base_values", "outputs"):
+                    np.testing.assert_allclose(theirs[array], ours[array], rtol=0, atol=1e-10)
+        elif name.endswith(".png") and "summary" not in name:  # summary.png prints the values' digits
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(mine))), name
+    assert [run.out_dir.name for run in runs] == ["0-triangle", "1-circle"]
+    assert sorted(runs[1].artifacts) == sorted(p.name for p in (tmp_path / "local" / "1-circle").iterdir())

@@ -1,6 +1,10 @@
-"""Per-worker-process state: the services, onnxruntime sessions cached by model sha256, recent plans.
+"""What the pipeline's steps run against, and this process's caches.
 
-Sessions are created lazily, in the process that uses them (after Celery's fork), once per model.
+A :class:`Runtime` gives the steps of :mod:`shapfleet.workers.steps` an object store, job records, the
+policy that sizes shards and the tenant limits, and caches the onnxruntime session per model (created
+lazily in the process that uses it, after Celery's fork) and recent plans. :class:`ServiceRuntime` is the
+fleet's (S3 or a folder store, Redis records, from :class:`~shapfleet.broker.services.Services`);
+:class:`LocalRuntime` is the in-process run's (memory store, memory records, no tenant limits).
 """
 
 from __future__ import annotations
@@ -8,21 +12,24 @@ from __future__ import annotations
 import io
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shapfleet.broker.keys import model_key, plan_key
-from shapfleet.broker.services import Services
+from shapfleet.broker.records import JobRecords, MemoryJobs
+from shapfleet.broker.settings import Limits
+from shapfleet.broker.store import MemoryStore, ObjectStore
 from shapfleet.workers.engine.estimation import ShardStatistics
-from shapfleet.workers.engine.model import (
-    ModelInfo,
-    ModelSessions,
-    OnnxClassifier,
-    inspect_model,
-)
+from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
+from shapfleet.workers.engine.model import ModelSessions, OnnxClassifier
 from shapfleet.workers.engine.partition import PartitionPlan
 from shapfleet.workers.engine.planning import JobPlan
 from shapfleet.workers.engine.settings import ExplainSettings
+
+if TYPE_CHECKING:
+    from shapfleet.broker.services import Services
 
 PLAN_CACHE_SIZE = 8
 
@@ -39,17 +46,67 @@ def session_providers(index: int | None, gpus: int, available: list[str]) -> lis
     return None
 
 
-class WorkerRuntime:
-    def __init__(self, services: Services) -> None:
-        self.services = services
+@dataclass(frozen=True)
+class StepPolicy:
+    """How the steps size work and what they refuse.
+
+    ``shard_evaluations``/``max_shards``: target evaluations per shard (or partition part) and the most
+    per image; ``fixed_shards``, when set, is every image's shard count instead (``--shards``).
+    ``limits``: the tenant limits a plan is checked against (None in-process: the user's own machine).
+    """
+
+    shard_evaluations: int = 512
+    max_shards: int = 64
+    fixed_shards: int | None = None
+    limits: Limits | None = None
+
+    def shards_for(self, plan: JobPlan) -> int:
+        if self.fixed_shards is not None:
+            return self.fixed_shards
+        return plan.shards_for(self.shard_evaluations, self.max_shards)
+
+
+class Runtime:
+    """The store, records and policy the steps use, with this process's session and plan caches.
+
+    ``reads_local_files``: whether the steps may read paths a setting names (a masker's reference image
+    or background set) and take pixel arrays as stored inputs; true only in-process, where the paths
+    and arrays are the user's own. A fleet worker reads nothing but the job's stored inputs.
+    """
+
+    reads_local_files = False
+
+    def __init__(self, policy: StepPolicy, ort_threads: int | None = None, gpus: int = 0) -> None:
+        self.policy = policy
+        self.ort_threads = ort_threads
+        self.gpus = gpus
+        self._reset()
+
+    def _reset(self) -> None:
         self._pid = os.getpid()
         self._models: dict[str, tuple[bytes, ModelSessions]] = {}
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._plans: OrderedDict[tuple[str, int], JobPlan | PartitionPlan] = OrderedDict()
 
+    @property
+    def store(self) -> ObjectStore:
+        raise NotImplementedError
+
+    @property
+    def jobs(self) -> JobRecords:
+        raise NotImplementedError
+
+    def record_shard_metrics(self, seconds: float, evaluations: int) -> None:
+        """Count one newly finished shard in fleet-wide metrics (nothing to count in-process)."""
+
+    def name_of(self, key: str, default: str) -> str:
+        """How messages name the stored input at ``key``: ``default`` (the fleet names images by their
+        place in the job), or in-process the file or array the user gave."""
+        return default
+
     def _check_fork(self) -> None:
         if self._pid != os.getpid():  # never share sessions across a fork
-            self.__init__(self.services)
+            self._reset()
 
     def classifier(self, sha256: str, settings: ExplainSettings) -> OnnxClassifier:
         """An adapter for the job's settings around this process's one session for the model."""
@@ -57,15 +114,21 @@ class WorkerRuntime:
         if sha256 not in self._models:
             import onnxruntime
 
-            data = self.services.store.get(model_key(sha256))
-            service = self.services.settings
-            providers = session_providers(process_index, service.gpus, onnxruntime.get_available_providers())
-            self._models[sha256] = (data, ModelSessions(data, providers=providers, threads=service.ort_threads))
+            data = self.store.get(model_key(sha256))
+            providers = session_providers(process_index, self.gpus, onnxruntime.get_available_providers())
+            self._models[sha256] = (data, ModelSessions(data, providers=providers, threads=self.ort_threads))
         data, sessions = self._models[sha256]
         info_key = (sha256, settings.layout)
         if info_key not in self._infos:
             self._infos[info_key] = inspect_model(data, settings.layout)
         return OnnxClassifier(data, settings, sessions=sessions, info=self._infos[info_key])
+
+    def remember_plan(self, job_id: str, image_index: int, plan: JobPlan | PartitionPlan) -> None:
+        """Cache a plan this process just made (the steps store it too)."""
+        self._check_fork()
+        self._plans[(job_id, image_index)] = plan
+        while len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
 
     def plan(self, job_id: str, image_index: int) -> JobPlan:
         return self._cached_plan(job_id, image_index, JobPlan)
@@ -79,11 +142,55 @@ class WorkerRuntime:
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = from_npz(self.services.store.get(plan_key(job_id, image_index)), kind)
-        self._plans[key] = plan
-        while len(self._plans) > PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
+        plan = from_npz(self.store.get(plan_key(job_id, image_index)), kind)
+        self.remember_plan(job_id, image_index, plan)
         return plan
+
+
+class ServiceRuntime(Runtime):
+    """The fleet's runtime: the store and Redis records of :class:`Services` (reopened after a fork)."""
+
+    def __init__(self, services: Services) -> None:
+        settings = services.settings
+        super().__init__(StepPolicy(settings.shard_evaluations, settings.max_shards, limits=settings.limits),
+                         ort_threads=settings.ort_threads, gpus=settings.gpus)
+        self.services = services
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.services.store
+
+    @property
+    def jobs(self) -> JobRecords:
+        return self.services.jobs
+
+    def record_shard_metrics(self, seconds: float, evaluations: int) -> None:
+        from shapfleet.broker.jobs import record_shard_metrics
+
+        record_shard_metrics(self.services.redis, seconds, evaluations)
+
+
+class LocalRuntime(Runtime):
+    """The in-process run's runtime: a memory store and memory records owned by this process."""
+
+    reads_local_files = True
+
+    def __init__(self, policy: StepPolicy, ort_threads: int | None = None, store: MemoryStore | None = None) -> None:
+        super().__init__(policy, ort_threads=ort_threads)
+        self._store = store or MemoryStore()
+        self._jobs = MemoryJobs()
+        self.names: dict[str, str] = {}  # store key -> the file or array it was read from
+
+    @property
+    def store(self) -> MemoryStore:
+        return self._store
+
+    @property
+    def jobs(self) -> MemoryJobs:
+        return self._jobs
+
+    def name_of(self, key: str, default: str) -> str:
+        return self.names.get(key, default)
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers around :mod:`shapfleet.workers.pipeline` that handle state, retries and errors.
+"""Celery tasks: thin wrappers around :mod:`shapfleet.workers.steps` that handle state, retries and errors.
 
 - ``shapfleet.plan(job_id)``: queued -> running, plan every image, send one shard task per shard,
   largest first (see :func:`~shapfleet.workers.engine.planning.largest_shards_first`).
@@ -44,14 +44,14 @@ from shapfleet.broker.celery_app import (
     SHARD_TASK,
     WATCHDOG_TASK,
 )
-from shapfleet.broker.jobs import JobStatus
+from shapfleet.broker.records import JobStatus
 from shapfleet.broker.services import Services
 from shapfleet.broker.store import TransientStoreError
 from shapfleet.errors import Canceled, ShapfleetError
-from shapfleet.workers import pipeline
+from shapfleet.workers import steps
 from shapfleet.workers.engine.partition import PartitionPlan
 from shapfleet.workers.engine.planning import largest_shards_first
-from shapfleet.workers.runtime import WorkerRuntime
+from shapfleet.workers.runtime import ServiceRuntime
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,16 @@ def _remember_pool_index(**_) -> None:
     runtime.process_index = getattr(current_process(), "index", None)
 
 
-def runtime_of(app) -> WorkerRuntime:
+def runtime_of(app) -> ServiceRuntime:
     """The process's runtime, built once from the settings the app was created with."""
     runtime = getattr(app, "_shapfleet_runtime", None)
     if runtime is None:
-        runtime = WorkerRuntime(Services.from_settings(app.shapfleet_settings, app))
+        runtime = ServiceRuntime(Services.from_settings(app.shapfleet_settings, app))
         app._shapfleet_runtime = runtime
     return runtime
 
 
-def _handle_failure(task, runtime: WorkerRuntime, job_id: str, error: Exception, what: str):
+def _handle_failure(task, runtime: ServiceRuntime, job_id: str, error: Exception, what: str):
     """Retry transient errors with backoff; fail the job on anything else. Always raises."""
     if isinstance(error, Canceled):
         raise error
@@ -111,7 +111,7 @@ def plan(self, job_id: str) -> int:
         if status is None or status.is_final:
             return 0
         jobs.start(job_id)
-        plans = pipeline.plan_job(runtime, job_id)
+        plans = steps.plan_job(runtime, job_id)
         if isinstance(plans[0], PartitionPlan):
             group([partition_round.s(job_id, index, 0) for index in range(len(plans))]).apply_async()
             return len(plans)
@@ -142,7 +142,7 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
     try:
         if _crashed_too_often(self, jobs, job_id, f"{image_index}/{shard_index}", limit):
             return None
-        key, completed = pipeline.run_shard(runtime, job_id, image_index, shard_index)
+        key, completed = steps.run_shard(runtime, job_id, image_index, shard_index)
         if completed:
             reduce.apply_async(args=[job_id])
         return key
@@ -154,7 +154,7 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
 def partition_round(self, job_id: str, image_index: int, round_index: int) -> int:
     runtime = runtime_of(self.app)
     try:
-        step = pipeline.partition_round(runtime, job_id, image_index, round_index)
+        step = steps.partition_round(runtime, job_id, image_index, round_index)
         if step.parts:
             group([partition_part.s(job_id, image_index, round_index, p) for p in step.parts]).apply_async()
         elif step.next_round is not None:
@@ -174,7 +174,7 @@ def partition_part(self, job_id: str, image_index: int, round_index: int, part: 
     try:
         if _crashed_too_often(self, jobs, job_id, name, limit):
             return False
-        completed = pipeline.partition_part(runtime, job_id, image_index, round_index, part)
+        completed = steps.partition_part(runtime, job_id, image_index, round_index, part)
         if completed:
             partition_round.apply_async(args=[job_id, image_index, round_index])
         return completed
@@ -195,7 +195,7 @@ def reduce(self, job_id: str) -> int:
             return 0
         jobs.touch(job_id)  # activity: the watchdog leaves a job alone while its reducer works
         try:
-            results = pipeline.reduce_job(runtime, job_id)
+            results = steps.reduce_job(runtime, job_id)
             if jobs.succeed(job_id, results):
                 jobs.count_reduction(job_id)
         except BaseException:

@@ -36,7 +36,8 @@ import numpy as np
 
 from shapfleet.errors import ModelOutputError
 
-from .model import ModelInfo, run_in_fixed_batches, session_device
+from .inspection import ModelInfo
+from .sessions import run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"
 MIN_OPSET = 7  # Mul and Add with numpy-style broadcasting

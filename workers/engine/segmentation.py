@@ -7,6 +7,7 @@ from and whether or not it leaves gaps.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -75,16 +76,19 @@ def segment(image: np.ndarray, settings: ExplainSettings) -> np.ndarray:
     return renumber(labels)
 
 
-def load_segments(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
-    """Read a user label image (``.npy`` integer array, or a PNG whose pixel values are labels)."""
-    name = str(path)
+def load_segments(source: str | os.PathLike[str] | bytes, shape: tuple[int, int], name: str | None = None) -> np.ndarray:
+    """Read a user label image, a file or its bytes (``.npy`` integer array, or a PNG whose pixel
+    values are labels), and check it against the image's ``shape``."""
+    name = name or (str(source) if not isinstance(source, bytes) else "the segments")
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    is_npy = source[:6] == b"\x93NUMPY" if isinstance(source, bytes) else str(source).lower().endswith(".npy")
     try:
-        if name.lower().endswith(".npy"):
-            labels = np.load(path, allow_pickle=False)
+        if is_npy:
+            labels = np.load(stream, allow_pickle=False)
         else:
             from PIL import Image
 
-            with Image.open(path) as img:
+            with Image.open(stream) as img:
                 labels = np.asarray(img)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read the segments file {name}: {e}") from e

@@ -1,0 +1,73 @@
+"""Every Redis key name, in one place (object-store keys are in :mod:`shapfleet.broker.keys`).
+
+All keys start with ``shapfleet:``. Per job: the record hash and its sets and hashes (shards done,
+per-shard progress, deliveries, the reduce lock, partition rounds and their parts). Per tenant: its
+jobs (a sorted set by creation time), its models and images, its idempotency keys. Fleet-wide: the
+active-jobs index (by deadline) and the metrics counters.
+"""
+
+from __future__ import annotations
+
+PREFIX = "shapfleet"
+
+#: Sorted set of every job not yet final, scored by its deadline.
+ACTIVE_JOBS = f"{PREFIX}:jobs:active"
+#: Hash of job counts by status (``/metrics``).
+JOBS_BY_STATUS = f"{PREFIX}:metrics:jobs_by_status"
+#: Hash of finished-shard counters and the duration histogram (``/metrics``).
+SHARD_METRICS = f"{PREFIX}:metrics:shards"
+
+
+def job(job_id: str) -> str:
+    """The job's record (a hash)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_shards(job_id: str) -> str:
+    """Set of the job's finished shard names (``<image>/<shard>``): the barrier before the reduce."""
+    return f"{PREFIX}:job:{job_id}:shards"
+
+
+def job_progress(job_id: str) -> str:
+    """Hash of each shard's evaluations in its current run."""
+    return f"{PREFIX}:job:{job_id}:progress"
+
+
+def job_deliveries(job_id: str) -> str:
+    """Hash counting the starts of each shard-like message."""
+    return f"{PREFIX}:job:{job_id}:deliveries"
+
+
+def job_reduce_lock(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:reduce-lock"
+
+
+def job_rounds(job_id: str) -> str:
+    """Hash of each image's current partition round."""
+    return f"{PREFIX}:job:{job_id}:rounds"
+
+
+def job_round_parts(job_id: str, image_index: int, round_index: int) -> str:
+    """Set of the finished parts of one partition round."""
+    return f"{PREFIX}:job:{job_id}:round:{image_index}:{round_index}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{tenant}:jobs"
+
+
+def tenant_models(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{tenant}:models"
+
+
+def tenant_images(tenant: str) -> str:
+    return f"{PREFIX}:tenant:{tenant}:images"
+
+
+def model_meta(sha256: str) -> str:
+    """What validation learnt of a stored model (JSON)."""
+    return f"{PREFIX}:model:{sha256}"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idempotency:{tenant}:{key}"

@@ -1,0 +1,143 @@
+"""Model inspection: what an ONNX model is, read from its structure without running it.
+
+Models are checked before any session is created: they must parse, have exactly one image-shaped
+float input, and hold no external-data references (a model is self-contained bytes; a reference
+such as ``../../etc/passwd`` is refused, not resolved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from shapfleet.errors import ModelError
+
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+_ONNX_FLOAT_ELEM = {1: "tensor(float)", 11: "tensor(double)", 10: "tensor(float16)"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine needs to know about a model's single image input and its output."""
+
+    sha256: str
+    input_name: str
+    input_type: str
+    layout: str  # "nchw", "nhwc" or "nhw"
+    channels: int
+    height: int | None  # None: any size
+    width: int | None
+    batch: int | None  # None: any batch size
+    output_name: str
+    n_classes: int | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def read_model_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ModelError(f"cannot read the model file {path}: {e.strerror or e}") from e
+
+
+def _graphs(graph) -> Iterator:
+    """The graph and every subgraph (If/Loop/Scan bodies) inside it."""
+    import onnx
+
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from _graphs(sub)
+
+
+def _uses_external_data(model) -> bool:
+    import onnx
+
+    for graph in _graphs(model.graph):
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(attribute.t)
+                elif attribute.type == onnx.AttributeProto.TENSORS:
+                    tensors.extend(attribute.tensors)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
+            return True
+    return False
+
+
+def _dim(value) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def inspect_model(model_bytes: bytes, layout: str = "auto") -> ModelInfo:
+    """Validate a model's bytes and describe its image input. Raises :class:`ModelError`."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception as e:  # onnx raises DecodeError and others from protobuf
+        raise ModelError(f"the file is not an ONNX model ({type(e).__name__}: {e})") from e
+    if not model.graph.node and not model.graph.output:
+        raise ModelError("the file is not an ONNX model (it has no graph)")
+    if _uses_external_data(model):
+        raise ModelError("the model references external data files; upload a self-contained model "
+                         "(onnx.save_model(..., save_as_external_data=False))")
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    if len(inputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); "
+                         "shapfleet explains models with exactly one image input")
+    if not model.graph.output:
+        raise ModelError("the model has no outputs")
+    tensor = inputs[0].type.tensor_type
+    input_type = _ONNX_FLOAT_ELEM.get(tensor.elem_type)
+    if input_type is None:
+        name = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "non-tensor"
+        raise ModelError(f"the model's input {inputs[0].name!r} is {name}; image inputs must be float, double or float16")
+    dims: list[int | None] = [(_dim(d.dim_value) if d.HasField("dim_value") else None) for d in tensor.shape.dim]
+    info = _image_layout(inputs[0].name, dims, layout)
+    output = model.graph.output[0]
+    out_dims = [(_dim(d.dim_value) if d.HasField("dim_value") else None) for d in output.type.tensor_type.shape.dim]
+    n_classes = out_dims[1] if len(out_dims) >= 2 else None
+    return ModelInfo(hashlib.sha256(model_bytes).hexdigest(), inputs[0].name, input_type, *info,
+                     output_name=output.name, n_classes=n_classes)
+
+
+def _image_layout(name: str, dims: Sequence[int | None], forced: str) -> tuple:
+    """(layout, channels, height, width, batch) from the input shape; ``forced`` overrides detection."""
+    shape_text = "x".join("?" if d is None else str(d) for d in dims)
+    if len(dims) == 3:
+        return "nhw", 1, dims[1], dims[2], dims[0]
+    if len(dims) != 4:
+        raise ModelError(f"the model's input {name!r} has shape [{shape_text}]; an image input is "
+                         "N x C x H x W, N x H x W x C or N x H x W")
+    first, last = dims[1], dims[3]
+    layout = forced
+    if layout == "auto":
+        first_ok, last_ok = first in (1, 3), last in (1, 3)
+        if first_ok and not last_ok:
+            layout = "nchw"
+        elif last_ok and not first_ok:
+            layout = "nhwc"
+        else:
+            raise ModelError(f"cannot tell whether the input [{shape_text}] is NCHW or NHWC; pass --layout nchw or --layout nhwc")
+    if layout == "nchw":
+        channels, height, width = first, dims[2], dims[3]
+    else:
+        channels, height, width = last, dims[1], dims[2]
+    if channels not in (1, 3):
+        raise ModelError(f"the model's input [{shape_text}] read as {layout.upper()} has {channels} channels; "
+                         "shapfleet explains 1- or 3-channel images")
+    return layout, channels, height, width, dims[0]

@@ -1,0 +1,355 @@
+"""The pipeline's steps, written once: plan a job, evaluate one shard, reduce; and for method
+partition, drive a round and evaluate one part of a round.
+
+Each step is a plain function of (runtime, job id, ...): it reads the job's inputs and records through
+``runtime.store`` and ``runtime.jobs`` and writes its outputs there, so it runs unchanged on the fleet
+(:class:`~shapfleet.workers.runtime.ServiceRuntime`: S3 or a folder, Redis; the Celery tasks in
+:mod:`shapfleet.workers.tasks` wrap each step with retries and state) and in-process
+(:class:`~shapfleet.workers.runtime.LocalRuntime`: memory; :mod:`shapfleet.workers.local` drives the
+steps in the order the tasks would, with a process pool for the shards). The same seed gives the same
+attributions either way, whatever the shard or worker count.
+
+Every step is idempotent: a shard or a round part whose output is stored is not evaluated again, round
+records are written once, and the barriers (the job's set of finished shards, a round's set of parts)
+count each name once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from shapfleet.broker.keys import (
+    background_key,
+    input_key,
+    partition_key,
+    plan_key,
+    reference_key,
+    result_key,
+    segments_key,
+    shard_key,
+)
+from shapfleet.broker.records import JobStatus
+from shapfleet.errors import Canceled, InvalidSettingsError, ObjectNotFound, PipelineError
+from shapfleet.workers.engine.estimation import ShardStatistics
+from shapfleet.workers.engine.evaluation import coalition_predictor, evaluate_shard, masked_values
+from shapfleet.workers.engine.images import DEFAULT_MAX_PIXELS, as_pixel_array, fit_to_model, load_image
+from shapfleet.workers.engine.partition import (
+    PartitionPlan,
+    PartitionState,
+    expansions_from_json,
+    expansions_to_json,
+    json_bytes,
+    partition_explanation,
+    plan_partition,
+)
+from shapfleet.workers.engine.planning import JobPlan, plan_explanation
+from shapfleet.workers.engine.rendering import render_artifacts, render_collection
+from shapfleet.workers.engine.result import Explanation, reduce_shards
+from shapfleet.workers.engine.segmentation import load_segments, segment
+from shapfleet.workers.engine.settings import ExplainSettings
+from shapfleet.workers.runtime import Runtime, load_statistics, npz_bytes
+
+#: Progress is written to the records at most this often per shard (seconds), and at its end.
+PROGRESS_INTERVAL = 0.25
+
+CONTENT_TYPES = {".npz": "application/octet-stream", ".png": "image/png", ".json": "application/json"}
+
+#: Stored inputs that start so are pixel arrays (``.npy``), which only the in-process run stores.
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_running(runtime: Runtime, job_id: str) -> None:
+    if runtime.jobs.status(job_id) != JobStatus.RUNNING:
+        raise Canceled(f"job {job_id} is no longer running")
+
+
+def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPlan]:
+    """Plan every image of the job, store the plans, set the job's totals; returns the plans.
+
+    Method kernel: each image is segmented (or takes its stored label map), checked against the
+    superpixel limit before the model runs, planned, and its coalitions split into shards. Method
+    partition: each image is one unit of the job's barrier (``<image>/0``), finished when its last
+    round is; its refinement starts from a stored round-0 state."""
+    job = runtime.jobs.get(job_id)
+    settings = ExplainSettings.from_dict(job.settings)
+    classifier = runtime.classifier(job.model_sha256, settings)
+    store, limits = runtime.store, runtime.policy.limits
+    plans: list = []
+    for index in range(job.n_images):
+        _check_running(runtime, job_id)
+        name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
+        image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
+        if settings.method == "partition":
+            plan = plan_partition(image, classifier.predict, settings)
+            _put_once(runtime, partition_key(job_id, index, "state-0.json"), json_bytes(PartitionState.start(plan).to_json()))
+        else:
+            key = segments_key(job_id, index)
+            labels = load_segments(store.get(key), image.shape[:2], runtime.name_of(key, f"the segments of {name}")) \
+                if store.exists(key) else segment(image, settings)
+            n_players = int(labels.max()) + 1
+            if limits is not None and n_players > limits.max_superpixels:
+                raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
+            if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
+                    and not store.exists(background_key(job_id)):
+                raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
+            plan = plan_explanation(image, classifier.predict, settings, segments=labels,
+                                    load_reference=_reference_loader(runtime, job_id, settings, classifier),
+                                    background_set=_stored(runtime, background_key(job_id)))
+            plan.split(runtime.policy.shards_for(plan))
+        store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
+        runtime.remember_plan(job_id, index, plan)
+        plans.append(plan)
+    counts = [1] * len(plans) if settings.method == "partition" else [p.n_shards for p in plans]
+    runtime.jobs.set_totals(job_id, counts, sum(p.total_evaluations for p in plans),
+                            sum(p.planning_evaluations for p in plans))
+    return plans
+
+
+def fitted_input(runtime: Runtime, data: bytes, name: str, settings: ExplainSettings, classifier) -> np.ndarray:
+    """A stored image decoded to the model's channels and fitted to its input size (resize, crop).
+
+    The fleet stores encoded images (checked at submission against the pixel limit); the in-process
+    run stores the pixel arrays it read (``.npy``), which only a runtime that reads local files takes."""
+    limits = runtime.policy.limits
+    if data[:6] == NPY_MAGIC and runtime.reads_local_files:
+        pixels = as_pixel_array(np.load(io.BytesIO(data), allow_pickle=False), classifier.channels, name)
+    else:
+        pixels = load_image(data, classifier.channels,
+                            max_pixels=limits.max_image_pixels if limits is not None else DEFAULT_MAX_PIXELS)
+    return fit_to_model(pixels, classifier.input_size, settings.resize, settings.center_crop, name)
+
+
+def _stored(runtime: Runtime, key: str) -> bytes | None:
+    return runtime.store.get(key) if runtime.store.exists(key) else None
+
+
+def _reference_loader(runtime: Runtime, job_id: str, settings: ExplainSettings,
+                      classifier) -> Callable[[str], np.ndarray] | None:
+    """The ``image:`` masker's reference, fitted like the input: the one stored with the job, else (only
+    in-process, where the path is the user's own) the file the setting names; None without either."""
+    if settings.masker_spec.kind != "image":
+        return None
+    stored = _stored(runtime, reference_key(job_id))
+    if stored is not None:
+        return lambda path: fitted_input(runtime, stored, f"reference image {path}", settings, classifier)
+    if not runtime.reads_local_files:
+        return None
+    return lambda path: fit_to_model(load_image(path, classifier.channels), classifier.input_size,
+                                     settings.resize, settings.center_crop, path)
+
+
+def _put_once(runtime: Runtime, key: str, data: bytes, content_type: str = "application/json") -> bool:
+    """Round records are written once: a redelivered step finds the first version and keeps it, so
+    every worker continues from the same bytes even if a repeated evaluation rounds differently.
+    Returns whether this call wrote it."""
+    if runtime.store.exists(key):
+        return False
+    runtime.store.put(key, data, content_type)
+    return True
+
+
+def _json(runtime: Runtime, key: str):
+    return json.loads(runtime.store.get(key))
+
+
+def round_parts(n_masks: int, target: int, max_parts: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` slices of a round's masks, about ``target`` masks each."""
+    parts = max(1, min(max_parts, -(-n_masks // max(1, target))))
+    bounds = np.linspace(0, n_masks, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+@dataclass
+class RoundStep:
+    """What a round step did: ``parts`` to evaluate (indices), or the next round to run, or the image
+    finished and ``completed`` the job's set (then the reduce is due); nothing when another step
+    already moved on."""
+
+    parts: list[int]
+    next_round: int | None = None
+    completed: bool = False
+
+
+def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> RoundStep:
+    """Drive image ``image_index`` of a partition job at round ``round_index``; idempotent.
+
+    Finished image: record it (``<image>/0``). Round not chosen yet: choose its nodes from the stored
+    state (or, when none are left, store the finished refinement). Parts missing: report them (to
+    be sent). Every part stored: apply the outputs and store the state for the next round."""
+    store, jobs = runtime.store, runtime.jobs
+    _check_running(runtime, job_id)
+    jobs.set_round(job_id, image_index, round_index)
+    final = partition_key(job_id, image_index, "final.json")
+    if store.exists(final):
+        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+    round_key = partition_key(job_id, image_index, f"round-{round_index}.json")
+    if not store.exists(round_key):
+        plan = runtime.partition_plan(job_id, image_index)
+        state = PartitionState.from_json(_json(runtime, partition_key(job_id, image_index, f"state-{round_index}.json")))
+        expansions = state.pop_round()
+        if not expansions:
+            _put_once(runtime, final, json_bytes(state.to_json()))
+            jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
+            return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+        policy = runtime.policy
+        parts = round_parts(2 * len(expansions), max(1, policy.shard_evaluations // plan.masker.n_backgrounds),
+                            policy.max_shards)
+        _put_once(runtime, round_key, json_bytes({"state": state.to_json(), "expansions": expansions_to_json(expansions),
+                                                  "parts": parts}))
+    document = _json(runtime, round_key)
+    parts = [tuple(p) for p in document["parts"]]
+    part_keys = [partition_key(job_id, image_index, f"round-{round_index}/part-{p}.npy") for p in range(len(parts))]
+    missing = [p for p, key in enumerate(part_keys) if not store.exists(key)]
+    if missing:
+        return RoundStep(missing)
+    outputs = np.concatenate([np.load(io.BytesIO(store.get(key)), allow_pickle=False) for key in part_keys])
+    state = PartitionState.from_json(document["state"])
+    state.apply(expansions_from_json(document["expansions"]), outputs)
+    advanced = _put_once(runtime, partition_key(job_id, image_index, f"state-{round_index + 1}.json"),
+                         json_bytes(state.to_json()))
+    jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
+    # Send the next round unless another step already advanced this image and started it (a
+    # re-driven step must not start a second chain; one whose advancer died still continues).
+    if advanced or jobs.current_round(job_id, image_index) <= round_index:
+        return RoundStep([], next_round=round_index + 1)
+    return RoundStep([])
+
+
+def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index: int, part: int) -> bool:
+    """Evaluate one slice of a round's masks and store the outputs; returns whether the round's parts
+    are all stored now (then the caller sends the round step again, which advances it)."""
+    _check_running(runtime, job_id)
+    key = partition_key(job_id, image_index, f"round-{round_index}/part-{part}.npy")
+    document = _json(runtime, partition_key(job_id, image_index, f"round-{round_index}.json"))
+    if not runtime.store.exists(key):
+        plan = runtime.partition_plan(job_id, image_index)
+        model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
+        start, stop = document["parts"][part]
+        state = PartitionState.from_json(document["state"])
+        masks = state.masks(expansions_from_json(document["expansions"]), start, stop)
+        buffer = io.BytesIO()
+        np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
+        _put_once(runtime, key, buffer.getvalue(), "application/octet-stream")
+    _, done = runtime.jobs.round_part_done(job_id, image_index, round_index, part)
+    # A redelivery after the round filled up reports it complete again: the worker that completed it
+    # may have died before sending the round step, and the step is idempotent.
+    return done == len(document["parts"])
+
+
+def evaluate_job_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int,
+                       on_progress: Callable[[int], None] | None = None) -> ShardStatistics:
+    """Evaluate shard ``shard_index`` of image ``image_index`` from the job's stored plan; stops with
+    :class:`~shapfleet.errors.Canceled` at the next batch once the job is no longer running."""
+    _check_running(runtime, job_id)
+    plan = runtime.plan(job_id, image_index)
+    model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
+    return evaluate_shard(plan, shard_index, model.predict, on_progress=on_progress,
+                          should_stop=lambda: runtime.jobs.status(job_id) != JobStatus.RUNNING,
+                          predict_coalitions=coalition_predictor(model, plan))
+
+
+def store_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int, stats: ShardStatistics,
+                seconds: float) -> bool:
+    """Store a shard's statistics at its deterministic key and record it done; returns whether the
+    job's set of shards is complete now (then the reduce is due)."""
+    name = f"{image_index}/{shard_index}"
+    runtime.store.put(shard_key(job_id, image_index, shard_index), npz_bytes(stats.to_arrays()))
+    runtime.jobs.set_shard_progress(job_id, name, stats.n_evaluations)
+    return _record_done(runtime, job_id, name,
+                        on_new=lambda: runtime.record_shard_metrics(seconds, stats.n_evaluations))
+
+
+def run_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int) -> tuple[str, bool]:
+    """Evaluate one shard and store its statistics (:func:`evaluate_job_shard`, :func:`store_shard`),
+    writing its progress as it goes. Returns the key and whether the job's set of shards is complete.
+
+    A shard whose statistics already exist (a redelivery after the work was done) is not evaluated
+    again: the stored object is the same one a rerun would write.
+    """
+    key = shard_key(job_id, image_index, shard_index)
+    name = f"{image_index}/{shard_index}"
+    _check_running(runtime, job_id)
+    if runtime.store.exists(key):
+        return key, _record_done(runtime, job_id, name)
+    started = time.monotonic()
+    done, last_write = 0, 0.0
+
+    def on_progress(n: int) -> None:
+        nonlocal done, last_write
+        done += n
+        now = time.monotonic()
+        if now - last_write >= PROGRESS_INTERVAL:
+            last_write = now
+            runtime.jobs.set_shard_progress(job_id, name, done)
+
+    stats = evaluate_job_shard(runtime, job_id, image_index, shard_index, on_progress)
+    return key, store_shard(runtime, job_id, image_index, shard_index, stats, time.monotonic() - started)
+
+
+def _record_done(runtime: Runtime, job_id: str, name: str, on_new=None) -> bool:
+    """Record shard ``name`` done; true when the job's set is complete.
+
+    Of shards finishing concurrently, exactly one sees the set complete. A redelivered shard of a
+    complete set sees it complete too: the worker that completed it may have been killed between
+    recording it and enqueuing the reduce, and without a watchdog nothing else would enqueue it.
+    A second reduce is harmless (one reducer claims the job; success is recorded once)."""
+    added, done = runtime.jobs.shard_done(job_id, name)
+    if added and on_new is not None:
+        on_new()
+    return done == sum(runtime.jobs.shard_counts(job_id))
+
+
+def reduce_explanations(runtime: Runtime, job_id: str) -> list[Explanation]:
+    """Check that every shard of every image is recorded done and stored, and reduce each image.
+    (``combine`` checks again that each index arrived exactly once.)"""
+    job = runtime.jobs.get(job_id)
+    missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id)]
+    if missing or not job.shards_total:
+        raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
+    method = ExplainSettings.from_dict(job.settings).method
+    return [_reduce_image(runtime, job_id, index, method) for index in range(job.n_images)]
+
+
+def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], str]) -> list[tuple[str, bytes, int | None]]:
+    """Every artifact of a job as ``(name, bytes, image index)``: each image's own (attributions.npz,
+    the PNGs, explanation.json) under ``folder_of(index)`` (a prefix ending in ``/``; one image's go
+    at the top), and with several images the stacked ``attributions.npz`` and ``grid.png`` (index None)."""
+    single = len(explanations) == 1
+    artifacts = [(name if single else f"{folder_of(index)}{name}", data, index)
+                 for index, explanation in enumerate(explanations)
+                 for name, data in render_artifacts(explanation).items()]
+    if not single:
+        artifacts += [(name, data, None) for name, data in render_collection(explanations).items()]
+    return artifacts
+
+
+def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
+    """The fleet's reduce: reduce every image, render, store the artifacts under the job's results
+    (several images: ``<n>/<artifact>``); returns their descriptions."""
+    explanations = reduce_explanations(runtime, job_id)
+    for index, explanation in enumerate(explanations):
+        explanation.extra["image_index"] = index
+    results = []
+    for name, data, image in job_artifacts(explanations, lambda index: f"{index}/"):
+        runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
+        results.append({"name": name, "key": result_key(job_id, name), "size": len(data), "image": image})
+    return results
+
+
+def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str) -> Explanation:
+    try:
+        if method == "partition":
+            plan = runtime.partition_plan(job_id, index)
+            state = PartitionState.from_json(_json(runtime, partition_key(job_id, index, "final.json")))
+            return partition_explanation(plan, state)
+        plan = runtime.plan(job_id, index)
+        stats = [load_statistics(runtime.store.get(shard_key(job_id, index, i))) for i in range(plan.n_shards)]
+    except ObjectNotFound as e:
+        raise PipelineError(f"stored results {e} are missing from the store") from e
+    return reduce_shards(plan, stats)
