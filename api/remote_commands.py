@@ -11,6 +11,7 @@ import os
 import sys
 
 from .client import Client
+from .engine_args import add_engine_arguments, settings_from_args
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -59,8 +60,6 @@ def _final_exit(job: dict) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from .cli import settings_from_args
-
     settings = settings_from_args(args)
     # A dataset: masker names a local .npz; it travels with the job as its background set.
     background = settings.masker_spec.path if settings.masker_spec.kind == "dataset" else None
@@ -110,7 +109,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_remote_commands(commands, add_engine_arguments) -> None:
+def add_remote_commands(commands) -> None:
     submit = commands.add_parser("submit", help="submit images to a shapfleet server",
                                  description="Submit IMAGEs for explanation by a shapfleet server.")
     submit.add_argument("images", nargs="+", metavar="IMAGE")

@@ -1,5 +1,7 @@
-"""Parsing and checking uploads and job submissions. Everything here runs before anything is stored
-or enqueued; every failure is a :class:`Problem` (4xx) whose detail names the limit or the field.
+"""Parsing uploads and job requests, and checking models and images uploaded on their own. A job's
+own checks are :func:`shapfleet.broker.validation.check_job`'s, run once by ``submit_job``. Everything
+here runs before anything is stored or enqueued; every failure is a 4xx problem whose detail names the
+limit or the field.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from shapfleet.broker import redis_keys
 from shapfleet.broker.keys import image_key, model_key
 from shapfleet.broker.services import Services
 from shapfleet.broker.settings import Limits
-from shapfleet.broker.submission import check_submission
-from shapfleet.errors import ImageError
-from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.broker.validation import check_image
 from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
 from shapfleet.workers.engine.sessions import create_session
 from shapfleet.workers.engine.settings import ExplainSettings
@@ -74,16 +74,6 @@ def read_upload(field: str) -> bytes:
 
 
 # -- images -----------------------------------------------------------------------------------------
-def check_image(data: bytes, limits: Limits, name: str, channels: int = 3):
-    """Decode fully (catches truncated files) under the pixel limit; returns the pixel array."""
-    if not data:
-        raise Problem(422, "Invalid image", f"{name} is empty")
-    try:
-        return load_image(data, channels, max_pixels=limits.max_image_pixels)
-    except ImageError as e:
-        raise Problem(422, "Invalid image", f"{name}: {e}") from e
-
-
 def store_image_for(services: Services, tenant: str, data: bytes) -> tuple[str, tuple[int, int]]:
     pixels = check_image(data, services.settings.limits, "the image")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -165,36 +155,3 @@ def _base64(text: str, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise Problem(422, "Invalid request", f"{what} is not valid base64") from e
-
-
-def check_job_against_limits(job: JobRequest, model: dict, limits: Limits) -> None:
-    """Limits and model compatibility, with the limit named in each message (the job-level ones are
-    :func:`shapfleet.broker.submission.check_submission`'s, answered 422 by the error handler)."""
-    s = job.settings
-    shape = check_submission(s, len(job.images), limits, job.background)
-    if shape is not None:
-        height, width = model.get("height"), model.get("width")
-        if isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
-            raise Problem(422, "Invalid background set",
-                          f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
-    segments = s.n_segments if s.segmenter == "slic" else (s.grid_shape[0] * s.grid_shape[1] if s.segmenter == "grid" else None)
-    if segments is not None and segments > limits.max_superpixels:
-        raise Problem(422, "Limit exceeded", f"{segments} superpixels requested; the limit is {limits.max_superpixels}")
-    n_classes = model.get("n_classes")
-    if n_classes:
-        if s.labels is not None and max(s.labels) >= n_classes:
-            raise Problem(422, "Invalid settings", f"labels {list(s.labels)} out of range: the model has {n_classes} classes (0..{n_classes - 1})")
-        if s.top_k is not None and s.top_k > n_classes:
-            raise Problem(422, "Invalid settings", f"top_k={s.top_k} exceeds the model's {n_classes} classes")
-        if s.class_names is not None and len(s.class_names) != n_classes:
-            raise Problem(422, "Invalid settings", f"{len(s.class_names)} class names for a model with {n_classes} classes")
-    channels = model.get("channels", 3)
-    for n, data in enumerate(job.images):
-        name = f"image {n}"
-        pixels = check_image(data, limits, name, channels)
-        try:
-            fitted = fit_to_model(pixels, (model.get("height"), model.get("width")), s.resize, s.center_crop, name)
-        except ImageError as e:
-            raise Problem(422, "Invalid image", str(e)) from e
-        if s.segmenter == "slic" and s.n_segments > fitted.shape[0] * fitted.shape[1]:
-            raise Problem(422, "Invalid settings", f"n_segments={s.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")

@@ -11,11 +11,11 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 
 from shapfleet.broker import redis_keys
 from shapfleet.broker.records import JobRecord, JobStatus
-from shapfleet.broker.submission import submit_job
+from shapfleet.broker.submission import enqueue_job
+from shapfleet.broker.validation import check_job
 
 from .problems import PROBLEM_BASE, Problem
 from .validation import (
-    check_job_against_limits,
     model_for,
     parse_job_request,
     read_upload,
@@ -121,7 +121,7 @@ def create_job():
         model_sha256, model = info.sha256, info.to_dict()
     else:
         info, model_sha256, model = None, job.model_id, model_for(svc, g.tenant, job.model_id)
-    check_job_against_limits(job, model, svc.settings.limits)
+    check_job(job.settings, job.images, job.background, model, svc.settings.limits)
     idempotency = request.headers.get("Idempotency-Key")
     redis_key = fingerprint = None
     if idempotency is not None:
@@ -134,7 +134,7 @@ def create_job():
     try:
         if info is not None:
             store_model_for(svc, g.tenant, job.model_bytes, info)
-        record = submit_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background)
+        record = enqueue_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background)
     except BaseException:
         if redis_key is not None:
             svc.redis.delete(redis_key)

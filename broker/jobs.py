@@ -62,14 +62,6 @@ class JobStore:
         return redis_keys.job_progress(job_id)
 
     @staticmethod
-    def deliveries_key(job_id: str) -> str:
-        return redis_keys.job_deliveries(job_id)
-
-    @staticmethod
-    def reduce_lock_key(job_id: str) -> str:
-        return redis_keys.job_reduce_lock(job_id)
-
-    @staticmethod
     def tenant_key(tenant: str) -> str:
         return redis_keys.tenant_jobs(tenant)
 
@@ -243,31 +235,6 @@ class JobStore:
         done = {m.decode() for m in self.redis.smembers(self.shards_key(job_id))}
         return [(n, i) for n, count in enumerate(self.shard_counts(job_id)) for i in range(count)
                 if f"{n}/{i}" not in done]
-
-    def count_delivery(self, job_id: str, delivery: str) -> int:
-        """Count a start of the same shard message (``delivery`` names the shard and its retry number,
-        so transient-error retries are not counted as crashes); returns the count so far."""
-        return int(self.redis.hincrby(self.deliveries_key(job_id), delivery, 1))
-
-    def claim_reduce(self, job_id: str, holder: str, seconds: int) -> bool:
-        """True for one reducer of a job: the first ``holder`` (a task id), and that same holder again
-        (its message redelivered after its worker died). Another holder gets it only after
-        ``seconds``, when a lock whose holder vanished expires."""
-        key = self.reduce_lock_key(job_id)
-        if self.redis.set(key, holder, nx=True, ex=max(1, int(seconds))):
-            return True
-        current = self.redis.get(key)
-        return current is not None and current.decode() == holder
-
-    def count_reduction(self, job_id: str) -> int:
-        """Count completed reductions (a job that succeeded was reduced exactly once)."""
-        return int(self.redis.hincrby(self.key(job_id), "reductions", 1))
-
-    def reductions(self, job_id: str) -> int:
-        return int(self.redis.hget(self.key(job_id), "reductions") or 0)
-
-    def release_reduce(self, job_id: str) -> None:
-        self.redis.delete(self.reduce_lock_key(job_id))
 
     def last_activity(self, job_id: str) -> float | None:
         """When the job last moved (created, started, or a shard reported progress)."""

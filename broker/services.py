@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from .celery_app import create_celery
+from .claims import TaskClaims
 from .jobs import JobStore
 from .settings import ServiceSettings
 from .store import ObjectStore, open_store
@@ -25,6 +26,7 @@ class Services:
     _redis: object = field(default=None, repr=False)
     _store: ObjectStore | None = field(default=None, repr=False)
     _jobs: JobStore | None = field(default=None, repr=False)
+    _claims: TaskClaims | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings, celery: Celery | None = None) -> "Services":
@@ -39,6 +41,7 @@ class Services:
                                                health_check_interval=30)
             self._store = open_store(self.settings)
             self._jobs = JobStore(self._redis)
+            self._claims = TaskClaims(self._redis)
 
     @property
     def redis(self):
@@ -54,3 +57,8 @@ class Services:
     def jobs(self) -> JobStore:
         self._fresh()
         return self._jobs
+
+    @property
+    def claims(self) -> TaskClaims:
+        self._fresh()
+        return self._claims

@@ -61,7 +61,7 @@ def watchdog_pass(services: Services, now: float | None = None) -> dict[str, str
         else:
             # A reducer that claimed the job and has shown nothing for stall_seconds is presumed
             # dead (its retry lost, say, in a Redis restart): free its claim for the new reduce.
-            jobs.release_reduce(job_id)
+            services.claims.release_reduce(job_id)
             celery.send_task(REDUCE_TASK, args=[job_id], queue=settings.queue_reduce)
             actions[job_id] = "re-sent the reduce"
     return actions

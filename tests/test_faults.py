@@ -13,6 +13,7 @@ import pytest
 from test_pipeline import EXAMPLE_IMAGE, EXAMPLE_MODEL, in_process, wait_final
 
 from shapfleet import ExplainSettings, Explanation
+from shapfleet.broker import redis_keys
 from shapfleet.broker.celery_app import SHARD_TASK
 from shapfleet.broker.keys import result_prefix
 from shapfleet.broker.records import JobStatus
@@ -59,7 +60,7 @@ def test_sigkill_workers_mid_shard_ten_times(services, start_workers, fault_repo
     for job_id, settings in jobs.items():
         final = wait_final(services, job_id, timeout=180)
         assert final.status == JobStatus.SUCCEEDED, final.error
-        assert services.jobs.reductions(job_id) == 1
+        assert services.claims.reductions(job_id) == 1
         np.testing.assert_allclose(result_values(services, job_id), in_process(settings).values, rtol=0, atol=1e-10)
     fault_report("SIGKILL a worker process mid-shard", kills, len(jobs), 0, 0)
 
@@ -82,7 +83,7 @@ def test_a_redelivered_shard_of_a_complete_set_enqueues_the_lost_reduce(services
     services.celery.send_task(SHARD_TASK, args=[record.id, 0, 0], queue=services.settings.queue_shards)
     final = wait_final(services, record.id, timeout=60)
     assert final.status == JobStatus.SUCCEEDED, final.error
-    assert services.jobs.reductions(record.id) == 1
+    assert services.claims.reductions(record.id) == 1
 
 
 def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_workers, fault_report):
@@ -104,7 +105,7 @@ def test_duplicate_shard_messages_and_callbacks_reduce_once(services, start_work
 
     for _ in range(2):
         services.celery.send_task(REDUCE_TASK, args=[record.id], queue=services.settings.queue_reduce).get(timeout=60)
-    assert services.jobs.reductions(record.id) == 1
+    assert services.claims.reductions(record.id) == 1
     np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
     fault_report("every shard message published twice, the reduce twice more", final.shards_total + 2, 1, 0, 0)
 
@@ -121,7 +122,7 @@ def test_visibility_timeout_redelivery(service_settings, start_workers, fault_re
     record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], explain_settings)
     final = wait_final(services, record.id, timeout=180)
     assert final.status == JobStatus.SUCCEEDED, final.error
-    assert services.jobs.reductions(record.id) == 1
+    assert services.claims.reductions(record.id) == 1
     np.testing.assert_allclose(result_values(services, record.id), in_process(explain_settings).values, rtol=0, atol=1e-10)
     fault_report("redelivery after the visibility timeout (2 s, shards ~5 s)", 1, 1, 0, 0)
 
@@ -139,7 +140,7 @@ def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings
     killed, deadline = 0, time.monotonic() + 180
     while not services.jobs.get(record.id).status.is_final:
         assert time.monotonic() < deadline, "the poison job never ended"
-        starts = sum(int(v) for v in services.redis.hvals(services.jobs.deliveries_key(record.id)))
+        starts = sum(int(v) for v in services.redis.hvals(redis_keys.job_deliveries(record.id)))
         if starts > killed and services.jobs.get(record.id).evaluations_done > 2:
             for child in worker.children():
                 os.kill(child, signal.SIGKILL)
@@ -188,7 +189,7 @@ def test_watchdog_reduces_a_job_whose_reduce_message_was_lost(services, start_wo
     start_workers(1, queues="reduce")
     assert watchdog_pass(services, now=time.time() + services.settings.stall_seconds + 1) == {record.id: "re-sent the reduce"}
     final = wait_final(services, record.id)
-    assert final.status == JobStatus.SUCCEEDED and services.jobs.reductions(record.id) == 1
+    assert final.status == JobStatus.SUCCEEDED and services.claims.reductions(record.id) == 1
     fault_report("watchdog: lost reduce message re-driven", 1, 1, 0, 0)
 
 
@@ -297,9 +298,9 @@ def test_watchdog_frees_a_dead_reducers_claim(services, start_workers, fault_rep
         time.sleep(0.05)
     time.sleep(0.5)
     services.redis.delete(services.settings.queue_reduce)  # the reducer's message is gone...
-    assert services.jobs.claim_reduce(record.id, "a-reducer-that-died", 3600)  # ...after it claimed the job
+    assert services.claims.claim_reduce(record.id, "a-reducer-that-died", 3600)  # ...after it claimed the job
     start_workers(1, queues="reduce")
     assert watchdog_pass(services, now=time.time() + services.settings.stall_seconds + 1) == {record.id: "re-sent the reduce"}
     final = wait_final(services, record.id)
-    assert final.status == JobStatus.SUCCEEDED and services.jobs.reductions(record.id) == 1
+    assert final.status == JobStatus.SUCCEEDED and services.claims.reductions(record.id) == 1
     fault_report("watchdog: a dead reducer's claim freed", 1, 1, 0, 0)

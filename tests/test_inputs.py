@@ -10,8 +10,8 @@ from PIL import Image
 
 from shapfleet.errors import ImageError, InvalidSettingsError, ModelError
 from shapfleet.workers.engine.images import fit_to_model, load_image
-from shapfleet.workers.engine.maskers import InpaintMasker, build_masker
 from shapfleet.workers.engine.inspection import inspect_model
+from shapfleet.workers.engine.maskers import InpaintMasker, build_masker
 from shapfleet.workers.engine.model import OnnxClassifier
 from shapfleet.workers.engine.segmentation import check_segments, renumber, segment
 from shapfleet.workers.engine.settings import ExplainSettings, MaskerSpec

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -71,6 +72,12 @@ def test_importing_shapfleet_loads_no_numerics_from_any_folder(tmp_path):
                      "print(sorted(m for m in ('numpy',) + " + repr(HEAVY) + " if m in sys.modules))", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    named = _python("import shapfleet; print(shapfleet.explain.__name__, shapfleet.Client.__name__, "
+                    "shapfleet.ExplainSettings().method)", cwd=tmp_path)
+    assert named.stdout.split() == ["explain", "Client", "kernel"], named.stderr
+    command = Path(sys.executable).with_name("shapfleet")
+    helped = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert helped.returncode == 0 and "explain" in helped.stdout, helped.stderr
 
 
 def test_generic_folder_names_are_not_importable(tmp_path):

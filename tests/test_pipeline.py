@@ -180,7 +180,7 @@ def test_a_shard_run_twice_leaves_one_object_and_the_same_answer(services, start
     services.redis.hset(services.jobs.key(record.id), "status", "running")  # as if it were still running
     result = services.celery.send_task(SHARD_TASK, args=[record.id, 0, 1], queue=services.settings.queue_shards)
     assert result.get(timeout=60) == key
-    assert services.jobs.reductions(record.id) == 1  # a redelivered shard does not reduce again
+    assert services.claims.reductions(record.id) == 1  # a redelivered shard does not reduce again
     assert services.store.list(f"jobs/{record.id}/shards/") == before and services.store.get(key) == stored
     # Rerunning the whole reduction over the stored shards gives the identical answer.
     from shapfleet.workers.steps import reduce_job

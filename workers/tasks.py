@@ -121,15 +121,15 @@ def plan(self, job_id: str) -> int:
         _handle_failure(self, runtime, job_id, error, "planning")
 
 
-def _crashed_too_often(task, jobs, job_id: str, name: str, limit: int) -> bool:
+def _crashed_too_often(task, services: Services, job_id: str, name: str, limit: int) -> bool:
     """Count this start of a shard-like message; past ``limit`` starts fail the job and say so.
 
     The same message starting again means its last worker died mid-task (acks are late, so it was
     redelivered). A message that kills its worker every time must not loop forever."""
-    starts = jobs.count_delivery(job_id, f"{name}#{task.request.retries}")
+    starts = services.claims.count_delivery(job_id, f"{name}#{task.request.retries}")
     if starts <= limit:
         return False
-    jobs.fail(job_id, "ShardCrashed",
+    services.jobs.fail(job_id, "ShardCrashed",
               f"shard {name} was started {starts - 1} times and its worker process died each time (the model may "
               "crash onnxruntime, or exhaust memory); the job was stopped")
     return True
@@ -138,9 +138,9 @@ def _crashed_too_often(task, jobs, job_id: str, name: str, limit: int) -> bool:
 @shared_task(name=SHARD_TASK, bind=True)
 def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
     runtime = runtime_of(self.app)
-    jobs, limit = runtime.services.jobs, runtime.services.settings.max_shard_deliveries
+    limit = runtime.services.settings.max_shard_deliveries
     try:
-        if _crashed_too_often(self, jobs, job_id, f"{image_index}/{shard_index}", limit):
+        if _crashed_too_often(self, runtime.services, job_id, f"{image_index}/{shard_index}", limit):
             return None
         key, completed = steps.run_shard(runtime, job_id, image_index, shard_index)
         if completed:
@@ -169,10 +169,10 @@ def partition_round(self, job_id: str, image_index: int, round_index: int) -> in
 @shared_task(name=PART_TASK, bind=True)
 def partition_part(self, job_id: str, image_index: int, round_index: int, part: int) -> bool:
     runtime = runtime_of(self.app)
-    jobs, limit = runtime.services.jobs, runtime.services.settings.max_shard_deliveries
+    limit = runtime.services.settings.max_shard_deliveries
     name = f"{image_index}/r{round_index}/{part}"
     try:
-        if _crashed_too_often(self, jobs, job_id, name, limit):
+        if _crashed_too_often(self, runtime.services, job_id, name, limit):
             return False
         completed = steps.partition_part(runtime, job_id, image_index, round_index, part)
         if completed:
@@ -185,21 +185,21 @@ def partition_part(self, job_id: str, image_index: int, round_index: int, part: 
 @shared_task(name=REDUCE_TASK, bind=True)
 def reduce(self, job_id: str) -> int:
     runtime = runtime_of(self.app)
-    jobs = runtime.services.jobs
+    jobs, claims = runtime.services.jobs, runtime.services.claims
     try:
         if jobs.status(job_id) != JobStatus.RUNNING:
             return 0  # canceled or failed meanwhile, or a duplicate reduce after success: write nothing
         # One reducer per job, even when the reduce is enqueued twice; the same message redelivered
         # after its worker died keeps the claim (it has the same task id).
-        if not jobs.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
+        if not claims.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
             return 0
         jobs.touch(job_id)  # activity: the watchdog leaves a job alone while its reducer works
         try:
             results = steps.reduce_job(runtime, job_id)
             if jobs.succeed(job_id, results):
-                jobs.count_reduction(job_id)
+                claims.count_reduction(job_id)
         except BaseException:
-            jobs.release_reduce(job_id)
+            claims.release_reduce(job_id)
             raise
         return len(results)
     except Exception as error:

@@ -16,13 +16,10 @@ keep = Reshape(Transpose(Gather(coalitions, segments, axis=0))),
 For finite values this selects exactly: 1 * a = a, 0 * b = +-0 and a + +-0 = a, so X equals the
 composite the numpy path builds and normalises, value for value (tests check that answers are
 identical); :func:`selection_is_exact` guards the finite case. It is written with ``Mul`` and
-``Add`` rather than ``Where(keep, image, background)``, which selects too but is slow in
-onnxruntime's CPU kernels: for 128 images of 224 x 224 x 3, 0.17 s against 0.05 s with 2 threads
-(0.19 s against 0.07 s with one). With ``Where``, a fused EfficientNet-Lite0 batch took 1.16 times
-as long as the plain model on ready images; with ``Mul``/``Add``, 1.04 to 1.08 times. Z comes
-transposed because onnxruntime's CPU ``Gather`` copies element by element along axis 1 but whole rows
-along axis 0: gathering B x M along axis 1 took 1.7 ms for 16 images of 224 x 224, gathering M x B
-along axis 0 and transposing the result 0.4 ms, of a masking subgraph of 5.3 ms. The image
+``Add`` rather than ``Where(keep, image, background)``, which selects too but is several times
+slower in onnxruntime's CPU kernels, and Z comes transposed because onnxruntime's CPU ``Gather``
+copies whole rows along axis 0 but single elements along axis 1 (the README's Performance section
+gives the measurements). The image
 and background are inputs, not initializers, so one fused session serves every image and job of a
 model; :class:`CoalitionPredictor` binds them once on the session's device, so per batch only Z
 crosses into onnxruntime.

@@ -116,8 +116,7 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     (the caller then uses the additive fit).
 
     Its caller, :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread: at these
-    sizes (p <= 696) a second thread on a busy 2-core machine made the fit 4x slower (55 ms against
-    14 ms at M = 12, 384 coalitions)."""
+    sizes (p <= 696) more threads make the fit slower, not faster."""
     m = design.n_players
     enumerated_weight = design.kernel_probability(z_enumerated.sum(axis=1))
     n_sampled = len(z_sampled)
@@ -175,8 +174,7 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
     residual = y_sampled - x_sampled @ coefficients  # n x K
     scale = design.sampled_mass / n_sampled
     # U = H^-1 X_S^T from H^-1's lower triangle (all that dpotri fills) by a symmetric product: on
-    # one BLAS thread about twice as fast as two triangular solves with N_S right-hand sides
-    # (2.2 ms against 4.7 ms at p = 298, N_S = 336).
+    # one BLAS thread about twice as fast as two triangular solves with N_S right-hand sides.
     h_inv, info = scipy.linalg.lapack.dpotri(factor[0], lower=1)
     if info != 0:
         return np.full((m, k), np.nan)

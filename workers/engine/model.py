@@ -96,8 +96,7 @@ class OnnxClassifier:
 
         The model's own fixed batch dimension when it has one. On a GPU, the job's ``batch_size``:
         onnxruntime's CUDA convolutions re-plan whenever the batch shape differs from the last run's
-        (measured on an H100 with EfficientNet-Lite0: 0.4 to 1.5 s per change, against 0.05 s for a
-        whole batch of 512), and each shard ends in a smaller batch. Padding costs at most one
+        (which costs many batches' time), and each shard ends in a smaller batch. Padding costs at most one
         batch of extra inference per shard. On the CPU a new shape costs nothing measurable, so
         batches run as they come."""
         if self.info.batch is not None:

@@ -83,7 +83,7 @@ def create_session(model_bytes: bytes, providers: Sequence[str | tuple[str, dict
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The engine does numpy work between model calls; spinning onnxruntime threads would fight it for
-    # the cores (measured: a 64-image MNIST batch plus a small matmul took 11.7 ms spinning, 5.5 ms not).
+    # the cores (a model batch followed by a small matmul takes about twice as long with spinning on).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:

@@ -3,9 +3,8 @@
 OpenBLAS's worker threads busy-wait for a while after every call before they sleep. The engine's
 matrix products are small (a batch of B coalitions times M players, the M x M regressions of the
 reduce), and between onnxruntime batches they come every few milliseconds, so BLAS threads that
-spin through the next batch take the cores from onnxruntime's threads. On the MNIST seed case (196
-superpixels, 1,002 evaluations) a whole in-process explanation took 0.74 times as long with BLAS on
-one thread here as with its default of one thread per core (20 interleaved rounds on 2 cores).
+spin through the next batch take the cores from onnxruntime's threads (the README's "BLAS on one
+thread" gives the measurement).
 """
 
 from __future__ import annotations

@@ -1,0 +1,121 @@
+"""Every check a job submission passes before anything is stored or enqueued, in one place.
+
+:func:`check_job` runs once per submission, from :func:`~shapfleet.broker.submission.submit_job`:
+first the limits that cost nothing to check (images per job, budgets, superpixels asked for, the
+background set's array header), then the settings against what is known of the model, then each
+image decoded under the pixel limit and fitted to the model. Each failure is a
+:class:`~shapfleet.errors.UserError` whose message names the limit or the field (the API answers 422).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+
+from shapfleet.errors import ImageError, InvalidSettingsError, SubmissionError
+from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.workers.engine.settings import ExplainSettings
+
+from .settings import Limits
+
+
+class LimitExceeded(SubmissionError):
+    """Raised when a submission is over one of the service's limits (the message names it)."""
+
+    title = "Limit exceeded"
+
+
+class InvalidBackgroundSet(SubmissionError):
+    """Raised when the background set does not fit the model."""
+
+    title = "Invalid background set"
+
+
+def check_job(settings: ExplainSettings, images: list[bytes], background: bytes | None, model: dict,
+              limits: Limits) -> None:
+    """Check a submission; ``model`` is what validation learnt of the model (``height``, ``width``,
+    ``channels``, ``n_classes``; absent keys are not checked)."""
+    shape = _check_limits(settings, len(images), limits, background)
+    height, width = model.get("height"), model.get("width")
+    if shape is not None and isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
+        raise InvalidBackgroundSet(f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
+    _check_classes(settings, model.get("n_classes"))
+    for n, data in enumerate(images):
+        name = f"image {n}"
+        pixels = check_image(data, limits, name, model.get("channels", 3))
+        fitted = fit_to_model(pixels, (height, width), settings.resize, settings.center_crop, name)
+        if settings.segmenter == "slic" and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
+            raise InvalidSettingsError(
+                f"n_segments={settings.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")
+
+
+def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
+                  background: bytes | None) -> tuple[int, ...] | None:
+    """The job-level limits and what jobs cannot take (a reference-image file); returns the
+    background set's array shape, or None without one."""
+    if not n_images:
+        raise SubmissionError("a job needs at least one image")
+    if n_images > limits.max_images_per_job:
+        raise LimitExceeded(f"{n_images} images; the limit is {limits.max_images_per_job} per job")
+    if settings.nsamples is not None and settings.nsamples > limits.max_nsamples:
+        raise LimitExceeded(f"nsamples={settings.nsamples}; the limit is {limits.max_nsamples}")
+    if settings.max_evals is not None and settings.max_evals > limits.max_evals:
+        raise LimitExceeded(f"max_evals={settings.max_evals}; the limit is {limits.max_evals}")
+    segments = settings.n_segments if settings.segmenter == "slic" else \
+        (settings.grid_shape[0] * settings.grid_shape[1] if settings.segmenter == "grid" else None)
+    if segments is not None and segments > limits.max_superpixels:
+        raise LimitExceeded(f"{segments} superpixels requested; the limit is {limits.max_superpixels}")
+    if settings.masker_spec.kind == "image":
+        raise SubmissionError("masker image: is available in `shapfleet explain` only; in a job, upload the "
+                              "reference as a background set of one image (masker dataset:)")
+    if (settings.masker_spec.kind == "dataset") != (background is not None):
+        raise SubmissionError("masker dataset: needs the background set uploaded with the job (file field "
+                              "'background', an .npz of N x H x W (x C) images), and a background set needs masker dataset:")
+    return check_background_set(background, limits) if background is not None else None
+
+
+def _check_classes(settings: ExplainSettings, n_classes: int | None) -> None:
+    if not n_classes:
+        return
+    if settings.labels is not None and max(settings.labels) >= n_classes:
+        raise InvalidSettingsError(f"labels {list(settings.labels)} out of range: the model has {n_classes} classes "
+                                   f"(0..{n_classes - 1})")
+    if settings.top_k is not None and settings.top_k > n_classes:
+        raise InvalidSettingsError(f"top_k={settings.top_k} exceeds the model's {n_classes} classes")
+    if settings.class_names is not None and len(settings.class_names) != n_classes:
+        raise InvalidSettingsError(f"{len(settings.class_names)} class names for a model with {n_classes} classes")
+
+
+def check_image(data: bytes, limits: Limits, name: str, channels: int = 3) -> np.ndarray:
+    """Decode fully (catches truncated files) under the pixel limit; returns the pixel array."""
+    if not data:
+        raise ImageError(f"{name} is empty")
+    try:
+        return load_image(data, channels, max_pixels=limits.max_image_pixels)
+    except ImageError as e:
+        raise ImageError(f"{name}: {e}") from e
+
+
+def check_background_set(data: bytes, limits: Limits) -> tuple[int, ...]:
+    """Check the uploaded background set from its array header alone (nothing is decompressed, so a
+    small upload cannot expand into a huge array here): an ``.npz`` whose ``images`` array (or only
+    array) is N x H x W (x C) numbers, N within the limit. Returns the shape."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [member[:-4] for member in archive.namelist() if member.endswith(".npy")]
+            name = "images" if "images" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise SubmissionError(f"the background set holds arrays {names}; name the image array 'images'")
+            with archive.open(f"{name}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise SubmissionError(f"the background set is not a readable .npz of images: {e}") from None
+    if len(shape) not in (3, 4) or shape[0] == 0 or not np.issubdtype(dtype, np.number):
+        raise SubmissionError(f"the background set must be N x H x W (x C) numbers with N >= 1, got {dtype} {list(shape)}")
+    if shape[0] > limits.max_background_images:
+        raise LimitExceeded(f"the background set holds {shape[0]} images; the limit is {limits.max_background_images}")
+    return tuple(shape)
