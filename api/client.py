@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import requests
 
@@ -53,22 +53,29 @@ class Client:
     def submit(self, images: Iterable[str | os.PathLike[str] | bytes], model: str | os.PathLike[str] | bytes | None = None,
                model_id: str | None = None, settings: dict[str, Any] | None = None,
                idempotency_key: str | None = None,
-               background: str | os.PathLike[str] | bytes | None = None) -> dict[str, Any]:
+               background: str | os.PathLike[str] | bytes | None = None,
+               segments: str | os.PathLike[str] | bytes | Sequence[str | os.PathLike[str] | bytes] | None = None,
+               reference: str | os.PathLike[str] | bytes | None = None) -> dict[str, Any]:
         """Submit a job. The model is uploaded first (once: uploads are content-addressed) unless
         ``model_id`` names one already uploaded. ``background`` is the ``.npz`` background set that
-        a ``dataset:`` masker needs. Returns the job resource."""
+        a ``dataset:`` masker needs, ``reference`` the image an ``image:`` masker needs. ``segments``
+        is a label map (``.npy`` or a label PNG) for every image, or a sequence of one per image.
+        Returns the job resource."""
         if model_id is None:
             if model is None:
                 raise ValueError("give model or model_id")
             model_id = self.upload_model(model)["id"]
-        files = []
-        for n, image in enumerate(images):
-            data = image if isinstance(image, bytes) else Path(image).read_bytes()
-            name = f"image{n}" if isinstance(image, bytes) else Path(image).name
-            files.append(("image", (name, data)))
+        images = list(images)
+        files = [("image", _named(image, f"image{n}")) for n, image in enumerate(images)]
+        if segments is not None:
+            per_image = list(segments) if isinstance(segments, (list, tuple)) else [segments] * len(images)
+            if len(per_image) != len(images):
+                raise ValueError(f"{len(per_image)} label maps for {len(images)} images: give one, or one per image")
+            files += [("segments", _named(labels, f"segments{n}")) for n, labels in enumerate(per_image)]
         if background is not None:
-            data = background if isinstance(background, bytes) else Path(background).read_bytes()
-            files.append(("background", ("background.npz", data)))
+            files.append(("background", _named(background, "background.npz")))
+        if reference is not None:
+            files.append(("reference", _named(reference, "reference")))
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         form = {"model_id": model_id, "settings": json.dumps(settings or {})}
         return self._request("POST", "/v1/jobs", data=form, files=files, headers=headers).json()
@@ -121,3 +128,9 @@ class Client:
             written.append(target)
         return written
 
+
+def _named(source: str | os.PathLike[str] | bytes, default: str) -> tuple[str, bytes]:
+    """A multipart file part: (file name, bytes) of a path, or of bytes under ``default``."""
+    if isinstance(source, bytes):
+        return default, source
+    return Path(source).name, Path(source).read_bytes()

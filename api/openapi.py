@@ -24,6 +24,10 @@ def _json(schema: dict, description: str) -> dict:
 
 BACKGROUND = ("The background set for masker dataset: (an .npz whose array `images` is N x H x W or N x H x W x C "
               "pixels at the model's input size); required with that masker, refused without it.")
+SEGMENTS = ("The image's own label map instead of a segmenter: a .npy integer array or a PNG whose values or colours "
+            "are labels, H x W of the image after resize and crop; method kernel")
+REFERENCE = ("The reference image for masker image: (fitted like the input images); required with that masker, "
+             "refused without it.")
 
 
 def _settings_schema() -> dict:
@@ -51,20 +55,27 @@ def openapi_document() -> dict:
         "multipart/form-data": {"schema": {"type": "object", "properties": {"model": {"type": "string", "format": "binary"}}}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     image_upload = {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "segments": {"type": "string", "format": "binary", "description": SEGMENTS}}}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     job_submission = {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "model_id": {"type": "string"}, "model": {"type": "string", "format": "binary"},
             "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "image_id": {"type": "array", "items": {"type": "string"}},
+            "segments": {"type": "array", "items": {"type": "string", "format": "binary"},
+                         "description": SEGMENTS + "; one per image, in image order"},
             "background": {"type": "string", "format": "binary", "description": BACKGROUND},
+            "reference": {"type": "string", "format": "binary", "description": REFERENCE},
             "settings": {"type": "string", "description": "JSON object of engine settings"}}}},
         "application/json": {"schema": {"type": "object", "properties": {
             "model_id": {"type": "string"}, "model": {"type": "string", "contentEncoding": "base64"},
             "images": {"type": "array", "items": {"type": "object", "properties": {
-                "image_id": {"type": "string"}, "data": {"type": "string", "contentEncoding": "base64"}}}},
+                "image_id": {"type": "string"}, "data": {"type": "string", "contentEncoding": "base64"},
+                "segments": {"type": "string", "contentEncoding": "base64", "description": SEGMENTS}}}},
             "background": {"type": "string", "contentEncoding": "base64", "description": BACKGROUND},
+            "reference": {"type": "string", "contentEncoding": "base64", "description": REFERENCE},
             "settings": {"$ref": "#/components/schemas/Settings"}}}}}}
     job = {"$ref": "#/components/schemas/Job"}
     return {

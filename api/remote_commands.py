@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from shapfleet.errors import InvalidSettingsError
+
 from .client import Client
 from .engine_args import add_engine_arguments, settings_from_args
 
@@ -60,12 +62,27 @@ def _final_exit(job: dict) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("--shards", args.shards), ("--workers", args.workers), ("--threads", args.threads))
+             if value is not None]
+    if given:
+        raise InvalidSettingsError(f"{', '.join(given)} {'sizes' if len(given) == 1 else 'size'} the local run of `shapfleet explain`; a job's shards are "
+                                   "sized by the fleet (SHAPFLEET_SHARD_EVALUATIONS) and run on its workers: leave "
+                                   f"{'them' if len(given) > 1 else 'it'} out")
     settings = settings_from_args(args)
-    # A dataset: masker names a local .npz; it travels with the job as its background set.
-    background = settings.masker_spec.path if settings.masker_spec.kind == "dataset" else None
+    if args.segments is not None and settings.method == "partition":
+        raise InvalidSettingsError("--segments applies to method kernel; method partition refines shap's hierarchy "
+                                   "of pixel boxes")
+    # Files the settings name travel with the job: a dataset: masker's .npz as its background set, an
+    # image: masker's file as its reference image, --segments as every image's label map.
+    spec = settings.masker_spec
+    background = spec.path if spec.kind == "dataset" else None
+    reference = spec.path if spec.kind == "image" else None
+    for path in (background, reference, args.segments):
+        if path is not None and not os.path.isfile(path):
+            raise InvalidSettingsError(f"no such file: {path}")
     client = client_from(args)
     job = client.submit(args.images, model=args.model, settings=settings.to_dict(), idempotency_key=args.idempotency_key,
-                        background=background)
+                        background=background, segments=args.segments, reference=reference)
     if not args.wait:
         _print(job)
         return 0
@@ -118,6 +135,8 @@ def add_remote_commands(commands) -> None:
     submit.add_argument("--out", metavar="DIR", help="with --wait: download the artifacts here")
     submit.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
+    for flag in ("--shards", "--workers", "--threads"):  # explain's: refused with a message, not unknown
+        submit.add_argument(flag, type=int, help=argparse.SUPPRESS)
     add_connection_arguments(submit)
     add_engine_arguments(submit)
     submit.set_defaults(handler=run_submit)

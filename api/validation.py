@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from flask import request
 
 from shapfleet.broker import redis_keys
-from shapfleet.broker.keys import image_key, model_key
+from shapfleet.broker.keys import image_key, image_segments_key, model_key
 from shapfleet.broker.services import Services
 from shapfleet.broker.settings import Limits
-from shapfleet.broker.validation import check_image
+from shapfleet.broker.validation import check_image, check_label_map
 from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
 from shapfleet.workers.engine.sessions import create_session
 from shapfleet.workers.engine.settings import ExplainSettings
@@ -74,11 +74,20 @@ def read_upload(field: str) -> bytes:
 
 
 # -- images -----------------------------------------------------------------------------------------
-def store_image_for(services: Services, tenant: str, data: bytes) -> tuple[str, tuple[int, int]]:
-    pixels = check_image(data, services.settings.limits, "the image")
-    sha256 = hashlib.sha256(data).hexdigest()
+def store_image_for(services: Services, tenant: str, data: bytes,
+                    segments: bytes | None = None) -> tuple[str, tuple[int, int]]:
+    """Check and store an image (with its own label map, when given, checked against its size);
+    returns its id and size. The id is content-addressed: the image's sha256, or with a label map the
+    sha256 of both, so the same image with other segments is another id."""
+    limits = services.settings.limits
+    pixels = check_image(data, limits, "the image")
+    if segments is not None:
+        check_label_map(segments, None, limits, "the segments")  # its size is checked against each job's fitting
+    sha256 = hashlib.sha256(data if segments is None else hashlib.sha256(data).digest() + segments).hexdigest()
     if not services.store.exists(image_key(sha256)):
         services.store.put(image_key(sha256), data)
+        if segments is not None:
+            services.store.put(image_segments_key(sha256), segments)
     services.redis.sadd(redis_keys.tenant_images(tenant), sha256)
     return sha256, pixels.shape[:2]
 
@@ -91,13 +100,18 @@ class JobRequest:
     images: list[bytes]
     settings: ExplainSettings
     background: bytes | None = None  # the dataset: masker's background set (.npz)
+    segments: list[bytes | None] | None = None  # a label map per image (.npy or label PNG), or None each
+    reference: bytes | None = None  # the image: masker's reference image
 
     def fingerprint(self, model_sha256: str) -> str:
-        """What makes two submissions the same job (for Idempotency-Key): model, images, background
-        set, settings."""
-        content = {"model": model_sha256, "images": [hashlib.sha256(i).hexdigest() for i in self.images],
-                   "settings": self.settings.to_dict(),
-                   "background": hashlib.sha256(self.background).hexdigest() if self.background is not None else None}
+        """What makes two submissions the same job (for Idempotency-Key): model, images, label maps,
+        background set, reference image, settings."""
+        def digest(data: bytes | None) -> str | None:
+            return hashlib.sha256(data).hexdigest() if data is not None else None
+
+        content = {"model": model_sha256, "images": [digest(i) for i in self.images],
+                   "segments": [digest(s) for s in self.segments or []], "settings": self.settings.to_dict(),
+                   "background": digest(self.background), "reference": digest(self.reference)}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -113,8 +127,12 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
         image_ids = request.form.getlist("image_id")
         model_id = request.form.get("model_id")
         model_bytes = model_file.read() if model_file is not None else None
-        background_file = request.files.get("background")
-        background = background_file.read() if background_file is not None else None
+        background, reference = (_file(name) for name in ("background", "reference"))
+        segments = [f.read() for f in request.files.getlist("segments")]
+        if segments and len(segments) != len(images) + len(image_ids):
+            raise Problem(422, "Invalid request", f"{len(segments)} segments files for {len(images) + len(image_ids)} "
+                          "images: give one label map per image, in image order, or none")
+        segments = segments or [None] * (len(images) + len(image_ids))
     elif request.mimetype == "application/json":
         try:
             body = json.loads(request.get_data(cache=False) or b"null")
@@ -125,29 +143,46 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
         settings_data = body.get("settings", {})
         model_id = body.get("model_id")
         model_bytes = _base64(body["model"], "model") if isinstance(body.get("model"), str) else None
-        background = _base64(body["background"], "background") if isinstance(body.get("background"), str) else None
+        background, reference = (_base64(body[name], name) if isinstance(body.get(name), str) else None
+                                  for name in ("background", "reference"))
         images, image_ids = [], []
+        data_segments, id_segments = [], []  # data entries come first in the job, as in a multipart request
         entries = body.get("images", [])
         if not isinstance(entries, list):
             raise Problem(422, "Invalid request", "images must be a list of {\"image_id\": ...} or {\"data\": base64}")
         for n, entry in enumerate(entries):
+            labels = entry.get("segments") if isinstance(entry, dict) else None
+            if labels is not None and not isinstance(labels, str):
+                raise Problem(422, "Invalid request", f"images[{n}].segments must be base64 (.npy or a label PNG)")
+            labels = _base64(labels, f"images[{n}].segments") if labels is not None else None
             if isinstance(entry, dict) and isinstance(entry.get("image_id"), str):
                 image_ids.append(entry["image_id"])
+                id_segments.append(labels)
             elif isinstance(entry, dict) and isinstance(entry.get("data"), str):
                 images.append(_base64(entry["data"], f"images[{n}].data"))
+                data_segments.append(labels)
             else:
                 raise Problem(422, "Invalid request", f"images[{n}] must be {{\"image_id\": ...}} or {{\"data\": base64}}")
+        segments = data_segments + id_segments
     else:
         raise Problem(415, "Unsupported Media Type",
                       f"send multipart/form-data or application/json; got {request.mimetype or 'no content type'}")
     if (model_id is None) == (model_bytes is None):
         raise Problem(422, "Invalid request", "give exactly one of model_id or an inline model")
-    for image_id in image_ids:
+    for n, image_id in enumerate(image_ids, start=len(images)):
         if not services.redis.sismember(redis_keys.tenant_images(tenant), image_id):
             raise Problem(404, "Not Found", f"no image {image_id!r} for this tenant; upload it with POST /v1/images")
         images.append(services.store.get(image_key(image_id)))
+        if segments[n] is None and services.store.exists(image_segments_key(image_id)):
+            segments[n] = services.store.get(image_segments_key(image_id))  # uploaded with the image
     settings = ExplainSettings.from_dict(settings_data)  # InvalidSettingsError -> 422
-    return JobRequest(model_id, model_bytes, images, settings, background)
+    return JobRequest(model_id, model_bytes, images, settings, background,
+                      segments if any(s is not None for s in segments) else None, reference)
+
+
+def _file(field: str) -> bytes | None:
+    upload = request.files.get(field)
+    return upload.read() if upload is not None else None
 
 
 def _base64(text: str, what: str) -> bytes:

@@ -107,7 +107,9 @@ def get_model(model_id: str):
 
 @v1.post("/images")
 def upload_image():
-    sha256, (height, width) = store_image_for(services(), g.tenant, read_upload("image"))
+    segments = request.files.get("segments") if request.mimetype == "multipart/form-data" else None
+    sha256, (height, width) = store_image_for(services(), g.tenant, read_upload("image"),
+                                              segments.read() if segments is not None else None)
     return {"id": sha256, "height": height, "width": width}, 201
 
 
@@ -121,7 +123,7 @@ def create_job():
         model_sha256, model = info.sha256, info.to_dict()
     else:
         info, model_sha256, model = None, job.model_id, model_for(svc, g.tenant, job.model_id)
-    check_job(job.settings, job.images, job.background, model, svc.settings.limits)
+    check_job(job.settings, job.images, job.background, model, svc.settings.limits, job.segments, job.reference)
     idempotency = request.headers.get("Idempotency-Key")
     redis_key = fingerprint = None
     if idempotency is not None:
@@ -134,7 +136,8 @@ def create_job():
     try:
         if info is not None:
             store_model_for(svc, g.tenant, job.model_bytes, info)
-        record = enqueue_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background)
+        record = enqueue_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background, job.segments,
+                             job.reference)
     except BaseException:
         if redis_key is not None:
             svc.redis.delete(redis_key)

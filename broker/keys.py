@@ -13,6 +13,11 @@ def image_key(sha256: str) -> str:
     return f"images/{sha256}"
 
 
+def image_segments_key(sha256: str) -> str:
+    """The label map uploaded with an image, when it came with one."""
+    return f"images/{sha256}.segments"
+
+
 def input_key(job_id: str, image_index: int) -> str:
     return f"jobs/{job_id}/inputs/{image_index}"
 

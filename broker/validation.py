@@ -34,25 +34,78 @@ class InvalidBackgroundSet(SubmissionError):
 
 
 def check_job(settings: ExplainSettings, images: list[bytes], background: bytes | None, model: dict,
-              limits: Limits) -> None:
+              limits: Limits, segments: list[bytes | None] | None = None, reference: bytes | None = None) -> None:
     """Check a submission; ``model`` is what validation learnt of the model (``height``, ``width``,
-    ``channels``, ``n_classes``; absent keys are not checked)."""
-    shape = _check_limits(settings, len(images), limits, background)
+    ``channels``, ``n_classes``; absent keys are not checked). ``segments`` holds each image's own label
+    map (or None), ``reference`` the ``image:`` masker's reference image."""
+    if segments is not None and len(segments) != len(images):
+        raise SubmissionError(f"{len(segments)} label maps for {len(images)} images: give one per image, or none")
+    if segments is not None and any(s is not None for s in segments) and settings.method == "partition":
+        raise InvalidSettingsError("segments apply to method kernel; method partition refines shap's hierarchy of "
+                                   "pixel boxes")
+    shape = _check_limits(settings, len(images), limits, background, reference)
     height, width = model.get("height"), model.get("width")
     if shape is not None and isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
         raise InvalidBackgroundSet(f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
     _check_classes(settings, model.get("n_classes"))
+    channels = model.get("channels", 3)
+    fitted_reference = None
+    if reference is not None:
+        fitted_reference = fit_to_model(check_image(reference, limits, "the reference image", channels), (height, width),
+                                        settings.resize, settings.center_crop, "the reference image")
     for n, data in enumerate(images):
         name = f"image {n}"
-        pixels = check_image(data, limits, name, model.get("channels", 3))
+        pixels = check_image(data, limits, name, channels)
         fitted = fit_to_model(pixels, (height, width), settings.resize, settings.center_crop, name)
-        if settings.segmenter == "slic" and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
+        labels = segments[n] if segments is not None else None
+        if labels is not None:
+            check_label_map(labels, fitted.shape[:2], limits, f"the segments of {name}")
+        elif settings.segmenter == "slic" and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
             raise InvalidSettingsError(
                 f"n_segments={settings.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")
+        if fitted_reference is not None and fitted_reference.shape != fitted.shape:
+            raise ImageError(f"the reference image is {fitted_reference.shape[1]}x{fitted_reference.shape[0]} after "
+                             f"fitting, {name} is {fitted.shape[1]}x{fitted.shape[0]}: they must fit to the same size")
+
+
+def check_label_map(data: bytes, shape: tuple[int, int] | None, limits: Limits, name: str) -> int:
+    """Check an uploaded label map (``.npy`` integers, or a PNG whose pixel values or colours are labels)
+    and return its superpixel count: its header first (size against ``shape`` when given, and the
+    pixel limit, before anything is decoded), then the labels (at most ``max_superpixels``)."""
+    if data[:6] == b"\x93NUMPY":
+        try:
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            size, _, dtype = read_header(stream)
+        except (OSError, ValueError, EOFError) as e:
+            raise ImageError(f"{name} is not a readable .npy label map: {e}") from None
+        if not np.issubdtype(dtype, np.integer) or len(size) != 2:
+            raise ImageError(f"{name} must be a 2-D integer label image, got {dtype} of shape {list(size)}")
+        height, width = size
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise ImageError(f"{name} is neither a .npy label array nor a readable label image: {e}") from None
+    if height * width > limits.max_image_pixels:
+        raise LimitExceeded(f"{name} has {width}x{height} labels; the limit is {limits.max_image_pixels} pixels")
+    if shape is not None and (height, width) != tuple(shape):
+        raise ImageError(f"{name} is {width}x{height} but the image is {shape[1]}x{shape[0]} after resizing and "
+                         "cropping: give the labels of the image as the model sees it")
+    from shapfleet.workers.engine.segmentation import load_segments
+
+    count = int(load_segments(data, (height, width), name).max()) + 1
+    if count > limits.max_superpixels:
+        raise LimitExceeded(f"{name} has {count} superpixels; the limit is {limits.max_superpixels}")
+    return count
 
 
 def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
-                  background: bytes | None) -> tuple[int, ...] | None:
+                  background: bytes | None, reference: bytes | None) -> tuple[int, ...] | None:
     """The job-level limits and what jobs cannot take (a reference-image file); returns the
     background set's array shape, or None without one."""
     if not n_images:
@@ -67,9 +120,9 @@ def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
         (settings.grid_shape[0] * settings.grid_shape[1] if settings.segmenter == "grid" else None)
     if segments is not None and segments > limits.max_superpixels:
         raise LimitExceeded(f"{segments} superpixels requested; the limit is {limits.max_superpixels}")
-    if settings.masker_spec.kind == "image":
-        raise SubmissionError("masker image: is available in `shapfleet explain` only; in a job, upload the "
-                              "reference as a background set of one image (masker dataset:)")
+    if (settings.masker_spec.kind == "image") != (reference is not None):
+        raise SubmissionError("masker image: needs the reference image uploaded with the job (file field "
+                              "'reference', or base64 'reference' in a JSON body), and a reference image needs masker image:")
     if (settings.masker_spec.kind == "dataset") != (background is not None):
         raise SubmissionError("masker dataset: needs the background set uploaded with the job (file field "
                               "'background', an .npz of N x H x W (x C) images), and a background set needs masker dataset:")

@@ -374,3 +374,64 @@ def test_background_set_jobs_are_accepted_and_fingerprinted(client, services):
     assert as_json.status_code == 202, as_json.get_json()
     partition = submit_with_background(client, model_id, None, {"method": "partition", "max_evals": 300})
     assert partition.status_code == 202 and partition.get_json()["settings"]["method"] == "partition"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_segments_and_reference_travel_with_jobs_in_every_form(client, services):
+    """Label maps: multipart ``segments`` (one per image), base64 ``images[].segments``, or uploaded
+    with the image; the image: masker's ``reference`` likewise. Each lands in the job's inputs."""
+    model_id = upload(client).get_json()["id"]
+    labels = npy_bytes(np.repeat(np.arange(4), 8)[None].repeat(32, axis=0))  # 32 x 32, 4 stripes
+    data = {"model_id": model_id, "settings": json.dumps({"nsamples": 100}),
+            "image": [(io.BytesIO(IMAGE), "a.png"), (io.BytesIO(IMAGE), "b.png")],
+            "segments": [(io.BytesIO(labels), "a.npy"), (io.BytesIO(labels), "b.npy")]}
+    multipart = client.post("/v1/jobs", data=data, headers=auth(), content_type="multipart/form-data")
+    assert multipart.status_code == 202, multipart.get_json()
+    job_id = multipart.get_json()["id"]
+    assert [services.store.get(f"jobs/{job_id}/inputs/{n}.segments") for n in range(2)] == [labels, labels]
+
+    uploaded = client.post("/v1/images", data={"image": (io.BytesIO(IMAGE), "i.png"), "segments": (io.BytesIO(labels), "s.npy")},
+                           headers=auth(), content_type="multipart/form-data")
+    assert uploaded.status_code == 201, uploaded.get_json()
+    plain = client.post("/v1/images", data={"image": (io.BytesIO(IMAGE), "i.png")}, headers=auth(),
+                        content_type="multipart/form-data").get_json()
+    assert uploaded.get_json()["id"] != plain["id"]  # the same image with other segments is another image
+    body = {"model_id": model_id, "settings": {"nsamples": 100, "masker": "image:white.png"},
+            "reference": base64.b64encode(png(32, 32, 255)).decode(),
+            "images": [{"image_id": uploaded.get_json()["id"]},
+                       {"data": base64.b64encode(IMAGE).decode(), "segments": base64.b64encode(labels).decode()},
+                       {"image_id": plain["id"]}]}
+    as_json = client.post("/v1/jobs", json=body, headers=auth())
+    assert as_json.status_code == 202, as_json.get_json()
+    job_id = as_json.get_json()["id"]
+    # data entries come first in the job, then the referenced images
+    assert services.store.get(f"jobs/{job_id}/inputs/0.segments") == labels
+    assert services.store.get(f"jobs/{job_id}/inputs/1.segments") == labels
+    assert not services.store.exists(f"jobs/{job_id}/inputs/2.segments")
+    assert services.store.get(f"jobs/{job_id}/inputs/reference") == png(32, 32, 255)
+
+
+@pytest.mark.parametrize("segments, settings, fragment", [
+    ([npy_bytes(np.zeros((16, 32), np.int64))], {}, "is 32x16 but the image is 32x32"),
+    ([npy_bytes(np.zeros((32, 32), np.float64))], {}, "must be a 2-D integer label image"),
+    ([npy_bytes(np.arange(1024).reshape(32, 32))], {"nsamples": 100}, None),
+    ([b"\x93NUMPY garbage"], {}, "not a readable .npy label map"),
+    ([npy_bytes(np.zeros((32, 32), np.int64))] * 2, {}, "2 segments files for 1 images"),
+    ([npy_bytes(np.zeros((32, 32), np.int64))], {"method": "partition"}, "segments apply to method kernel"),
+])
+def test_bad_segments_are_refused_with_422(client, services, segments, settings, fragment):
+    model_id = upload(client).get_json()["id"]
+    data = {"model_id": model_id, "settings": json.dumps(settings), "image": [(io.BytesIO(IMAGE), "i.png")],
+            "segments": [(io.BytesIO(s), f"s{n}.npy") for n, s in enumerate(segments)]}
+    before = services.store.list("jobs/")
+    response = client.post("/v1/jobs", data=data, headers=auth(), content_type="multipart/form-data")
+    if fragment is None:  # 1,024 superpixels: within this app's limit of 1,500
+        assert response.status_code == 202, response.get_json()
+        return
+    assert_problem(response, 422, fragment)
+    assert services.store.list("jobs/") == before

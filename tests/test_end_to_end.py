@@ -118,3 +118,28 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_submit_with_segments_and_an_image_masker_equals_explain(api_server, start_workers, tmp_path, capsys):
+    """`shapfleet submit --segments labels.npy --masker image:ref.png` uploads both with the job and
+    gets what `shapfleet explain` gets with the same flags."""
+    from shapfleet.api.cli import main
+
+    start_workers(1)
+    image = REPO / "examples" / "circle.png"
+    height, width = np.asarray(Image.open(image)).shape[:2]
+    rows, cols = np.mgrid[:height, :width]
+    np.save(tmp_path / "labels.npy", (rows * 2 // height) * 3 + cols * 3 // width)  # 2 x 3 blocks
+    Image.fromarray(np.full((height, width, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    flags = ["--segments", str(tmp_path / "labels.npy"), "--masker", f"image:{tmp_path / 'white.png'}",
+             "--nsamples", "300", "--seed", "4", "--top-k", "2"]
+    code = main(["submit", str(image), "--model", str(REPO / "examples" / "shapes.onnx"), *flags, "--wait", "--quiet",
+                 "--out", str(tmp_path / "fleet"), "--server", api_server.url, "--api-key", "e2e-key"])
+    assert code == 0, capsys.readouterr().err
+    assert main(["explain", str(image), "--model", str(REPO / "examples" / "shapes.onnx"), *flags, "--quiet",
+                 "--out", str(tmp_path / "local")]) == 0
+    fleet = Explanation.load(tmp_path / "fleet" / "attributions.npz")
+    local = Explanation.load(tmp_path / "local" / "attributions.npz")
+    assert fleet.values.shape == (6, 2) and fleet.exact
+    np.testing.assert_allclose(fleet.values, local.values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(fleet.base_values, local.base_values, rtol=0, atol=1e-12)

@@ -16,8 +16,9 @@ from test_pipeline import wait_final
 from shapfleet import ExplainSettings, Explanation, explain
 from shapfleet.broker.keys import partition_key, result_prefix
 from shapfleet.broker.records import JobStatus
-from shapfleet.broker.submission import SubmissionError, store_model, submit_job
+from shapfleet.broker.submission import store_model, submit_job
 from shapfleet.broker.watchdog import watchdog_pass
+from shapfleet.errors import SubmissionError
 
 pytestmark = pytest.mark.service
 
@@ -177,3 +178,83 @@ def test_a_dataset_job_without_its_background_set_is_refused(services):
         submit_job(services, "t", sha, [image], ExplainSettings(), background=background_set(2, 8, 0))
     with pytest.raises(SubmissionError, match="not a readable .npz"):
         submit_job(services, "t", sha, [image], ExplainSettings(masker="dataset:bg.npz"), background=b"not a zip")
+
+
+def _label_png(labels: np.ndarray) -> bytes:
+    return png_bytes(labels.astype(np.uint8))
+
+
+def test_a_job_with_uploaded_segments_equals_explain_with_segments(services, start_workers, tmp_path):
+    """Own label maps travel with the job (one per image, .npy or a label PNG) and give what
+    ``shapfleet explain --segments`` gives with the same seed."""
+    start_workers(2)
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "triangle.png").read_bytes()
+    height, width = np.asarray(Image.open(io.BytesIO(image))).shape[:2]
+    rows, cols = np.mgrid[:height, :width]
+    labels = (rows * 3 // height) * 4 + (cols * 4 // width) + 7  # a 3 x 4 grid, labels 7..18
+    npy = io.BytesIO()
+    np.save(npy, labels)
+    settings = ExplainSettings(top_k=2, nsamples=900, seed=13, class_names=SHAPES)
+    record = submit_job(services, "t", store_model(services, model), [image, image], settings,
+                        segments=[npy.getvalue(), _label_png(labels)])
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    np.save(tmp_path / "labels.npy", labels)
+    (local,) = explain([str(REPO / "examples" / "triangle.png")], model, settings, segments=str(tmp_path / "labels.npy"))
+    for index in range(2):
+        fleet = Explanation.load(result(services, record.id, f"{index}/attributions.npz"))
+        assert fleet.values.shape[0] == 12
+        np.testing.assert_array_equal(fleet.segments, local.explanation.segments)
+        np.testing.assert_allclose(fleet.values, local.explanation.values, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(fleet.std, local.explanation.std, rtol=0, atol=1e-10)
+
+
+def test_an_image_masker_job_with_its_reference_equals_in_process(services, start_workers, tmp_path):
+    start_workers(1)
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = REPO / "examples" / "square.png"
+    reference = np.full(np.asarray(Image.open(image)).shape, 255, np.uint8)
+    Image.fromarray(reference).save(tmp_path / "white.png")
+    settings = ExplainSettings(masker=f"image:{tmp_path / 'white.png'}", n_segments=20, nsamples=500, seed=2)
+    record = submit_job(services, "t", store_model(services, model), [image.read_bytes()], settings,
+                        reference=(tmp_path / "white.png").read_bytes())
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    (local,) = explain([str(image)], model, settings)
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    np.testing.assert_allclose(fleet.values, local.explanation.values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(fleet.base_values, local.explanation.base_values, rtol=0, atol=1e-12)
+
+
+def test_uploaded_segments_and_references_are_checked_before_anything_is_stored(services):
+    from shapfleet.broker.validation import LimitExceeded
+    from shapfleet.errors import ImageError
+
+    sha = store_model(services, (REPO / "examples" / "shapes.onnx").read_bytes())
+    image = (REPO / "examples" / "circle.png").read_bytes()
+    height, width = np.asarray(Image.open(io.BytesIO(image))).shape[:2]
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    before = services.store.list("jobs/")
+    cases = [
+        (ImageError, "is 5x4 but the image is", [npy(np.zeros((4, 5), np.int64))]),
+        (ImageError, "2-D integer label image", [npy(np.zeros((height, width), np.float32))]),
+        (ImageError, "neither a .npy label array nor a readable label image", [b"not labels"]),
+        (LimitExceeded, "superpixels; the limit is", [npy(np.arange(height * width).reshape(height, width))]),
+        (SubmissionError, "2 label maps for 1 images", [npy(np.zeros((height, width), int))] * 2),
+    ]
+    for error, message, segments in cases:
+        with pytest.raises(error, match=message):
+            submit_job(services, "t", sha, [image], ExplainSettings(), segments=segments)
+    with pytest.raises(SubmissionError, match="needs the reference image uploaded"):
+        submit_job(services, "t", sha, [image], ExplainSettings(masker="image:ref.png"))
+    with pytest.raises(SubmissionError, match="a reference image needs masker image"):
+        submit_job(services, "t", sha, [image], ExplainSettings(), reference=image)
+    with pytest.raises(ImageError, match="they must fit to the same size"):
+        submit_job(services, "t", sha, [image], ExplainSettings(masker="image:r.png"), reference=png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    assert services.store.list("jobs/") == before

@@ -130,3 +130,36 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(stack, browser, tmp_path)
     if os.environ.get("SHAPFLEET_SCREENSHOT"):
         browser.save_screenshot(os.environ["SHAPFLEET_SCREENSHOT"])
     assert (tmp_path / "web-result.png").stat().st_size > 10_000
+
+
+def test_an_image_with_its_own_segments_from_the_page(stack, browser, tmp_path):
+    """Each image in the list has a segments file input; its label map travels with the job."""
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from shapfleet import Client, Explanation
+
+    url, key = stack
+    wait = WebDriverWait(browser, 120)
+    browser.get(f"{url}/ui/")
+    browser.execute_script("sessionStorage.setItem('shapfleetKey', arguments[0])", key)
+    browser.get(f"{url}/ui/")  # signs in with the stored key
+    wait.until(lambda d: d.find_element(By.ID, "app").is_displayed())
+    image = REPO / "examples" / "square.png"
+    height, width = np.asarray(Image.open(image)).shape[:2]
+    np.save(tmp_path / "halves.npy", (np.arange(width)[None].repeat(height, axis=0) * 2) // width)
+    browser.find_element(By.ID, "image-files").send_keys(str(image))
+    browser.find_element(By.CSS_SELECTOR, ".segments-file").send_keys(str(tmp_path / "halves.npy"))
+    previous = browser.execute_script("return document.getElementById('job-id').textContent")
+    browser.find_element(By.ID, "model-file").send_keys(str(REPO / "examples" / "shapes.onnx"))
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.execute_script(
+        "const id = document.getElementById('job-id').textContent, error = document.getElementById('error');"
+        "if (!error.hidden) throw new Error(error.textContent);"
+        "return id !== '' && id !== arguments[0] && document.getElementById('job-status').textContent === 'succeeded';",
+        previous))
+    job_id = browser.execute_script("return document.getElementById('job-id').textContent")
+    explanation = Explanation.load(Client(url, key).artifact(job_id, "attributions.npz"))
+    assert explanation.values.shape[0] == 2 and explanation.exact

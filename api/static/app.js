@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { key: sessionStorage.getItem("shapfleetKey"), images: [], polling: null, jobId: null };
+const state = { key: sessionStorage.getItem("shapfleetKey"), images: [], segments: [], polling: null, jobId: null };
 
 class ApiError extends Error {
   constructor(problem, status) {
@@ -76,9 +76,16 @@ async function loadModels(selected) {
   if (selected) select.value = selected;
 }
 
+// Each image may bring its own label map (.npy or a label PNG) instead of the segmenter.
 function addImages(files) {
-  for (const file of files) state.images.push(file);
-  $("image-list").replaceChildren(...state.images.map((f) => element("li", { text: `${f.name} (${f.size} bytes)` })));
+  for (const file of files) { state.images.push(file); state.segments.push(null); }
+  $("image-list").replaceChildren(...state.images.map((f, index) => {
+    const labels = element("input", { type: "file", accept: ".npy,.png", class: "segments-file",
+                                      "data-index": String(index), title: "its own label map (optional)" });
+    labels.addEventListener("change", (event) => { state.segments[index] = event.target.files[0] || null; });
+    return element("li", {}, element("span", { text: `${f.name} (${f.size} bytes)` }),
+                   element("label", { text: " segments " }, labels));
+  }));
 }
 
 $("image-files").addEventListener("change", (event) => addImages(event.target.files));
@@ -130,6 +137,11 @@ $("job-form").addEventListener("submit", async (event) => {
     form.append("model_id", modelId);
     form.append("settings", JSON.stringify(settingsFromForm()));
     state.images.forEach((file) => form.append("image", file));
+    const labelled = state.segments.filter((file) => file).length;
+    if (labelled && labelled !== state.images.length) {
+      throw new Error("give a segments file for every image, or for none");
+    }
+    if (labelled) state.segments.forEach((file) => form.append("segments", file));
     const job = await (await api("/v1/jobs", { method: "POST", body: form })).json();
     watchJob(job.id);
   } catch (error) { showError(error); }
