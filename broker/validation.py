@@ -60,7 +60,8 @@ def check_job(settings: ExplainSettings, images: list[bytes], background: bytes 
         labels = segments[n] if segments is not None else None
         if labels is not None:
             check_label_map(labels, fitted.shape[:2], limits, f"the segments of {name}")
-        elif settings.segmenter == "slic" and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
+        elif settings.method == "kernel" and settings.segmenter == "slic" \
+                and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
             raise InvalidSettingsError(
                 f"n_segments={settings.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")
         if fitted_reference is not None and fitted_reference.shape != fitted.shape:
@@ -116,7 +117,7 @@ def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
         raise LimitExceeded(f"nsamples={settings.nsamples}; the limit is {limits.max_nsamples}")
     if settings.max_evals is not None and settings.max_evals > limits.max_evals:
         raise LimitExceeded(f"max_evals={settings.max_evals}; the limit is {limits.max_evals}")
-    segments = settings.n_segments if settings.segmenter == "slic" else \
+    segments = None if settings.method != "kernel" else settings.n_segments if settings.segmenter == "slic" else \
         (settings.grid_shape[0] * settings.grid_shape[1] if settings.segmenter == "grid" else None)
     if segments is not None and segments > limits.max_superpixels:
         raise LimitExceeded(f"{segments} superpixels requested; the limit is {limits.max_superpixels}")

@@ -204,7 +204,7 @@ def test_external_data_model_is_refused(client):
     ({"n_segments": 2000}, None, 422, "2000 superpixels requested; the limit is 1500"),
     ({"n_segments": 1200}, None, 422, "exceeds image 0's 1024 pixels"),
     ({"masker": "nonsense"}, None, 422, "unknown masker"),
-    ({"masker": "image:../../etc/passwd"}, None, 422, "shapfleet explain"),
+    ({"masker": "image:../../etc/passwd"}, None, 422, "needs the reference image uploaded"),  # never read
     ({"masker": "constant:1;rm -rf /"}, None, 422, "constant takes comma-separated numbers"),
     ({"labels": [0, 7]}, None, 422, "out of range"),
     ({"top_k": 4}, None, 422, "exceeds the model's 3 classes"),
@@ -345,7 +345,7 @@ DATASET = {"masker": "dataset:bg.npz", "nsamples": 100}
     ("wrong size", DATASET, "the background images are 16x20; the model takes 32x32"),
     ("too many", DATASET, "holds 101 images; the limit is 100"),
     ("garbage", DATASET, "not a readable .npz"),
-    ("three", {"masker": "dataset:bg.npz", "method": "partition"}, "method partition masks with a single fill"),
+    ("wrong size", {"masker": "dataset:bg.npz", "method": "partition"}, "the background images are 16x20"),
     (None, {"method": "partition", "max_evals": 10 ** 7}, "max_evals=10000000; the limit is 100000"),
     (None, {"method": "partition", "nsamples": 100}, "nsamples applies to method kernel"),
 ])

@@ -258,3 +258,36 @@ def test_uploaded_segments_and_references_are_checked_before_anything_is_stored(
     with pytest.raises(ImageError, match="they must fit to the same size"):
         submit_job(services, "t", sha, [image], ExplainSettings(masker="image:r.png"), reference=png_bytes(np.zeros((8, 8, 3), np.uint8)))
     assert services.store.list("jobs/") == before
+
+
+def test_partition_with_a_background_set_is_one_job_and_equals_in_process(services, start_workers, tmp_path):
+    """The DeepExplainer workflow as one job: 3 images x every class, method partition over a
+    background set, the round's masks times the backgrounds spread over 2 workers; equal to the
+    in-process run, and for a linear model to the expectation over the backgrounds per pixel."""
+    from test_partition import full_refinement_evaluations
+
+    start_workers(2)
+    rng = np.random.default_rng(21)
+    shape = (4, 4, 3)
+    weights = rng.normal(size=shape + (3,))
+    model = linear_model(weights, np.zeros(3), double=True)
+    pixels = [rng.integers(0, 256, size=shape, dtype=np.uint8) for _ in range(3)]
+    backgrounds = rng.integers(0, 256, size=(4, *shape), dtype=np.uint8)
+    np.savez(tmp_path / "bg.npz", images=backgrounds)
+    # every node refined: exact Owen values; 48 masks a round, 32 x 4 backgrounds a part
+    settings = ExplainSettings(method="partition", masker=f"dataset:{tmp_path / 'bg.npz'}", all_classes=True,
+                               max_evals=2 + full_refinement_evaluations(shape), batch_size=48)
+    record = submit_job(services, "t", store_model(services, model), [png_bytes(p) for p in pixels], settings,
+                        background=(tmp_path / "bg.npz").read_bytes())
+    final = wait_final(services, record.id, timeout=180)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert {"grid.png", "attributions.npz", "0/attributions.npz", "2/summary.png"} <= {r["name"] for r in final.results}
+    assert any(k.endswith("/part-1.npy") for k in services.store.list(partition_key(record.id, 0, "")))
+    local = explain(pixels, model, settings)
+    mean_background = backgrounds.astype(np.float64).mean(axis=0)
+    for index, run in enumerate(local):
+        fleet = Explanation.load(result(services, record.id, f"{index}/attributions.npz"))
+        assert fleet.exact
+        np.testing.assert_allclose(fleet.pixel_attributions, run.explanation.pixel_attributions, rtol=0, atol=1e-9)
+        expected = weights * ((pixels[index] - mean_background) / 255.0)[..., None]
+        np.testing.assert_allclose(fleet.pixel_attributions, expected, rtol=0, atol=1e-9)

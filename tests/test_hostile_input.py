@@ -143,7 +143,7 @@ CASES = {
     "superpixels above the limit": (job({"n_segments": 5000}), 422, "5000 superpixels requested; the limit is 1000"),
     "unknown masker": (job({"masker": "gaussian"}), 422, "unknown masker"),
     "masker with shell characters": (job({"masker": "constant:1;rm -rf /"}), 422, "masker"),
-    "masker with a path": (job({"masker": "image:../../etc/passwd"}), 422, "shapfleet explain"),
+    "masker with a path": (job({"masker": "image:../../etc/passwd"}), 422, "needs the reference image uploaded"),
     "labels out of range": (job({"labels": [5]}), 422, "out of range"),
     "top-k above class count": (job({"top_k": 9}), 422, "3 classes"),
     "unknown setting": (job({"exec": "true"}), 422, "unknown setting"),

@@ -14,7 +14,8 @@ import warnings
 import numpy as np
 import pytest
 from conftest import REPO
-from onnx_models import conv_model
+from onnx_models import conv_model, linear_model
+from PIL import Image
 
 from shapfleet import Explanation, explain
 from shapfleet.api.cli import main
@@ -208,7 +209,7 @@ def test_cli_partition_writes_pixel_level_values(tmp_path, capsys):
     (["--method", "partition", "--nsamples", "100"], "nsamples applies to method kernel"),
     (["--max-evals", "100"], "max_evals applies to method partition"),
     (["--method", "partition", "--max-evals", "2"], "max_evals must be at least 3"),
-    (["--method", "partition", "--masker", "dataset:x.npz"], "dataset: and image: maskers need method kernel"),
+    (["--method", "partition", "--masker", "dataset:missing.npz"], "missing.npz"),  # the set is read, not refused
     (["--method", "partition", "--workers", "2"], "apply to method kernel"),
     (["--method", "partition", "--estimator", "cubic"], "estimator applies to method kernel"),
 ])
@@ -239,3 +240,49 @@ def test_explain_many_images_writes_a_grid_and_one_stacked_npz(tmp_path):
         for n, run in enumerate(runs):
             np.testing.assert_array_equal(stacked["pixel_values"][n], run.explanation.pixel_values)
             np.testing.assert_array_equal(stacked["classes"][n], run.explanation.classes)
+
+
+def test_background_set_owen_values_are_the_expectation_over_the_backgrounds(tmp_path):
+    """With a background set, v is the mean output over the backgrounds: for an additive model each
+    pixel-channel's value is w (x - mean background), the DeepExplainer-style expectation."""
+    shape = (4, 4, 3)
+    weights = np.random.default_rng(5).normal(size=shape + (2,))
+    image = random_image(shape)
+    backgrounds = np.stack([random_image(shape, seed) for seed in (11, 12, 13)]).astype(np.float64)
+    np.savez(tmp_path / "bg.npz", images=backgrounds)
+    settings = ExplainSettings(method="partition", masker=f"dataset:{tmp_path / 'bg.npz'}", all_classes=True,
+                               max_evals=2 + full_refinement_evaluations(shape), batch_size=7)
+    explanation = explain_partition(image, linear_predict(weights), settings)
+    expected = weights * (image - backgrounds.mean(axis=0))[..., None]
+    assert explanation.exact
+    np.testing.assert_allclose(explanation.pixel_attributions, expected, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(explanation.base_values, (backgrounds.reshape(3, -1) @ weights.reshape(-1, 2)).mean(axis=0))
+
+
+def test_deep_explainer_workflow_is_one_command(tmp_path, capsys):
+    """DeepExplainer's users explain a few test images for every class against a background set and
+    plot ``shap.image_plot``: here that is one ``explain`` with method partition and a dataset: masker."""
+
+    shape = (8, 8, 1)
+    weights = np.random.default_rng(2).normal(size=shape + (3,))
+    model = tmp_path / "linear.onnx"
+    model.write_bytes(linear_model(weights, np.zeros(3), layout="nhwc", double=True))
+    images = []
+    for n in range(3):
+        path = tmp_path / f"x{n}.png"
+        Image.fromarray(random_image(shape, 20 + n)[:, :, 0].astype(np.uint8)).save(path)
+        images.append(str(path))
+    backgrounds = np.stack([random_image(shape, 30 + n) for n in range(5)]).astype(np.float64)
+    np.savez(tmp_path / "bg.npz", images=backgrounds)
+    code = main(["explain", *images, "--model", str(model), "--method", "partition", "--masker",
+                 f"dataset:{tmp_path / 'bg.npz'}", "--all-classes", "--max-evals", str(2 + full_refinement_evaluations(shape)),
+                 "--batch-size", "40",
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(tmp_path / "out" / "attributions.npz") as stacked:
+        assert stacked["pixel_attributions"].shape == (3, 8, 8, 1, 3)
+        for n, path in enumerate(images):
+            pixels = np.asarray(Image.open(path), dtype=np.float64)[:, :, None]
+            expected = weights * ((pixels - backgrounds.mean(axis=0)) / 255.0)[..., None]  # unit preprocessing
+            np.testing.assert_allclose(stacked["pixel_attributions"][n], expected, rtol=0, atol=1e-9)

@@ -13,7 +13,7 @@ import io
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from shapfleet.broker.keys import model_key, plan_key
 from shapfleet.broker.records import JobRecords, MemoryJobs
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.store import MemoryStore, ObjectStore
+from shapfleet.errors import ObjectNotFound
 from shapfleet.workers.engine.estimation import ShardStatistics
 from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
 from shapfleet.workers.engine.model import ModelSessions, OnnxClassifier
@@ -98,6 +99,21 @@ class Runtime:
 
     def record_shard_metrics(self, seconds: float, evaluations: int) -> None:
         """Count one newly finished shard in fleet-wide metrics (nothing to count in-process)."""
+
+    # -- round records (method partition's states and chosen rounds) -----------------------------
+    def has_record(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def put_record_once(self, key: str, value, encode: Callable[[object], bytes]) -> bool:
+        """Store a round record unless one is stored already (a redelivered step keeps the first, so
+        every worker continues from the same bytes); returns whether this call stored it."""
+        if self.store.exists(key):
+            return False
+        self.store.put(key, encode(value), "application/json")
+        return True
+
+    def get_record(self, key: str, decode: Callable[[bytes], object]):
+        return decode(self.store.get(key))
 
     def name_of(self, key: str, default: str) -> str:
         """How messages name the stored input at ``key``: ``default`` (the fleet names images by their
@@ -180,6 +196,7 @@ class LocalRuntime(Runtime):
         self._store = store or MemoryStore()
         self._jobs = MemoryJobs()
         self.names: dict[str, str] = {}  # store key -> the file or array it was read from
+        self._records: dict[str, object] = {}
 
     @property
     def store(self) -> MemoryStore:
@@ -191,6 +208,24 @@ class LocalRuntime(Runtime):
 
     def name_of(self, key: str, default: str) -> str:
         return self.names.get(key, default)
+
+    # One process runs every step of a job here, in order, and no record is read again once its
+    # successor is written (a step turns the state it read into the next one in place): records stay
+    # objects, without the encoding that the fleet's processes need between them.
+    def has_record(self, key: str) -> bool:
+        return key in self._records
+
+    def put_record_once(self, key: str, value, encode: Callable[[object], bytes]) -> bool:
+        if key in self._records:
+            return False
+        self._records[key] = value
+        return True
+
+    def get_record(self, key: str, decode: Callable[[bytes], object]):
+        try:
+            return self._records[key]
+        except KeyError:
+            raise ObjectNotFound(key) from None
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -85,9 +85,14 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
         _check_running(runtime, job_id)
         name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
         image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
+        if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
+                and not store.exists(background_key(job_id)):
+            raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
+        masker_inputs = {"load_reference": _reference_loader(runtime, job_id, settings, classifier),
+                         "background_set": _stored(runtime, background_key(job_id))}
         if settings.method == "partition":
-            plan = plan_partition(image, classifier.predict, settings)
-            _put_once(runtime, partition_key(job_id, index, "state-0.json"), json_bytes(PartitionState.start(plan).to_json()))
+            plan = plan_partition(image, classifier.predict, settings, **masker_inputs)
+            _put_state_once(runtime, partition_key(job_id, index, "state-0.json"), PartitionState.start(plan))
         else:
             key = segments_key(job_id, index)
             labels = load_segments(store.get(key), image.shape[:2], runtime.name_of(key, f"the segments of {name}")) \
@@ -95,12 +100,7 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
             n_players = int(labels.max()) + 1
             if limits is not None and n_players > limits.max_superpixels:
                 raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
-            if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
-                    and not store.exists(background_key(job_id)):
-                raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
-            plan = plan_explanation(image, classifier.predict, settings, segments=labels,
-                                    load_reference=_reference_loader(runtime, job_id, settings, classifier),
-                                    background_set=_stored(runtime, background_key(job_id)))
+            plan = plan_explanation(image, classifier.predict, settings, segments=labels, **masker_inputs)
             plan.split(runtime.policy.shards_for(plan))
         store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
         runtime.remember_plan(job_id, index, plan)
@@ -154,8 +154,41 @@ def _put_once(runtime: Runtime, key: str, data: bytes, content_type: str = "appl
     return True
 
 
-def _json(runtime: Runtime, key: str):
-    return json.loads(runtime.store.get(key))
+@dataclass
+class RoundRecord:
+    """A partition round as chosen: the state after its nodes were taken, the nodes being refined
+    (two masks each) and the ``[start, stop)`` slices of its masks that parts evaluate."""
+
+    state: PartitionState
+    expansions: list
+    parts: list[tuple[int, int]]
+
+
+def _encode_round(record: RoundRecord) -> bytes:
+    return json_bytes({"state": record.state.to_json(), "expansions": expansions_to_json(record.expansions),
+                       "parts": [list(p) for p in record.parts]})
+
+
+def _decode_round(data: bytes) -> RoundRecord:
+    document = json.loads(data)
+    return RoundRecord(PartitionState.from_json(document["state"]), expansions_from_json(document["expansions"]),
+                       [tuple(p) for p in document["parts"]])
+
+
+def _encode_state(state: PartitionState) -> bytes:
+    return json_bytes(state.to_json())
+
+
+def _decode_state(data: bytes) -> PartitionState:
+    return PartitionState.from_json(json.loads(data))
+
+
+def _put_state_once(runtime: Runtime, key: str, state: PartitionState) -> bool:
+    return runtime.put_record_once(key, state, _encode_state)
+
+
+def _state(runtime: Runtime, key: str) -> PartitionState:
+    return runtime.get_record(key, _decode_state)
 
 
 def round_parts(n_masks: int, target: int, max_parts: int) -> list[tuple[int, int]]:
@@ -186,33 +219,31 @@ def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index
     _check_running(runtime, job_id)
     jobs.set_round(job_id, image_index, round_index)
     final = partition_key(job_id, image_index, "final.json")
-    if store.exists(final):
+    if runtime.has_record(final):
         return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
     round_key = partition_key(job_id, image_index, f"round-{round_index}.json")
-    if not store.exists(round_key):
+    if not runtime.has_record(round_key):
         plan = runtime.partition_plan(job_id, image_index)
-        state = PartitionState.from_json(_json(runtime, partition_key(job_id, image_index, f"state-{round_index}.json")))
+        state = _state(runtime, partition_key(job_id, image_index, f"state-{round_index}.json"))
         expansions = state.pop_round()
         if not expansions:
-            _put_once(runtime, final, json_bytes(state.to_json()))
+            _put_state_once(runtime, final, state)
             jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
             return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
         policy = runtime.policy
         parts = round_parts(2 * len(expansions), max(1, policy.shard_evaluations // plan.masker.n_backgrounds),
                             policy.max_shards)
-        _put_once(runtime, round_key, json_bytes({"state": state.to_json(), "expansions": expansions_to_json(expansions),
-                                                  "parts": parts}))
-    document = _json(runtime, round_key)
-    parts = [tuple(p) for p in document["parts"]]
+        runtime.put_record_once(round_key, RoundRecord(state, expansions, parts), _encode_round)
+    record = runtime.get_record(round_key, _decode_round)
+    parts = record.parts
     part_keys = [partition_key(job_id, image_index, f"round-{round_index}/part-{p}.npy") for p in range(len(parts))]
     missing = [p for p, key in enumerate(part_keys) if not store.exists(key)]
     if missing:
         return RoundStep(missing)
     outputs = np.concatenate([np.load(io.BytesIO(store.get(key)), allow_pickle=False) for key in part_keys])
-    state = PartitionState.from_json(document["state"])
-    state.apply(expansions_from_json(document["expansions"]), outputs)
-    advanced = _put_once(runtime, partition_key(job_id, image_index, f"state-{round_index + 1}.json"),
-                         json_bytes(state.to_json()))
+    state = record.state
+    state.apply(record.expansions, outputs)
+    advanced = _put_state_once(runtime, partition_key(job_id, image_index, f"state-{round_index + 1}.json"), state)
     jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
     # Send the next round unless another step already advanced this image and started it (a
     # re-driven step must not start a second chain; one whose advancer died still continues).
@@ -226,20 +257,19 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
     are all stored now (then the caller sends the round step again, which advances it)."""
     _check_running(runtime, job_id)
     key = partition_key(job_id, image_index, f"round-{round_index}/part-{part}.npy")
-    document = _json(runtime, partition_key(job_id, image_index, f"round-{round_index}.json"))
+    record = runtime.get_record(partition_key(job_id, image_index, f"round-{round_index}.json"), _decode_round)
     if not runtime.store.exists(key):
         plan = runtime.partition_plan(job_id, image_index)
         model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
-        start, stop = document["parts"][part]
-        state = PartitionState.from_json(document["state"])
-        masks = state.masks(expansions_from_json(document["expansions"]), start, stop)
+        start, stop = record.parts[part]
+        masks = record.state.masks(record.expansions, start, stop)
         buffer = io.BytesIO()
         np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
         _put_once(runtime, key, buffer.getvalue(), "application/octet-stream")
     _, done = runtime.jobs.round_part_done(job_id, image_index, round_index, part)
     # A redelivery after the round filled up reports it complete again: the worker that completed it
     # may have died before sending the round step, and the step is idempotent.
-    return done == len(document["parts"])
+    return done == len(record.parts)
 
 
 def evaluate_job_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int,
@@ -346,7 +376,7 @@ def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str) -> Exp
     try:
         if method == "partition":
             plan = runtime.partition_plan(job_id, index)
-            state = PartitionState.from_json(_json(runtime, partition_key(job_id, index, "final.json")))
+            state = _state(runtime, partition_key(job_id, index, "final.json"))
             return partition_explanation(plan, state)
         plan = runtime.plan(job_id, index)
         stats = [load_statistics(runtime.store.get(shard_key(job_id, index, i))) for i in range(plan.n_shards)]

@@ -48,7 +48,17 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
 def masked_values(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) -> np.ndarray:
     """The game's value for a batch of pixel masks (``B x H x W``, or per channel ``B x H x W x C``;
     True keeps the image's pixel): the mean model output over the masker's backgrounds for the
-    explained classes, ``B x K`` float64. Both methods' evaluations go through here."""
+    explained classes, ``B x K`` float64. Both methods' evaluations go through here.
+
+    The masks are composed and run ``batch_size // n_backgrounds`` at a time (at least one), so a
+    background set never makes one batch of ``B x N`` images."""
+    per_call = max(1, plan.settings.batch_size // plan.masker.n_backgrounds)
+    return np.concatenate([_masked_chunk(plan, predict, pixel_masks[start:start + per_call])
+                           for start in range(0, len(pixel_masks), per_call)]) if len(pixel_masks) else \
+        np.zeros((0, len(plan.classes)))
+
+
+def _masked_chunk(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) -> np.ndarray:
     composites = plan.masker.compose(plan.image, pixel_masks)
     outputs = np.asarray(predict(composites), dtype=np.float64)
     if outputs.ndim != 2 or outputs.shape[0] != len(composites):

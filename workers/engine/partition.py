@@ -98,11 +98,17 @@ class PartitionPlan(ImagePlan):
                                                full_refinement_evaluations((shape[0], shape[1], shape[2])) + 1)
 
 
-def plan_partition(image: np.ndarray, predict: Predict, settings: ExplainSettings) -> PartitionPlan:
-    """Build the masker, evaluate v(full) and v(empty), and choose the classes."""
+def plan_partition(image: np.ndarray, predict: Predict, settings: ExplainSettings,
+                   load_reference: Callable[[str], np.ndarray] | None = None,
+                   background_set: bytes | None = None) -> PartitionPlan:
+    """Build the masker, evaluate v(full) and v(empty), and choose the classes. With a background set
+    (``dataset:``) every masked image is composed over each background and v is the mean output, as
+    for method kernel; ``load_reference`` and ``background_set`` are as for
+    :func:`~shapfleet.workers.engine.planning.plan_explanation`."""
     if settings.method != "partition":
         raise InvalidSettingsError("plan_partition needs settings with method partition")
-    return PartitionPlan(**plan_image(image, predict, settings, build_masker(settings.masker_spec, image)))
+    masker = build_masker(settings.masker_spec, image, load_reference, background_set)
+    return PartitionPlan(**plan_image(image, predict, settings, masker))
 
 
 @dataclass

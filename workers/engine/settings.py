@@ -202,10 +202,6 @@ class ExplainSettings:
         if self.max_evals is not None:
             require(self.method == "partition", "max_evals applies to method partition; method kernel takes nsamples")
             require(self.max_evals >= 3, f"max_evals must be at least 3 (v(full), v(empty) and one pair), got {self.max_evals}")
-        if self.method == "partition":
-            require(self.masker_spec.kind not in ("dataset", "image"),
-                    "method partition masks with a single fill (constant, mean, blur:KX,KY, inpaint_telea, inpaint_ns), "
-                    "as shap's Image masker does; dataset: and image: maskers need method kernel")
         require(self.estimator in ESTIMATORS, f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
         require(self.estimator == "auto" or self.method == "kernel", "estimator applies to method kernel")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
