@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/bootstrap.sh
-.venv/bin/shapfleet explain examples/triangle.png --model examples/shapes.onnx \
+.venv/bin/shapfleet explain examples/circle.png --model examples/shapes.onnx \
     --class-names examples/class_names.json --preprocess unit \
     --n-segments 30 --compactness 10 --sigma 1 --masker mean --top-k 2 --nsamples 1000 --seed 0 \
     --out out/example

@@ -132,3 +132,26 @@ def test_the_installed_command_exits_cleanly_on_bad_input(tmp_path, write_file):
                              write_file("x.onnx", b"garbage")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1
     assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_readme_example_makes_sense_by_eye(tmp_path, capsys):
+    """`examples/run-example.sh`'s own command: the predicted class's top superpixels lie on the drawn
+    shape (the top one mostly inside it, the other two touching it), and the fully masked image is not
+    the predicted class to the model, so the shape earns the credit."""
+    import shlex
+
+    script = (REPO / "examples" / "run-example.sh").read_text().replace("\\\n", " ")
+    command = next(line for line in script.splitlines() if "shapfleet explain" in line)
+    words = shlex.split(command.split("shapfleet explain", 1)[1])
+    words = words[:words.index("--out")]
+    code, stdout, stderr = run_cli(capsys, "explain", *[str(REPO / w) if w.startswith("examples/") else w for w in words],
+                                   "--out", str(tmp_path), "--quiet")
+    assert code == 0, stderr
+    explanation = Explanation.load(tmp_path / "attributions.npz")
+    image = explanation.image
+    drawn = np.abs(image - np.median(image.reshape(-1, 3), axis=0)).sum(axis=2) > 120  # the shape's pixels
+    assert 0.05 < drawn.mean() < 0.5
+    top = np.argsort(-explanation.values[:, 0])[:3]
+    inside = [float(drawn[explanation.segments == s].mean()) for s in top]
+    assert inside[0] > 0.5 and all(f > 0 for f in inside), inside
+    assert explanation.outputs[0] > 0.9 and explanation.base_values[0] < 1 / 3
