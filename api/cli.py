@@ -133,7 +133,7 @@ def run_up_command(args: argparse.Namespace) -> int:
 
 #: The extra that provides each top-level module a command may miss in a partial install.
 _EXTRAS = {"numpy": "engine", "scipy": "engine", "onnx": "engine", "onnxruntime": "engine", "skimage": "engine",
-           "cv2": "engine", "PIL": "engine", "matplotlib": "engine", "threadpoolctl": "engine",
+           "cv2": "engine", "PIL": "engine", "threadpoolctl": "engine",
            "celery": "service", "redis": "service", "boto3": "service", "flask": "service", "gunicorn": "service"}
 
 

@@ -1,6 +1,6 @@
 """shapfleet benchmarks, measured side by side in one run (run bench/setup.sh first).
 
-    .venv/bin/python bench/run.py [--repeats 5] [--only limit,accuracy,service,scaling]
+    .venv/bin/python bench/run.py [--repeats 5] [--only limit,accuracy,service,scaling,overhead]
 
 Writes bench/results/results.json, bench/results/error_vs_time.png and bench/results/README.md.
 What is measured (medians over --repeats, every figure a ratio against a number from the same run;
@@ -424,6 +424,32 @@ def measure_scaling(repeats: int) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------------
+def measure_overhead(repeats: int) -> dict:
+    """Whole-process costs around inference, with the shipped example model only (no downloads):
+    ``shapfleet --help``, and a 10-image job of every class (grid 4x4, 200 evaluations) with and
+    without ``--out``, each a fresh ``shapfleet`` process, in interleaved rounds."""
+    import subprocess
+
+    command = str(Path(sys.executable).with_name("shapfleet"))
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for n in range(10):
+            path = Path(tmp) / f"triangle{n}.png"
+            path.write_bytes((REPO / "examples" / "triangle.png").read_bytes())
+            images.append(str(path))
+        job = [command, "explain", *images, "--model", str(REPO / "examples" / "shapes.onnx"), "--all-classes",
+               "--segmenter", "grid", "--grid", "4x4", "--nsamples", "200", "--quiet"]
+
+        def run(args: list[str]):
+            return lambda: subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        medians = interleaved_medians({"help": run([command, "--help"]), "job": run(job),
+                                       "job_with_out": run([*job, "--out", str(Path(tmp) / "out")])}, repeats)
+    return {"help_seconds": medians["help"], "job_seconds": medians["job"],
+            "job_with_out_seconds": medians["job_with_out"],
+            "artifacts_added": medians["job_with_out"] / medians["job"] - 1, "repeats": repeats}
+
+
 def plot(accuracy: dict, path: Path) -> None:
     import matplotlib
 
@@ -495,6 +521,12 @@ def markdown(results: dict) -> str:
             rounds = zip(r["runs_seconds"]["1_worker"], r["runs_seconds"]["2_workers"])
             lines.append("Efficiency of each round (a 1-worker job and a 2-worker job, one after the other): "
                          + ", ".join(f"{one / (2 * two):.2f}" for one, two in rounds) + ".")
+    if "overhead" in results:
+        r = results["overhead"]
+        lines += ["\n## Costs around inference (whole `shapfleet` processes, the example model)\n",
+                  f"`shapfleet --help` {r['help_seconds']:.2f} s. 10 images x every class (grid 4x4, 200 evaluations): "
+                  f"{r['job_seconds']:.2f} s without `--out`, {r['job_with_out_seconds']:.2f} s with it: writing "
+                  f"the artifacts adds **{100 * r['artifacts_added']:.0f}%** (medians of {r['repeats']} rounds)."]
     return "\n".join(lines) + "\n"
 
 
@@ -504,7 +536,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per budget in the accuracy study (default: 9 on the MNIST cases, 3 on EfficientNet)")
     parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
-    parser.add_argument("--only", default="limit,accuracy,service,scaling")
+    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead")
     args = parser.parse_args()
     import onnxruntime
 
@@ -523,6 +555,8 @@ def main() -> None:
         results["service"] = measure_service(args.repeats)
     if "scaling" in parts:
         results["scaling"] = measure_scaling(args.repeats)
+    if "overhead" in parts:
+        results["overhead"] = measure_overhead(args.repeats)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "README.md").write_text(markdown(results))
     print(markdown(results))

@@ -12,7 +12,7 @@ from conftest import REPO
 from onnx_models import conv_model, nan_model, two_input_model, vector_input_model
 from PIL import Image
 
-from shapfleet import Explanation, explain
+from shapfleet import ExplainSettings, Explanation, explain
 from shapfleet.api.cli import main
 
 EXAMPLE_MODEL = REPO / "examples" / "shapes.onnx"
@@ -155,3 +155,31 @@ def test_the_readme_example_makes_sense_by_eye(tmp_path, capsys):
     inside = [float(drawn[explanation.segments == s].mean()) for s in top]
     assert inside[0] > 0.5 and all(f > 0 for f in inside), inside
     assert explanation.outputs[0] > 0.9 and explanation.base_values[0] < 1 / 3
+
+
+def test_pictures_are_drawn_as_arrays_in_image_plots_convention(tmp_path):
+    """Red where a superpixel pushes the class up, blue where it pushes it down, the greyscale image
+    faintly under near-zero values; the same inputs give the same bytes; no plotting library loads."""
+    import io
+
+    from shapfleet.workers.engine import rendering
+
+    settings = ExplainSettings(segmenter="grid", grid="2x2", all_classes=True, nsamples=100, seed=1,
+                               class_names=("circle", "square", "triangle"))
+    (run,) = explain([str(EXAMPLE_IMAGE)], EXAMPLE_MODEL, settings)
+    e = run.explanation
+    rgb = rendering.attribution_rgb(e.image, e.pixel_values[:, :, 0], float(np.abs(e.values[:, 0]).max()))
+    strongest, weakest = int(np.argmax(e.values[:, 0])), int(np.argmin(e.values[:, 0]))
+    up, down = rgb[e.segments == strongest].mean(axis=0), rgb[e.segments == weakest].mean(axis=0)
+    assert up[0] > up[2] and e.values[strongest, 0] > 0  # red
+    if e.values[weakest, 0] < 0:
+        assert down[2] > down[0]  # blue
+    quiet = rendering.attribution_rgb(e.image, np.zeros(e.segments.shape), 1.0)
+    assert quiet.min() >= int(255 * 0.85) - 1  # grey image at alpha 0.15 over white
+    first, again = rendering.render_artifacts(e), rendering.render_artifacts(e)
+    assert first == again
+    with Image.open(io.BytesIO(first["summary.png"])) as summary:
+        assert summary.size[0] > 4 * 200 and summary.mode == "RGB"  # image + 3 classes, upscaled
+    probe = subprocess.run([sys.executable, "-c", "import sys; from shapfleet.workers.engine import rendering; "
+                            "print('matplotlib' in sys.modules)"], capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "False", probe.stderr

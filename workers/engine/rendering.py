@@ -1,29 +1,36 @@
-"""Pictures of an explanation, in ``shap.image_plot``'s convention.
+"""Pictures of an explanation, in ``shap.image_plot``'s convention, drawn as arrays.
 
-The image is drawn in greyscale at low alpha; over it, each pixel's attribution in a map that runs from
-blue (negative) through transparent (zero) to red (positive), on a symmetric scale whose limit is the
-99.9th percentile of |value| (as shap does), with a colour bar. Functions return PNG bytes; nothing
-here solves or stores anything.
+Each attribution panel is the image in greyscale at alpha 0.15 over white, and over it each pixel's
+value in a map that runs from blue (negative) through transparent (zero) to red (positive), on a
+symmetric scale whose limit is the 99.9th percentile of |value| (as shap does); a horizontal colour
+bar with ticks says what the colours mean. Panels are composed with numpy (a colour lookup, two alpha
+blends, a nearest-neighbour upscale: superpixel maps are piecewise constant) and written by Pillow,
+titles included, so a figure costs milliseconds and the same inputs give the same bytes. Functions
+return PNG bytes; nothing here solves or stores anything.
 """
 
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .result import Explanation
 
-_BLUE = (0.0, 0.545, 0.984)
-_RED = (1.0, 0.0, 0.318)
+_BLUE = np.array([0.0, 0.545, 0.984])
+_RED = np.array([1.0, 0.0, 0.318])
+_GREY_ALPHA = 0.15
+#: Panels are upscaled by a whole factor to at least this many pixels on their longer side.
+PANEL_PIXELS = 200
+_MARGIN = 12
+_BAR_HEIGHT = 14
 
 
-def _colormap():
-    from matplotlib.colors import LinearSegmentedColormap
-
-    # Opaque blue at -1, transparent at 0, opaque red at +1.
-    colors = [(*(_BLUE if p < 0 else _RED), abs(p)) for p in np.linspace(-1, 1, 101)]
-    return LinearSegmentedColormap.from_list("red_transparent_blue", colors)
+@lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -33,102 +40,144 @@ def _grey(image: np.ndarray) -> np.ndarray:
 
 
 def _scale(values: np.ndarray) -> float:
-    limit = float(np.nanpercentile(np.abs(values), 99.9)) if values.size else 0.0
+    finite = np.abs(values[np.isfinite(values)]) if values.size else values
+    limit = float(np.percentile(finite, 99.9)) if finite.size else 0.0
     return limit if limit > 0 else 1e-12
 
 
-def _figure_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+def _upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
+    return np.repeat(np.repeat(pixels, factor, axis=0), factor, axis=1)
 
 
-def _draw_image(ax, image: np.ndarray, title: str, fontsize: int) -> None:
-    """The image as the model saw it (greyscale for one channel), untouched, with a title."""
-    shown = image[:, :, 0] if image.shape[2] == 1 else image
-    ax.imshow(np.clip(shown, 0, 255).astype(np.uint8), cmap="gray" if image.shape[2] == 1 else None)
-    ax.axis("off")
-    ax.set_title(title, fontsize=fontsize)
+def _factor(shape: tuple[int, ...], target: int = PANEL_PIXELS) -> int:
+    return max(1, -(-target // max(shape[0], shape[1])))
 
 
-def _draw_attribution(ax, image: np.ndarray, pixel_values: np.ndarray, limit: float):
-    ax.imshow(_grey(image), cmap="gray", alpha=0.15, extent=(-1, pixel_values.shape[1], pixel_values.shape[0], -1))
-    mappable = ax.imshow(pixel_values, cmap=_colormap(), vmin=-limit, vmax=limit)
-    ax.axis("off")
-    return mappable
+def attribution_rgb(image: np.ndarray, pixel_values: np.ndarray, limit: float) -> np.ndarray:
+    """``H x W x 3`` uint8: the greyscale image at low alpha over white, then the value map (alpha
+    |value| / limit, blue below zero, red above) over that."""
+    grey = _grey(image).astype(np.float64)
+    span = grey.max() - grey.min()
+    grey = (grey - grey.min()) / span if span > 0 else np.zeros_like(grey)
+    base = (1 - _GREY_ALPHA) + _GREY_ALPHA * grey[:, :, None]  # white under the grey layer
+    values = np.nan_to_num(pixel_values.astype(np.float64), nan=0.0)
+    alpha = np.clip(np.abs(values) / limit, 0, 1)[:, :, None]
+    colour = np.where(values[:, :, None] < 0, _BLUE, _RED)
+    return np.rint(255 * ((1 - alpha) * base + alpha * colour)).astype(np.uint8)
+
+
+def _image_rgb(image: np.ndarray) -> np.ndarray:
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[:, :, :3]
+
+
+def _colour_bar(width: int, limit: float) -> np.ndarray:
+    """``_BAR_HEIGHT x width x 3``: the colour scale from -limit to +limit over white."""
+    values = np.linspace(-limit, limit, width)[None].repeat(_BAR_HEIGHT, axis=0)
+    bar = attribution_rgb(np.ones((_BAR_HEIGHT, width, 1)), values, limit)
+    bar[[0, -1], :] = 0
+    bar[:, [0, -1]] = 0
+    return bar
+
+
+def _tick(value: float) -> str:
+    return "0" if value == 0 else f"{value:.2g}"
+
+
+class _Canvas:
+    """A white page that panels, titles and a colour bar are placed on, then written as one PNG."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.pixels = np.full((height, width, 3), 255, np.uint8)
+        self.texts: list[tuple[tuple[int, int], str, int, str]] = []
+
+    def panel(self, left: int, top: int, rgb: np.ndarray) -> None:
+        self.pixels[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
+
+    def text(self, centre_x: int, top: int, text: str, size: int) -> None:
+        self.texts.append(((centre_x, top), text, size, "ma"))
+
+    def colour_bar(self, left: int, top: int, width: int, limit: float, size: int = 11) -> None:
+        self.panel(left, top, _colour_bar(width, limit))
+        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
+            x = left + round(fraction * (width - 1))
+            self.pixels[top + _BAR_HEIGHT:top + _BAR_HEIGHT + 4, x] = 0
+            self.text(x, top + _BAR_HEIGHT + 5, _tick((2 * fraction - 1) * limit), size)
+        self.text(left + width // 2, top + _BAR_HEIGHT + 5 + size + 4, "SHAP value", size + 1)
+
+    def png(self) -> bytes:
+        image = Image.fromarray(self.pixels)
+        draw = ImageDraw.Draw(image)
+        for (x, y), text, size, anchor in self.texts:
+            draw.text((x, y), text, fill=(0, 0, 0), font=_font(size), anchor=anchor)
+        buffer = io.BytesIO()
+        # Level 1: these pages are mostly flat colour, which zlib's fastest setting already packs
+        # well; the default level spends several times as long for a few per cent.
+        image.save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+
+_TITLE = 16  # title line height above a panel
+_BAR_BLOCK = _BAR_HEIGHT + 5 + 12 + 4 + 14 + _MARGIN  # bar, ticks, label
+
+
+def _panels_page(rows: list[list[tuple[np.ndarray, str] | None]], limit: float, title_size: int) -> bytes:
+    """A grid of upscaled panels, each under its title, and a colour bar under the value columns."""
+    shapes = [cell[0].shape for row in rows for cell in row if cell is not None]
+    factor = _factor(max(shapes, key=lambda s: max(s[0], s[1])))
+    cell_w = max(s[1] for s in shapes) * factor
+    cell_h = max(s[0] for s in shapes) * factor
+    columns = max(len(row) for row in rows)
+    width = _MARGIN + columns * (cell_w + _MARGIN)
+    height = _MARGIN + len(rows) * (_TITLE + cell_h + _MARGIN) + _BAR_BLOCK
+    canvas = _Canvas(width, height)
+    for r, row in enumerate(rows):
+        top = _MARGIN + r * (_TITLE + cell_h + _MARGIN)
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            rgb, title = cell
+            left = _MARGIN + c * (cell_w + _MARGIN)
+            canvas.text(left + cell_w // 2, top, title, title_size)
+            canvas.panel(left, top + _TITLE, _upscale(rgb, factor))
+    bar_left = _MARGIN + (cell_w + _MARGIN if columns > 1 else 0)
+    bar_width = width - bar_left - _MARGIN
+    canvas.colour_bar(bar_left, height - _BAR_BLOCK, bar_width, limit)
+    return canvas.png()
+
+
+def _class_title(explanation: Explanation, k: int, digits: int = 3) -> str:
+    return f"{explanation.class_names[k]} (p={explanation.probabilities()[k]:.{digits}f})"
 
 
 def class_overlay_png(explanation: Explanation, k: int) -> bytes:
     """The overlay for the k-th explained class, with its own symmetric scale and a colour bar."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     pixel_values = explanation.pixel_values[:, :, k]
-    fig, ax = plt.subplots(figsize=(4.2, 4.6))
-    mappable = _draw_attribution(ax, explanation.image, pixel_values, _scale(pixel_values))
-    probability = explanation.probabilities()[k]
-    ax.set_title(f"{explanation.class_names[k]} (p={probability:.3f})", fontsize=10)
-    bar = fig.colorbar(mappable, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
-    bar.set_label("SHAP value")
-    return _figure_bytes(fig)
+    rgb = attribution_rgb(explanation.image, pixel_values, _scale(pixel_values))
+    return _panels_page([[(rgb, _class_title(explanation, k))]], _scale(pixel_values), 13)
 
 
 def summary_png(explanation: Explanation) -> bytes:
     """The image, then one column per class on a shared symmetric scale (``shap.image_plot``)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    n = len(explanation.classes)
     pixel_values = explanation.pixel_values
     limit = _scale(pixel_values)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3 * (n + 1), 3.6), squeeze=False)
-    image = explanation.image
-    _draw_image(axes[0, 0], image, "image", 10)
-    probabilities = explanation.probabilities()
-    mappable = None
-    for k in range(n):
-        mappable = _draw_attribution(axes[0, k + 1], image, pixel_values[:, :, k], limit)
-        axes[0, k + 1].set_title(f"{explanation.class_names[k]} (p={probabilities[k]:.3f})", fontsize=10)
-    bar = fig.colorbar(mappable, ax=list(axes[0]), orientation="horizontal", fraction=0.05, pad=0.05, aspect=40)
-    bar.set_label("SHAP value")
-    return _figure_bytes(fig)
+    row = [(_image_rgb(explanation.image), "image")]
+    row += [(attribution_rgb(explanation.image, pixel_values[:, :, k], limit), _class_title(explanation, k))
+            for k in range(len(explanation.classes))]
+    return _panels_page([row], limit, 13)
 
 
 def grid_png(explanations: list[Explanation]) -> bytes:
     """Many images in ``shap.image_plot``'s layout: a row per image, the image then a column per
     explained class, every overlay on one shared symmetric scale."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    n_classes = max(len(e.classes) for e in explanations)
     limit = _scale(np.concatenate([e.pixel_values.ravel() for e in explanations]))
-    fig, axes = plt.subplots(len(explanations), n_classes + 1, figsize=(2.6 * (n_classes + 1), 2.6 * len(explanations) + 0.8),
-                             squeeze=False)
-    mappable = None
-    for row, explanation in enumerate(explanations):
-        image = explanation.image
-        _draw_image(axes[row, 0], image, f"image {row}", 9)
-        probabilities = explanation.probabilities()
+    rows = []
+    for index, explanation in enumerate(explanations):
         pixel_values = explanation.pixel_values
-        for k in range(n_classes):
-            ax = axes[row, k + 1]
-            if k >= len(explanation.classes):
-                ax.axis("off")
-                continue
-            mappable = _draw_attribution(ax, image, pixel_values[:, :, k], limit)
-            ax.set_title(f"{explanation.class_names[k]} (p={probabilities[k]:.2f})", fontsize=9)
-    bar = fig.colorbar(mappable, ax=list(axes[-1]), orientation="horizontal", fraction=0.05, pad=0.05, aspect=40)
-    bar.set_label("SHAP value")
-    return _figure_bytes(fig)
+        rows.append([(_image_rgb(explanation.image), f"image {index}")] +
+                    [(attribution_rgb(explanation.image, pixel_values[:, :, k], limit), _class_title(explanation, k, 2))
+                     for k in range(len(explanation.classes))])
+    return _panels_page(rows, limit, 12)
 
 
 def artifact_name(k: int, class_index: int, class_name: str) -> str:
@@ -139,8 +188,6 @@ def artifact_name(k: int, class_index: int, class_name: str) -> str:
 
 def image_png(explanation: Explanation) -> bytes:
     """The image as the model saw it (after resize and crop, before normalisation)."""
-    from PIL import Image
-
     pixels = np.clip(np.rint(explanation.image), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
