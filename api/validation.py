@@ -40,14 +40,14 @@ def validate_model(data: bytes, limits: Limits) -> ModelInfo:
 
 def store_model_for(services: Services, tenant: str, data: bytes, info: ModelInfo | None = None) -> tuple[ModelInfo, bool]:
     """Validate (unless ``info`` says it was) and store a model for a tenant; returns its description
-    and whether it was new."""
+    and whether it is new *to this tenant* (whether another tenant stored the same bytes is nobody
+    else's business: both answers are the same)."""
     info = info or validate_model(data, services.settings.limits)
     key = model_key(info.sha256)
-    created = not services.store.exists(key)
-    if created:
+    if not services.store.exists(key):
         services.store.put(key, data)
     services.redis.set(redis_keys.model_meta(info.sha256), json.dumps({**info.to_dict(), "size": len(data)}))
-    services.redis.sadd(redis_keys.tenant_models(tenant), info.sha256)
+    created = bool(services.redis.sadd(redis_keys.tenant_models(tenant), info.sha256))
     return info, created
 
 
@@ -115,13 +115,24 @@ class JobRequest:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def _json_document(text: str | bytes, what: str):
+    """Parse JSON from a client; malformed or absurdly nested input is a 400, never a 500."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Problem(400, "Bad Request", f"{what} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise Problem(400, "Bad Request", f"{what} nests JSON too deeply") from None
+
+
 def parse_job_request(services: Services, tenant: str) -> JobRequest:
+    limits = services.settings.limits
     if request.mimetype == "multipart/form-data":
         settings_text = request.form.get("settings", "{}")
-        try:
-            settings_data = json.loads(settings_text)
-        except json.JSONDecodeError as e:
-            raise Problem(400, "Bad Request", f"the settings field is not valid JSON: {e}") from e
+        if len(settings_text) > limits.max_settings_bytes:
+            raise Problem(413, "Payload Too Large", f"the settings are {len(settings_text)} bytes; the limit is "
+                          f"{limits.max_settings_bytes}")
+        settings_data = _json_document(settings_text, "the settings field")
         model_file = request.files.get("model")
         images = [f.read() for key in ("image", "images") for f in request.files.getlist(key)]
         image_ids = request.form.getlist("image_id")
@@ -134,10 +145,7 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
                           "images: give one label map per image, in image order, or none")
         segments = segments or [None] * (len(images) + len(image_ids))
     elif request.mimetype == "application/json":
-        try:
-            body = json.loads(request.get_data(cache=False) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Problem(400, "Bad Request", f"the body is not valid JSON: {e}") from e
+        body = _json_document(request.get_data(cache=False) or b"null", "the body")
         if not isinstance(body, dict):
             raise Problem(400, "Bad Request", "the body must be a JSON object")
         settings_data = body.get("settings", {})
@@ -167,6 +175,13 @@ def parse_job_request(services: Services, tenant: str) -> JobRequest:
     else:
         raise Problem(415, "Unsupported Media Type",
                       f"send multipart/form-data or application/json; got {request.mimetype or 'no content type'}")
+    if not isinstance(settings_data, dict):
+        raise Problem(422, "Invalid settings", "settings must be a JSON object")
+    if len(json.dumps(settings_data)) > limits.max_settings_bytes:
+        raise Problem(413, "Payload Too Large", f"the settings exceed the limit of {limits.max_settings_bytes} bytes")
+    if len(images) + len(image_ids) > limits.max_images_per_job:  # before any referenced image is fetched
+        raise Problem(422, "Limit exceeded", f"{len(images) + len(image_ids)} images; the limit is "
+                      f"{limits.max_images_per_job} per job")
     if (model_id is None) == (model_bytes is None):
         raise Problem(422, "Invalid request", "give exactly one of model_id or an inline model")
     for n, image_id in enumerate(image_ids, start=len(images)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, g, request, url_for
@@ -179,6 +180,8 @@ def list_jobs():
     if request.args.get("cursor"):
         try:
             before = float(base64.urlsafe_b64decode(request.args["cursor"].encode()).decode())
+            if not math.isfinite(before):
+                raise ValueError(before)
         except (ValueError, UnicodeDecodeError):
             raise Problem(400, "Bad Request", "invalid cursor") from None
     svc = services()
@@ -209,6 +212,14 @@ def artifact(job_id: str, name: str):
     data = svc.store.get(match["key"])
     mimetype = {"png": "image/png", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
     response = Response(data, mimetype=mimetype)
-    response.headers["Content-Disposition"] = f'attachment; filename="{name.rsplit("/", 1)[-1]}"'
+    response.headers["Content-Disposition"] = content_disposition(name.rsplit("/", 1)[-1])
     return response
 
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any file name: an ASCII fallback, and the name itself in RFC 5987's
+    ``filename*`` (class names are user data and may be in any script)."""
+    from urllib.parse import quote
+
+    fallback = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -44,6 +44,8 @@ class Limits:
     max_superpixels: int = 1_000
     max_evals: int = 100_000  # method partition's budget per image
     max_background_images: int = 100  # images in a dataset: masker's background set
+    max_classes: int = 100  # explained classes per image (each is a picture and a column of values)
+    max_settings_bytes: int = 65_536  # a job's settings, as JSON
 
 
 @dataclass(frozen=True)

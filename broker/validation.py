@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 from shapfleet.errors import ImageError, InvalidSettingsError, SubmissionError
-from shapfleet.workers.engine.images import fit_to_model, load_image
+from shapfleet.workers.engine.images import fit_to_model, load_image, resized_size
 from shapfleet.workers.engine.settings import ExplainSettings
 
 from .settings import Limits
@@ -47,26 +47,32 @@ def check_job(settings: ExplainSettings, images: list[bytes], background: bytes 
     height, width = model.get("height"), model.get("width")
     if shape is not None and isinstance(height, int) and isinstance(width, int) and tuple(shape[1:3]) != (height, width):
         raise InvalidBackgroundSet(f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
-    _check_classes(settings, model.get("n_classes"))
+    _check_classes(settings, model.get("n_classes"), limits)
     channels = model.get("channels", 3)
-    fitted_reference = None
-    if reference is not None:
-        fitted_reference = fit_to_model(check_image(reference, limits, "the reference image", channels), (height, width),
-                                        settings.resize, settings.center_crop, "the reference image")
+
+    def fitted(data: bytes, name: str) -> np.ndarray:
+        pixels = check_image(data, limits, name, channels)
+        if settings.resize is not None:
+            target = resized_size(pixels.shape[:2], settings.resize)
+            if target[0] * target[1] > limits.max_image_pixels:
+                raise LimitExceeded(f"resize {settings.resize!r} makes {name} {target[0]}x{target[1]} = "
+                                    f"{target[0] * target[1]} pixels; the limit is {limits.max_image_pixels}")
+        return fit_to_model(pixels, (height, width), settings.resize, settings.center_crop, name)
+
+    fitted_reference = fitted(reference, "the reference image") if reference is not None else None
     for n, data in enumerate(images):
         name = f"image {n}"
-        pixels = check_image(data, limits, name, channels)
-        fitted = fit_to_model(pixels, (height, width), settings.resize, settings.center_crop, name)
+        image = fitted(data, name)
         labels = segments[n] if segments is not None else None
         if labels is not None:
-            check_label_map(labels, fitted.shape[:2], limits, f"the segments of {name}")
+            check_label_map(labels, image.shape[:2], limits, f"the segments of {name}")
         elif settings.method == "kernel" and settings.segmenter == "slic" \
-                and settings.n_segments > fitted.shape[0] * fitted.shape[1]:
+                and settings.n_segments > image.shape[0] * image.shape[1]:
             raise InvalidSettingsError(
-                f"n_segments={settings.n_segments} exceeds {name}'s {fitted.shape[0] * fitted.shape[1]} pixels")
-        if fitted_reference is not None and fitted_reference.shape != fitted.shape:
+                f"n_segments={settings.n_segments} exceeds {name}'s {image.shape[0] * image.shape[1]} pixels")
+        if fitted_reference is not None and fitted_reference.shape != image.shape:
             raise ImageError(f"the reference image is {fitted_reference.shape[1]}x{fitted_reference.shape[0]} after "
-                             f"fitting, {name} is {fitted.shape[1]}x{fitted.shape[0]}: they must fit to the same size")
+                             f"fitting, {name} is {image.shape[1]}x{image.shape[0]}: they must fit to the same size")
 
 
 def check_label_map(data: bytes, shape: tuple[int, int] | None, limits: Limits, name: str) -> int:
@@ -130,7 +136,12 @@ def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
     return check_background_set(background, limits) if background is not None else None
 
 
-def _check_classes(settings: ExplainSettings, n_classes: int | None) -> None:
+def _check_classes(settings: ExplainSettings, n_classes: int | None, limits: Limits) -> None:
+    explained = len(settings.labels) if settings.labels is not None else settings.top_k if settings.top_k is not None \
+        else (n_classes if settings.all_classes else 1)
+    if explained is not None and explained > limits.max_classes:
+        raise LimitExceeded(f"{explained} classes to explain per image; the limit is {limits.max_classes} "
+                            "(give labels or top_k)")
     if not n_classes:
         return
     if settings.labels is not None and max(settings.labels) >= n_classes:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -158,6 +159,24 @@ CASES = {
     "another tenant's model": (job(tenant="beta"), 404, "no model"),
     "unknown job": (lambda url, m: requests.get(f"{url}/v1/jobs/{'f' * 28}", headers=auth()), 404, "no such job"),
     "method not allowed": (lambda url, m: requests.put(f"{url}/v1/jobs", headers=auth()), 405, "PUT"),
+    # sizes a request implies, checked before the work
+    "resize to a huge image": (job({"resize": "100000x100000"}), 422, "the limit is 1000000"),
+    "referenced images over the count": (lambda url, m: requests.post(
+        f"{url}/v1/jobs", json={"model_id": m, "images": [{"image_id": "f" * 64}] * 500}, headers=auth()),
+        422, "500 images; the limit is 16"),
+    "too many classes": (job({"labels": list(range(101))}), 422, "101 classes to explain per image; the limit is 100"),
+    "huge settings": (job({"class_names": ["x" * 70_000] * 3}), 413, "the limit is 65536"),
+    # numbers that once reached a 500
+    "cursor of nan": (lambda url, m: requests.get(f"{url}/v1/jobs", params={"cursor": base64.urlsafe_b64encode(b"nan")},
+                                                  headers=auth()), 400, "invalid cursor"),
+    "blur of inf": (job({"masker": "blur:inf,1"}), 422, "finite numbers"),
+    "deeply nested JSON": (lambda url, m: requests.post(f"{url}/v1/jobs", data=b"[" * 100_000 + b"]" * 100_000,
+                                                        headers={**auth(), "Content-Type": "application/json"}),
+                           400, "nests JSON too deeply"),
+    "negative seed": (job({"seed": -1}), 422, "seed must be an integer"),
+    "quickshift kernel size 0": (job({"segmenter": "quickshift", "quickshift_kernel_size": 0}), 422, "must be positive"),
+    "mean of nan": (job({"mean": [float("nan")], "std": [1.0]}), 422, "finite"),
+    "odd job id": (lambda url, m: requests.get(f"{url}/v1/jobs/abc:shards", headers=auth()), 404, "no such job"),
 }
 
 
@@ -205,3 +224,31 @@ def test_the_service_keeps_serving_and_nothing_leaks(stack):
     assert settings.s3_access_key not in logs  # presigned URLs name the access key by design; logs must not
     assert base64.b64encode(KEYS["alpha"].encode()).decode() not in logs
     assert "X-Amz-Expires=900" in final["results"][0]["presigned_url"]  # short by default
+
+
+def test_a_model_upload_answers_the_same_whoever_stored_the_bytes_first(stack):
+    """201 means new to this tenant: a tenant cannot learn that another uploaded the same model."""
+    # MODEL: the bytes tenant alpha uploaded when the stack started
+    first = requests.post(f"{stack['url']}/v1/models", files={"model": ("m.onnx", MODEL)}, headers=auth("beta"))
+    again = requests.post(f"{stack['url']}/v1/models", files={"model": ("m.onnx", MODEL)}, headers=auth("beta"))
+    assert (first.status_code, again.status_code) == (201, 200)
+
+
+def test_any_class_name_renders_and_downloads(stack):
+    """Class names are user data: TeX-looking and non-Latin names render and serve."""
+    names = ["$x^2$ \\frac{a}{b}", "猫 кот", "triangle"]
+    response = requests.post(f"{stack['url']}/v1/jobs", json={
+        "model_id": stack["model_id"], "images": [{"data": base64.b64encode(IMAGE).decode()}],
+        "settings": {"class_names": names, "all_classes": True, "nsamples": 150, "n_segments": 10}}, headers=auth())
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    for _ in range(600):
+        job = requests.get(f"{stack['url']}/v1/jobs/{job_id}", headers=auth()).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            break
+        time.sleep(0.1)
+    assert job["status"] == "succeeded", job.get("error")
+    for result in job["results"]:
+        download = requests.get(result["url"], headers=auth())
+        assert download.status_code == 200 and len(download.content) == result["size"], result["name"]
+    assert any("猫" in r["name"] for r in job["results"])

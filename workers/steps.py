@@ -102,6 +102,9 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
                 raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
             plan = plan_explanation(image, classifier.predict, settings, segments=labels, **masker_inputs)
             plan.split(runtime.policy.shards_for(plan))
+        if limits is not None and len(plan.classes) > limits.max_classes:
+            raise InvalidSettingsError(f"{len(plan.classes)} classes to explain per image; the limit is "
+                                       f"{limits.max_classes} (give labels or top_k)")
         store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
         runtime.remember_plan(job_id, index, plan)
         plans.append(plan)

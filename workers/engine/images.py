@@ -91,6 +91,17 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(planes, axis=2).astype(np.float32)
 
 
+def resized_size(shape: tuple[int, int], resize: str) -> tuple[int, int]:
+    """The (height, width) ``resize`` gives an image of ``shape``, computed before anything is
+    allocated, so a caller can check it against a pixel limit first."""
+    size = parse_size(resize, "resize")
+    h, w = shape
+    if isinstance(size, int):
+        scale = size / min(h, w)
+        return max(1, round(h * scale)), max(1, round(w * scale))
+    return size
+
+
 def fit_to_model(image: np.ndarray, model_size: tuple[int | None, int | None], resize: str | None,
                  center_crop: str | None, name: str = "image") -> np.ndarray:
     """Apply ``resize`` (``N``: short side to N; ``HxW``: exactly) then ``center_crop`` (``N`` or
@@ -100,14 +111,8 @@ def fit_to_model(image: np.ndarray, model_size: tuple[int | None, int | None], r
     center_crop="224"`` reproduces the usual ImageNet evaluation transform.
     """
     if resize is not None:
-        size = parse_size(resize, "resize")
-        h, w = image.shape[:2]
-        if isinstance(size, int):
-            scale = size / min(h, w)
-            target = (max(1, round(h * scale)), max(1, round(w * scale)))
-        else:
-            target = size
-        if target != (h, w):
+        target = resized_size(image.shape[:2], resize)
+        if target != image.shape[:2]:
             image = _resize(image, *target)
     if center_crop is not None:
         size = parse_size(center_crop, "center_crop")

@@ -7,6 +7,7 @@ round-trip through JSON, which is how settings travel in job records and land in
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,8 @@ class MaskerSpec:
                     f"masker {spec!r}: {kind} takes comma-separated numbers, e.g. "
                     + ("constant:0 or constant:255,255,255" if kind == "constant" else "blur:128,128")
                 ) from None
+            if not all(math.isfinite(v) for v in values):
+                raise InvalidSettingsError(f"masker {spec!r}: {kind} takes finite numbers")
             if kind == "constant" and (len(values) not in (1, 3) or not all(0 <= v <= 255 for v in values)):
                 raise InvalidSettingsError(
                     f"masker {spec!r}: constant takes one value or R,G,B, each in 0..255 pixel units"
@@ -184,6 +187,15 @@ class ExplainSettings:
         require(self.n_segments > 0, f"n_segments must be a positive integer, got {self.n_segments}")
         require(self.compactness > 0, f"compactness must be positive, got {self.compactness}")
         require(self.sigma >= 0, f"sigma must be >= 0, got {self.sigma}")
+        for name in ("compactness", "sigma", "quickshift_kernel_size", "quickshift_max_dist", "quickshift_ratio",
+                     "felzenszwalb_scale"):
+            require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
+        require(self.quickshift_kernel_size > 0, f"quickshift_kernel_size must be positive, got {self.quickshift_kernel_size}")
+        require(self.quickshift_max_dist > 0, f"quickshift_max_dist must be positive, got {self.quickshift_max_dist}")
+        require(0 <= self.quickshift_ratio <= 1, f"quickshift_ratio must be in 0..1, got {self.quickshift_ratio}")
+        require(self.felzenszwalb_scale > 0, f"felzenszwalb_scale must be positive, got {self.felzenszwalb_scale}")
+        require(self.felzenszwalb_min_size >= 1, f"felzenszwalb_min_size must be >= 1, got {self.felzenszwalb_min_size}")
+        require(0 <= self.seed < 2**63, f"seed must be an integer in 0..2^63-1, got {self.seed}")
         grid = parse_size(self.grid, "grid")
         require(not isinstance(grid, int) or grid > 0, "grid must be ROWSxCOLS")
         MaskerSpec.parse(self.masker)
@@ -219,6 +231,7 @@ class ExplainSettings:
             require(self.mean is not None and self.std is not None, "give both mean and std, or a preprocessing preset")
             require(len(self.mean) in (1, 3) and len(self.std) in (1, 3), "mean and std take 1 or 3 values")
             require(all(s != 0 for s in self.std), "std values must be non-zero")
+            require(all(math.isfinite(v) for v in (*self.mean, *self.std)), "mean and std values must be finite")
 
     # -- derived views -------------------------------------------------------------------------
     @property
