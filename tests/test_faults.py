@@ -140,7 +140,8 @@ def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings
     killed, deadline = 0, time.monotonic() + 180
     while not services.jobs.get(record.id).status.is_final:
         assert time.monotonic() < deadline, "the poison job never ended"
-        starts = sum(int(v) for v in services.redis.hvals(redis_keys.job_deliveries(record.id)))
+        starts = sum(int(v) for k, v in services.redis.hgetall(redis_keys.job_deliveries(record.id)).items()
+                     if not k.startswith(b"planning"))  # the shard's starts (the plan's are counted too)
         if starts > killed and services.jobs.get(record.id).evaluations_done > 2:
             for child in worker.children():
                 os.kill(child, signal.SIGKILL)
@@ -152,6 +153,25 @@ def test_poison_shard_fails_the_job_and_the_fleet_keeps_serving(service_settings
     healthy = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], LONG.replace(nsamples=500))
     assert wait_final(services, healthy.id, timeout=120).status == JobStatus.SUCCEEDED
     fault_report("poison shard (worker killed at every start): failed after 3 deliveries; next job", killed, 2, 0, 0)
+
+
+def test_a_plan_whose_worker_dies_at_every_start_fails_the_job(service_settings, start_workers):
+    """Plan messages are counted like shards: a plan that kills its worker every time (a model that
+    exhausts memory while planning) fails the job after the limit instead of being redelivered forever.
+    Here the earlier starts are recorded as a dead worker's would be, and the next start is refused."""
+    from shapfleet.broker.services import Services
+
+    settings = service_settings.replace(max_shard_deliveries=2)
+    services = Services.from_settings(settings)
+    start_workers(1, settings=settings)
+    sha = store_model(services, EXAMPLE_MODEL)
+    record = services.jobs.create("t", LONG.replace(nsamples=300).to_dict(), sha, [], deadline_seconds=600)
+    for _ in range(2):  # two starts whose worker died before finishing
+        services.claims.count_delivery(record.id, "planning#0")
+    services.celery.send_task("shapfleet.plan", args=[record.id], queue=settings.queue_plan)
+    final = wait_final(services, record.id, timeout=60)
+    assert final.status == JobStatus.FAILED and final.error["type"] == "PlanCrashed", final
+    assert "planning was started 2 times" in final.error["message"]
 
 
 def test_watchdog_fails_overdue_jobs_and_redrives_lost_work(services, start_workers, fault_report):

@@ -110,6 +110,8 @@ def plan(self, job_id: str) -> int:
         status = jobs.status(job_id)
         if status is None or status.is_final:
             return 0
+        if _crashed_too_often(self, runtime.services, job_id, "planning", runtime.services.settings.max_shard_deliveries):
+            return 0
         jobs.start(job_id)
         plans = steps.plan_job(runtime, job_id)
         if isinstance(plans[0], PartitionPlan):
@@ -122,16 +124,17 @@ def plan(self, job_id: str) -> int:
 
 
 def _crashed_too_often(task, services: Services, job_id: str, name: str, limit: int) -> bool:
-    """Count this start of a shard-like message; past ``limit`` starts fail the job and say so.
+    """Count this start of a plan or shard-like message; past ``limit`` starts fail the job and say so.
 
     The same message starting again means its last worker died mid-task (acks are late, so it was
     redelivered). A message that kills its worker every time must not loop forever."""
     starts = services.claims.count_delivery(job_id, f"{name}#{task.request.retries}")
     if starts <= limit:
         return False
-    services.jobs.fail(job_id, "ShardCrashed",
-              f"shard {name} was started {starts - 1} times and its worker process died each time (the model may "
-              "crash onnxruntime, or exhaust memory); the job was stopped")
+    what = name if name == "planning" else f"shard {name}"
+    services.jobs.fail(job_id, "ShardCrashed" if name != "planning" else "PlanCrashed",
+                       f"{what} was started {starts - 1} times and its worker process died each time (the model may "
+                       "crash onnxruntime, or exhaust memory); the job was stopped")
     return True
 
 
