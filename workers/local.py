@@ -115,6 +115,7 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
                 steps.store_shard(runtime, job.id, 0, shard, stats, time.monotonic() - shard_started)
         (explanation,) = steps.reduce_explanations(runtime, job.id)
         runtime.jobs.succeed(job.id, [])
+        runtime.forget(job.id)
         if bar is not None:
             bar.close()
         wall = time.perf_counter() - started

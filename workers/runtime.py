@@ -209,6 +209,17 @@ class LocalRuntime(Runtime):
     def name_of(self, key: str, default: str) -> str:
         return self.names.get(key, default)
 
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job's stored inputs, plans, statistics and records (a long run of many
+        images keeps only the explanations it returns)."""
+        prefix = f"jobs/{job_id}/"
+        self.store.delete_prefix(prefix)
+        for table in (self._records, self.names):
+            for key in [k for k in table if k.startswith(prefix)]:
+                del table[key]
+        for key in [k for k in self._plans if k[0] == job_id]:
+            del self._plans[key]
+
     # One process runs every step of a job here, in order, and no record is read again once its
     # successor is written (a step turns the state it read into the next one in place): records stay
     # objects, without the encoding that the fleet's processes need between them.

@@ -80,16 +80,16 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
     settings = ExplainSettings.from_dict(job.settings)
     classifier = runtime.classifier(job.model_sha256, settings)
     store, limits = runtime.store, runtime.policy.limits
+    if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
+            and not store.exists(background_key(job_id)):
+        raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
+    masker_inputs = {"load_reference": _reference_loader(runtime, job_id, settings, classifier),
+                     "background_set": _stored(runtime, background_key(job_id))}
     plans: list = []
     for index in range(job.n_images):
         _check_running(runtime, job_id)
         name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
         image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
-        if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
-                and not store.exists(background_key(job_id)):
-            raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
-        masker_inputs = {"load_reference": _reference_loader(runtime, job_id, settings, classifier),
-                         "background_set": _stored(runtime, background_key(job_id))}
         if settings.method == "partition":
             plan = plan_partition(image, classifier.predict, settings, **masker_inputs)
             _put_state_once(runtime, partition_key(job_id, index, "state-0.json"), PartitionState.start(plan))
