@@ -19,8 +19,8 @@ from shapfleet.broker.keys import image_key, image_segments_key, model_key
 from shapfleet.broker.services import Services
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.validation import check_image, check_label_map
-from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
-from shapfleet.workers.engine.sessions import create_session
+from shapfleet.workers.engine.inspection import ModelInfo, check_tensor_sizes, inspect_model
+from shapfleet.workers.engine.sessions import trial_load
 from shapfleet.workers.engine.settings import ExplainSettings
 
 from .problems import Problem
@@ -34,7 +34,9 @@ def validate_model(data: bytes, limits: Limits) -> ModelInfo:
     if len(data) > limits.max_model_bytes:
         raise Problem(413, "Payload Too Large", f"the model is {len(data)} bytes; the limit is {limits.max_model_bytes}")
     info = inspect_model(data)  # ModelError -> 422
-    create_session(data, providers=["CPUExecutionProvider"], threads=1)  # it must load, with built-in operators
+    check_tensor_sizes(data, limits.max_tensor_bytes)
+    # It must load, with built-in operators; nothing of it runs in this process.
+    trial_load(data, limits.model_check_seconds, limits.model_check_memory_bytes)
     return info
 
 

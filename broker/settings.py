@@ -46,6 +46,9 @@ class Limits:
     max_background_images: int = 100  # images in a dataset: masker's background set
     max_classes: int = 100  # explained classes per image (each is a picture and a column of values)
     max_settings_bytes: int = 65_536  # a job's settings, as JSON
+    max_tensor_bytes: int = 512 << 20  # any statically sized tensor of an uploaded model (all of them: twice this)
+    model_check_seconds: int = 30  # loading an uploaded model in a child process, at most
+    model_check_memory_bytes: int = 4 << 30  # that child's address space
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,30 @@ def vector_input_model(features: int = 10) -> bytes:
     nodes = [helper.make_node("Identity", ["x"], ["y"])]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])], [])
+
+
+def expanding_model(op: str, side: int = 15000) -> bytes:
+    """A few hundred bytes whose constants expand to side x side floats if anything folds them: a 1x1
+    initializer through ``Tile``, ``Expand``, an outer ``MatMul`` or ``ConstantOfShape``, summed into
+    an otherwise ordinary 32x32 classifier's scores."""
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["mm"])]
+    inits = [numpy_helper.from_array(np.zeros((3 * 32 * 32, 3), np.float32), "W"),
+             numpy_helper.from_array(np.ones((1, 1), np.float32), "small")]
+    shape = numpy_helper.from_array(np.array([side, side], np.int64), "shape")
+    if op == "tile":
+        inits.append(shape)
+        nodes.append(helper.make_node("Tile", ["small", "shape"], ["big"]))
+    elif op == "expand":
+        inits.append(shape)
+        nodes.append(helper.make_node("Expand", ["small", "shape"], ["big"]))
+    elif op == "matmul":
+        inits.append(numpy_helper.from_array(np.array([1, side], np.int64), "shape"))
+        nodes += [helper.make_node("Expand", ["small", "shape"], ["row"]),
+                  helper.make_node("Transpose", ["row"], ["column"]), helper.make_node("MatMul", ["column", "row"], ["big"])]
+    else:
+        inits.append(shape)
+        nodes.append(helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                                      value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])))
+    nodes += [helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0), helper.make_node("Add", ["mm", "total"], ["scores"])]
+    return _model(nodes, [_image_input(32, 32, 3, "nchw")], [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+                  inits)

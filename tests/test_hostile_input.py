@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import REPO
-from onnx_models import nan_model, two_input_model, vector_input_model
+from onnx_models import expanding_model, nan_model, two_input_model, vector_input_model
 from PIL import Image
 from servers import ApiServer, WorkerProcess
 
@@ -127,6 +127,9 @@ CASES = {
     "non-image input": (model_upload(vector_input_model()), 422, "image input"),
     "wrong input dtype": (model_upload(int_input_model()), 422, "INT32"),
     "custom operator": (model_upload(custom_op_model()), 422, "onnxruntime cannot load"),
+    # constants that expand to gigabytes if folded: refused from their inferred shapes, nothing runs
+    **{f"expanding constants ({op})": (model_upload(expanding_model(op)), 422, "bytes per tensor")
+       for op in ("tile", "expand", "matmul", "constant_of_shape")},
     "oversized upload": (model_upload(b"\0" * 4_000_000), 413, "3000000 bytes"),
     "wrong content type": (lambda url, m: requests.post(f"{url}/v1/models", data=b"x",
                                                         headers={**auth(), "Content-Type": "text/csv"}), 415, "multipart"),

@@ -337,3 +337,31 @@ def test_the_cuda_provider_keeps_float32_arithmetic():
                                                                           {"use_tf32": "0", "device_id": 1})
     assert cuda_provider(("CUDAExecutionProvider", {"use_tf32": "1"}))[1]["use_tf32"] == "1"  # an explicit choice stays
     assert cuda_provider("CPUExecutionProvider") == "CPUExecutionProvider"
+
+
+def test_a_trial_load_runs_in_a_bounded_child_process():
+    """Loading an uploaded model happens in a child process with graph optimisation off, under a
+    memory ceiling and a timeout; each bound refuses with a message saying which."""
+    from conftest import REPO
+
+    from shapfleet.workers.engine.sessions import trial_load
+
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    trial_load(model, seconds=60, memory_bytes=4 << 30)
+    with pytest.raises(ModelError, match="needs more than 50000000 bytes of memory"):
+        trial_load(model, seconds=60, memory_bytes=50_000_000)
+    with pytest.raises(ModelError, match="took longer than 0.01 s"):
+        trial_load(model, seconds=0.01, memory_bytes=4 << 30)
+    with pytest.raises(ModelError, match="onnxruntime cannot load the model"):
+        trial_load(b"\x08\x07 not a model", seconds=60, memory_bytes=4 << 30)
+
+
+def test_statically_huge_tensors_are_refused_before_anything_runs():
+    from onnx_models import expanding_model
+
+    from shapfleet.workers.engine.inspection import check_tensor_sizes
+
+    check_tensor_sizes(expanding_model("tile", side=100), 512 << 20)
+    for op in ("tile", "expand", "matmul", "constant_of_shape"):
+        with pytest.raises(ModelError, match="15000x15000 \\(900000000 bytes\\); the limit is"):
+            check_tensor_sizes(expanding_model(op), 512 << 20)

@@ -141,3 +141,40 @@ def _image_layout(name: str, dims: Sequence[int | None], forced: str) -> tuple:
         raise ModelError(f"the model's input [{shape_text}] read as {layout.upper()} has {channels} channels; "
                          "shapfleet explains 1- or 3-channel images")
     return layout, channels, height, width, dims[0]
+
+
+#: Bytes per element of the ONNX tensor types a model may compute with (others count as 8).
+_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
+
+
+def check_tensor_sizes(model_bytes: bytes, max_bytes: int) -> None:
+    """Refuse a model any of whose tensors is statically larger than ``max_bytes``, or all of whose
+    statically sized tensors together exceed twice that: every initializer,
+    and every intermediate tensor whose shape ONNX shape inference (with data propagation, so
+    ``Tile``/``Expand``/``ConstantOfShape`` of constant shapes are known) pins down. Nothing of the
+    model runs; a few hundred bytes whose constants would expand to gigabytes are caught here."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True, strict_mode=False)
+    except Exception as e:  # onnx raises its own InferenceError/ValidationError types
+        raise ModelError(f"the model's shapes cannot be inferred: {e}") from e
+    sized = [(t.name, list(t.dims), t.data_type) for t in inferred.graph.initializer]
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(d is not None for d in dims):
+            sized.append((value.name, dims, tensor.elem_type))
+    total = 0
+    for name, dims, elem_type in sized:
+        size = _ELEMENT_BYTES.get(elem_type, 8)
+        for d in dims:
+            size *= max(int(d), 0)
+        if size > max_bytes:
+            raise ModelError(f"the model's tensor {name!r} is {'x'.join(str(d) for d in dims)} ({size} bytes); "
+                             f"the limit is {max_bytes} bytes per tensor")
+        total += size
+    if total > 2 * max_bytes:
+        raise ModelError(f"the model's tensors of known size hold {total} bytes together; the limit is "
+                         f"{2 * max_bytes} bytes")

@@ -102,3 +102,43 @@ def create_session(model_bytes: bytes, providers: Sequence[str | tuple[str, dict
         # at our log level: a GPU worker running on its CPU must be visible in its log.
         log.warning("onnxruntime could not start %s and runs this model on %s", wanted, session.get_providers()[0])
     return session
+
+
+_TRIAL_LOAD = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+options.intra_op_num_threads = 1
+options.inter_op_num_threads = 1
+options.log_severity_level = 3
+try:
+    ort.InferenceSession(sys.stdin.buffer.read(), sess_options=options, providers=["CPUExecutionProvider"])
+except Exception as e:
+    sys.stderr.write(str(e)[:2000])
+    sys.exit(3)
+"""
+
+
+def trial_load(model_bytes: bytes, seconds: float, memory_bytes: int) -> None:
+    """Check that onnxruntime loads the model with its built-in operators, without running anything
+    of it where it could hurt: in a child process with graph optimisation off (no constant folding),
+    at most ``memory_bytes`` of address space (RLIMIT_AS) and ``seconds`` of wall time. Raises
+    :class:`ModelError` saying which failed."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+
+    try:
+        result = subprocess.run([sys.executable, "-c", _TRIAL_LOAD], input=model_bytes, capture_output=True,
+                                timeout=seconds, preexec_fn=limit_memory)
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"loading the model took longer than {seconds:g} s") from None
+    if result.returncode == 3:
+        raise ModelError(f"onnxruntime cannot load the model: {result.stderr.decode(errors='replace').strip()}")
+    if result.returncode != 0:
+        raise ModelError(f"loading the model needs more than {memory_bytes} bytes of memory, or crashed onnxruntime "
+                         f"(exit status {result.returncode})")
