@@ -29,6 +29,9 @@ v1 = Blueprint("v1", __name__, url_prefix="/v1")
 
 #: Idempotency keys are kept this long (at least the 24 h the contract promises).
 IDEMPOTENCY_TTL = 48 * 3600
+#: A claim on a key while its request is processed lasts this long (s): a claim left by an API process
+#: that died mid-request frees the key for the client's retry soon, not after IDEMPOTENCY_TTL.
+IDEMPOTENCY_CLAIM_TTL = 120
 MAX_PAGE = 100
 
 
@@ -151,7 +154,7 @@ def create_job():
 def _idempotent_replay(svc, redis_key: str, fingerprint: str) -> JobRecord | None:
     """The job an earlier request with this key created, or None after claiming the key for this one."""
     claim = json.dumps({"fingerprint": fingerprint, "job_id": None})
-    if svc.redis.set(redis_key, claim, nx=True, ex=IDEMPOTENCY_TTL):
+    if svc.redis.set(redis_key, claim, nx=True, ex=IDEMPOTENCY_CLAIM_TTL):
         return None
     stored = json.loads(svc.redis.get(redis_key) or "null") or {}
     if stored.get("fingerprint") != fingerprint:

@@ -8,6 +8,9 @@ active-jobs index (by deadline) and the metrics counters.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 PREFIX = "shapfleet"
 
 #: Sorted set of every job not yet final, scored by its deadline.
@@ -70,4 +73,6 @@ def model_meta(sha256: str) -> str:
 
 
 def idempotency(tenant: str, key: str) -> str:
-    return f"{PREFIX}:idempotency:{tenant}:{key}"
+    """A tenant's Idempotency-Key: the pair hashed, so no tenant name and key can spell another's."""
+    pair = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
+    return f"{PREFIX}:idempotency:{pair}"

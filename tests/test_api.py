@@ -435,3 +435,23 @@ def test_bad_segments_are_refused_with_422(client, services, segments, settings,
         return
     assert_problem(response, 422, fragment)
     assert services.store.list("jobs/") == before
+
+
+def test_idempotency_keys_cannot_collide_across_tenants_and_a_dead_claim_expires(client, services, monkeypatch):
+    from shapfleet.api import views
+    from shapfleet.broker import redis_keys
+
+    assert redis_keys.idempotency("a:b", "c") != redis_keys.idempotency("a", "b:c")
+    model_id = upload(client).get_json()["id"]
+    key = redis_keys.idempotency("alpha", "fresh")
+    seen = []
+    enqueue = views.enqueue_job
+
+    def enqueue_and_look(*args, **kwargs):  # the claim as an API process dying right here would leave it
+        seen.append(services.redis.ttl(key))
+        return enqueue(*args, **kwargs)
+
+    monkeypatch.setattr(views, "enqueue_job", enqueue_and_look)
+    assert submit(client, model_id, headers={"Idempotency-Key": "fresh"}).status_code == 202
+    assert 0 < seen[0] <= views.IDEMPOTENCY_CLAIM_TTL  # a dead claim lapses within minutes
+    assert services.redis.ttl(key) > views.IDEMPOTENCY_CLAIM_TTL  # a finished key is kept (48 h)
