@@ -45,6 +45,7 @@ class Limits:
     max_evals: int = 100_000  # method partition's budget per image
     max_background_images: int = 100  # images in a dataset: masker's background set
     max_classes: int = 100  # explained classes per image (each is a picture and a column of values)
+    max_batch_size: int = 1024  # images per model call (each call composes that many masked images)
     max_settings_bytes: int = 65_536  # a job's settings, as JSON
     max_tensor_bytes: int = 512 << 20  # any statically sized tensor of an uploaded model (all of them: twice this)
     model_check_seconds: int = 30  # loading an uploaded model in a child process, at most

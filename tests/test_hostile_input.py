@@ -168,6 +168,7 @@ CASES = {
         f"{url}/v1/jobs", json={"model_id": m, "images": [{"image_id": "f" * 64}] * 500}, headers=auth()),
         422, "500 images; the limit is 16"),
     "too many classes": (job({"labels": list(range(101))}), 422, "101 classes to explain per image; the limit is 100"),
+    "huge batches": (job({"batch_size": 10 ** 7}), 422, "batch_size=10000000; the limit is 1024"),
     "huge settings": (job({"class_names": ["x" * 70_000] * 3}), 413, "the limit is 65536"),
     # numbers that once reached a 500
     "cursor of nan": (lambda url, m: requests.get(f"{url}/v1/jobs", params={"cursor": base64.urlsafe_b64encode(b"nan")},
