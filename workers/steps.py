@@ -148,9 +148,9 @@ def _reference_loader(runtime: Runtime, job_id: str, settings: ExplainSettings,
 
 
 def _put_once(runtime: Runtime, key: str, data: bytes, content_type: str = "application/json") -> bool:
-    """Round records are written once: a redelivered step finds the first version and keeps it, so
-    every worker continues from the same bytes even if a repeated evaluation rounds differently.
-    Returns whether this call wrote it."""
+    """A round part's outputs are stored once, like the round records (``Runtime.put_record_once``): a
+    redelivered part finds the first version and keeps it, so every worker continues from the same
+    bytes even if a repeated evaluation rounds differently. Returns whether this call wrote it."""
     if runtime.store.exists(key):
         return False
     runtime.store.put(key, data, content_type)

@@ -321,8 +321,10 @@ def partition_explanation(plan: PartitionPlan, state: PartitionState):
 
 def explain_partition(image: np.ndarray, predict: Predict, settings: ExplainSettings,
                       progress: Callable[[int], Any] | None = None):
-    """Plan, refine and package in one call (the in-process path). ``progress(total)``, when given,
-    returns a progress bar (``update(n)``, ``close()``) for the plan's evaluations."""
+    """Plan, refine and package in one call, for any ``predict(images) -> outputs`` callable: the
+    engine's own loop, as :func:`~shapfleet.workers.local.explain_array` is for method kernel (ONNX
+    models in ``shapfleet explain`` and jobs go through the steps' rounds instead, which give the same
+    values). ``progress(total)``, when given, returns a progress bar (``update(n)``, ``close()``)."""
     plan = plan_partition(image, predict, settings)
     bar = progress(plan.total_evaluations) if progress is not None else None
     if bar is not None:
