@@ -34,6 +34,9 @@ def create_celery(settings: ServiceSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A pool process whose resident memory grew past half its ceiling (a model's arena, say) is
+        # replaced after its task, so that memory one tenant's model took is given back.
+        worker_max_memory_per_child=(settings.limits.worker_memory_bytes // 2048) or None,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -50,6 +50,8 @@ class Limits:
     max_tensor_bytes: int = 512 << 20  # any statically sized tensor of an uploaded model (all of them: twice this)
     model_check_seconds: int = 30  # loading an uploaded model in a child process, at most
     model_check_memory_bytes: int = 4 << 30  # that child's address space
+    model_call_seconds: int = 120  # one model call (a batch of batch_size masked images) on a worker, at most
+    worker_memory_bytes: int = 8 << 30  # a worker process's memory (address space on CPU hosts); 0: unbounded
 
 
 @dataclass(frozen=True)

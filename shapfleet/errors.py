@@ -11,6 +11,8 @@ and exits 1, and the fleet fails a job with it or retries it:
     |   +-- ImageError                   an image cannot be read or does not fit the model
     |   +-- ModelError                   a model cannot be loaded or is not an image classifier
     |   +-- ModelOutputError             the model ran but returned something unusable (NaN, wrong shape)
+    |   |   +-- ModelTimeLimit           one model call ran past SHAPFLEET_MODEL_CALL_SECONDS
+    |   |   +-- ModelMemoryLimit         one model call needed more than SHAPFLEET_WORKER_MEMORY_BYTES
     |   +-- EstimationError              the regression cannot be solved with the given budget
     |   +-- SubmissionError              a job is over a limit or lacks an input it needs
     +-- NotFound                   (404) no such job or object (or another tenant's)
@@ -83,6 +85,18 @@ class ModelOutputError(UserError):
     """Raised when the model's output is not finite or not of shape (batch, classes)."""
 
     title = "Unusable model output"
+
+
+class ModelTimeLimit(ModelOutputError):
+    """Raised when one model call runs longer than ``SHAPFLEET_MODEL_CALL_SECONDS``."""
+
+    title = "Model call too slow"
+
+
+class ModelMemoryLimit(ModelOutputError):
+    """Raised when a model call needs more memory than ``SHAPFLEET_WORKER_MEMORY_BYTES``."""
+
+    title = "Model needs too much memory"
 
 
 class EstimationError(UserError):

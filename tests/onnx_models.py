@@ -120,3 +120,63 @@ def expanding_model(op: str, side: int = 15000) -> bytes:
     nodes += [helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0), helper.make_node("Add", ["mm", "total"], ["scores"])]
     return _model(nodes, [_image_input(32, 32, 3, "nchw")], [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
                   inits)
+
+
+def _input_dependent_one(nodes: list, inits: list) -> str:
+    """Nodes computing the scalar 1.0 from the image (0 * max|x| + 1): a value that no shape inference
+    or constant folding can know, so whatever is sized from it is only known when the model runs."""
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(1.0, np.float32), "one_f")]
+    nodes += [helper.make_node("Abs", ["image"], ["abs_image"]),
+              helper.make_node("ReduceMax", ["abs_image"], ["max_abs"], keepdims=0),
+              helper.make_node("Mul", ["max_abs", "zero"], ["zeroed"]),
+              helper.make_node("Add", ["zeroed", "one_f"], ["input_one"])]
+    return "input_one"
+
+
+def _scores_plus(nodes: list, inits: list, extra: str) -> bytes:
+    """An ordinary 32x32 linear classifier (3 classes) whose scores add ``extra`` (a scalar) times 0."""
+    rng = np.random.default_rng(5)
+    inits += [numpy_helper.from_array(rng.normal(0, 1e-3, (3 * 32 * 32, 3)).astype(np.float32), "W"),
+              numpy_helper.from_array(np.array(0.0, np.float32), "zero_out")]
+    nodes += [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+              helper.make_node("Mul", [extra, "zero_out"], ["nothing"]), helper.make_node("Add", ["mm", "nothing"], ["scores"])]
+    return _model(nodes, [_image_input(32, 32, 3, "nchw")], [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+                  inits)
+
+
+def runaway_model(iterations: float = 1e12) -> bytes:
+    """A 32x32 classifier whose ``Loop`` runs ``iterations`` times, a count computed from its input: it
+    passes every static check and runs for days."""
+    nodes: list = []
+    inits: list = [numpy_helper.from_array(np.array(iterations, np.float32), "iterations"),
+                   numpy_helper.from_array(np.array(True), "keep_going"),
+                   numpy_helper.from_array(np.ones((1, 16), np.float32), "v0")]
+    one = _input_dependent_one(nodes, inits)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("MatMul", ["v_in", "eye"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(np.eye(16, dtype=np.float32), "eye")])
+    nodes += [helper.make_node("Mul", [one, "iterations"], ["trips_f"]),
+              helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+              helper.make_node("Loop", ["trips", "keep_going", "v0"], ["v_final"], body=body),
+              helper.make_node("ReduceSum", ["v_final"], ["loop_sum"], keepdims=0)]
+    return _scores_plus(nodes, inits, "loop_sum")
+
+
+def memory_hungry_model(floats: float = 1.5e9) -> bytes:
+    """A 32x32 classifier that expands a value to ``floats`` float32s (6 GB by default), a size computed
+    from its input: it passes every static check and allocates when it runs."""
+    nodes: list = []
+    inits: list = [numpy_helper.from_array(np.array(floats, np.float32), "floats"),
+                   numpy_helper.from_array(np.array([1], np.int64), "one_axis"),
+                   numpy_helper.from_array(np.ones((1,), np.float32), "value")]
+    one = _input_dependent_one(nodes, inits)
+    nodes += [helper.make_node("Mul", [one, "floats"], ["size_f"]),
+              helper.make_node("Cast", ["size_f"], ["size"], to=TensorProto.INT64),
+              helper.make_node("Reshape", ["size", "one_axis"], ["shape"]),
+              helper.make_node("Expand", ["value", "shape"], ["big"]),
+              helper.make_node("ReduceSum", ["big"], ["big_sum"], keepdims=0)]
+    return _scores_plus(nodes, inits, "big_sum")

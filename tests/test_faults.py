@@ -324,3 +324,46 @@ def test_watchdog_frees_a_dead_reducers_claim(services, start_workers, fault_rep
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED and services.claims.reductions(record.id) == 1
     fault_report("watchdog: a dead reducer's claim freed", 1, 1, 0, 0)
+
+
+def test_runaway_and_memory_hungry_models_fail_naming_their_limit_while_an_honest_job_runs(
+        service_settings, services, start_workers, fault_report):
+    """A model whose Loop runs for days and one that expands to 6 GB, both sized from their input, pass
+    the upload checks; on the fleet each job fails with the limit it hit (ModelTimeLimit,
+    ModelMemoryLimit), the pool processes go on serving, and an honest job submitted while they run
+    finishes within twice its undisturbed time."""
+    from dataclasses import replace
+
+    from onnx_models import memory_hungry_model, runaway_model
+
+    from shapfleet.api.validation import validate_model
+
+    limits = replace(service_settings.limits, model_call_seconds=3, worker_memory_bytes=3 << 30)
+    start_workers(1, concurrency=2, settings=service_settings.replace(limits=limits))
+    models = {"ModelTimeLimit": runaway_model(), "ModelMemoryLimit": memory_hungry_model()}
+    for model in models.values():
+        validate_model(model, limits)  # what POST /v1/models checks: nothing static gives them away
+    hostile = {kind: store_model(services, model) for kind, model in models.items()}
+    honest = ExplainSettings(n_segments=40, all_classes=True, nsamples=20000, seed=3, batch_size=16)
+    honest_sha = store_model(services, EXAMPLE_MODEL)
+
+    def honest_seconds() -> float:
+        started = time.monotonic()
+        record = wait_final(services, submit_job(services, "honest", honest_sha, [EXAMPLE_IMAGE], honest).id, 180)
+        assert record.status == JobStatus.SUCCEEDED, record.error
+        return time.monotonic() - started
+
+    honest_seconds()  # the pool processes load the example model once
+    undisturbed = honest_seconds()
+    small = ExplainSettings(n_segments=4, nsamples=64, resize="32x32")
+    attacks = {kind: submit_job(services, "attacker", sha, [EXAMPLE_IMAGE], small).id for kind, sha in hostile.items()}
+    time.sleep(0.5)  # both attacks are running
+    disturbed = honest_seconds()
+    for kind, job_id in attacks.items():
+        record = wait_final(services, job_id, 60)
+        assert record.status == JobStatus.FAILED and record.error["type"] == kind, record.error
+    assert "SHAPFLEET_MODEL_CALL_SECONDS=3" in wait_final(services, attacks["ModelTimeLimit"]).error["message"]
+    assert "SHAPFLEET_WORKER_MEMORY_BYTES" in wait_final(services, attacks["ModelMemoryLimit"]).error["message"]
+    assert disturbed <= 2 * undisturbed, (disturbed, undisturbed)
+    fault_report(f"runaway Loop and 6 GB expansion sized from the input; honest job {disturbed:.1f} s vs "
+                 f"{undisturbed:.1f} s undisturbed", 2, 1, 0, 0)

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from shapfleet.broker.keys import model_key, plan_key
-from shapfleet.broker.records import JobRecords, MemoryJobs
+from shapfleet.broker.records import JobRecords, JobStatus, MemoryJobs
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.store import MemoryStore, ObjectStore
 from shapfleet.errors import ObjectNotFound
+from shapfleet.workers.engine.bounds import BOUNDS
 from shapfleet.workers.engine.estimation import ShardStatistics
 from shapfleet.workers.engine.inspection import ModelInfo, inspect_model
 from shapfleet.workers.engine.model import ModelSessions, OnnxClassifier
@@ -99,6 +100,24 @@ class Runtime:
 
     def record_shard_metrics(self, seconds: float, evaluations: int) -> None:
         """Count one newly finished shard in fleet-wide metrics (nothing to count in-process)."""
+
+    def model_call_bounds(self, job_id: str):
+        """A context in which the job's model calls are bounded (:mod:`~shapfleet.workers.engine.bounds`):
+        each stops within a second once the job is no longer running (canceled, failed elsewhere), and
+        under tenant limits also runs at most ``model_call_seconds`` in a process of at most
+        ``worker_memory_bytes`` resident memory."""
+        limits = self.policy.limits
+
+        def stop() -> str | None:
+            return None if self.jobs.status(job_id) == JobStatus.RUNNING else f"job {job_id} is no longer running"
+
+        return BOUNDS.scope(seconds=limits.model_call_seconds if limits else None,
+                            memory_bytes=limits.worker_memory_bytes if limits else None,
+                            stop=stop, on_stuck=lambda error: self.give_up_process(job_id, error))
+
+    def give_up_process(self, job_id: str, error: Exception) -> None:
+        """A model call that its bounds stopped has not returned (one kernel that never ends): the
+        fleet records the job's failure and ends this process; in-process nothing can be done but wait."""
 
     # -- round records (method partition's states and chosen rounds) -----------------------------
     def has_record(self, key: str) -> bool:
@@ -184,6 +203,16 @@ class ServiceRuntime(Runtime):
         from shapfleet.broker.jobs import record_shard_metrics
 
         record_shard_metrics(self.services.redis, seconds, evaluations)
+
+    def give_up_process(self, job_id: str, error: Exception) -> None:
+        import logging
+
+        logging.getLogger(__name__).error("job %s: %s; the call did not stop, so this process ends", job_id, error)
+        try:
+            self.jobs.fail(job_id, type(error).__name__, str(error))
+        finally:
+            # The pool replaces the process; the task's message is redelivered and finds the job final.
+            os._exit(70)
 
 
 class LocalRuntime(Runtime):

@@ -79,39 +79,44 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
     job = runtime.jobs.get(job_id)
     settings = ExplainSettings.from_dict(job.settings)
     classifier = runtime.classifier(job.model_sha256, settings)
-    store, limits = runtime.store, runtime.policy.limits
     if settings.masker_spec.kind == "dataset" and not runtime.reads_local_files \
-            and not store.exists(background_key(job_id)):
+            and not runtime.store.exists(background_key(job_id)):
         raise InvalidSettingsError("masker dataset: needs the background set uploaded with the job")
     masker_inputs = {"load_reference": _reference_loader(runtime, job_id, settings, classifier),
                      "background_set": _stored(runtime, background_key(job_id))}
-    plans: list = []
-    for index in range(job.n_images):
-        _check_running(runtime, job_id)
-        name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
-        image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
-        if settings.method == "partition":
-            plan = plan_partition(image, classifier.predict, settings, **masker_inputs)
-            _put_state_once(runtime, partition_key(job_id, index, "state-0.json"), PartitionState.start(plan))
-        else:
-            key = segments_key(job_id, index)
-            labels = load_segments(store.get(key), image.shape[:2], runtime.name_of(key, f"the segments of {name}")) \
-                if store.exists(key) else segment(image, settings)
-            n_players = int(labels.max()) + 1
-            if limits is not None and n_players > limits.max_superpixels:
-                raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
-            plan = plan_explanation(image, classifier.predict, settings, segments=labels, **masker_inputs)
-            plan.split(runtime.policy.shards_for(plan))
-        if limits is not None and len(plan.classes) > limits.max_classes:
-            raise InvalidSettingsError(f"{len(plan.classes)} classes to explain per image; the limit is "
-                                       f"{limits.max_classes} (give labels or top_k)")
-        store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
-        runtime.remember_plan(job_id, index, plan)
-        plans.append(plan)
+    with runtime.model_call_bounds(job_id):
+        plans = [_plan_image(runtime, job_id, index, settings, classifier, masker_inputs) for index in range(job.n_images)]
     counts = [1] * len(plans) if settings.method == "partition" else [p.n_shards for p in plans]
     runtime.jobs.set_totals(job_id, counts, sum(p.total_evaluations for p in plans),
                             sum(p.planning_evaluations for p in plans))
     return plans
+
+
+def _plan_image(runtime: Runtime, job_id: str, index: int, settings: ExplainSettings, classifier,
+                masker_inputs: dict) -> JobPlan | PartitionPlan:
+    """Plan image ``index`` of the job and store its plan (see :func:`plan_job`)."""
+    job, store, limits = runtime.jobs.get(job_id), runtime.store, runtime.policy.limits
+    _check_running(runtime, job_id)
+    name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
+    image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
+    if settings.method == "partition":
+        plan = plan_partition(image, classifier.predict, settings, **masker_inputs)
+        _put_state_once(runtime, partition_key(job_id, index, "state-0.json"), PartitionState.start(plan))
+    else:
+        key = segments_key(job_id, index)
+        labels = load_segments(store.get(key), image.shape[:2], runtime.name_of(key, f"the segments of {name}")) \
+            if store.exists(key) else segment(image, settings)
+        n_players = int(labels.max()) + 1
+        if limits is not None and n_players > limits.max_superpixels:
+            raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
+        plan = plan_explanation(image, classifier.predict, settings, segments=labels, **masker_inputs)
+        plan.split(runtime.policy.shards_for(plan))
+    if limits is not None and len(plan.classes) > limits.max_classes:
+        raise InvalidSettingsError(f"{len(plan.classes)} classes to explain per image; the limit is "
+                                   f"{limits.max_classes} (give labels or top_k)")
+    store.put(plan_key(job_id, index), npz_bytes(plan.to_arrays()))
+    runtime.remember_plan(job_id, index, plan)
+    return plan
 
 
 def fitted_input(runtime: Runtime, data: bytes, name: str, settings: ExplainSettings, classifier) -> np.ndarray:
@@ -267,7 +272,8 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
         start, stop = record.parts[part]
         masks = record.state.masks(record.expansions, start, stop)
         buffer = io.BytesIO()
-        np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
+        with runtime.model_call_bounds(job_id):
+            np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
         _put_once(runtime, key, buffer.getvalue(), "application/octet-stream")
     _, done = runtime.jobs.round_part_done(job_id, image_index, round_index, part)
     # A redelivery after the round filled up reports it complete again: the worker that completed it
@@ -277,14 +283,15 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
 
 def evaluate_job_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int,
                        on_progress: Callable[[int], None] | None = None) -> ShardStatistics:
-    """Evaluate shard ``shard_index`` of image ``image_index`` from the job's stored plan; stops with
-    :class:`~shapfleet.errors.Canceled` at the next batch once the job is no longer running."""
+    """Evaluate shard ``shard_index`` of image ``image_index`` from the job's stored plan, its model calls
+    bounded (:meth:`Runtime.model_call_bounds`): it stops with :class:`~shapfleet.errors.Canceled`
+    within about a second once the job is no longer running, inside a batch or before the next."""
     _check_running(runtime, job_id)
     plan = runtime.plan(job_id, image_index)
     model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
-    return evaluate_shard(plan, shard_index, model.predict, on_progress=on_progress,
-                          should_stop=lambda: runtime.jobs.status(job_id) != JobStatus.RUNNING,
-                          predict_coalitions=coalition_predictor(model, plan))
+    with runtime.model_call_bounds(job_id):
+        return evaluate_shard(plan, shard_index, model.predict, on_progress=on_progress,
+                              predict_coalitions=coalition_predictor(model, plan))
 
 
 def store_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int, stats: ShardStatistics,

@@ -59,13 +59,44 @@ TRANSIENT = (TransientStoreError, redis.exceptions.ConnectionError, redis.except
 
 
 @worker_process_init.connect
-def _remember_pool_index(**_) -> None:
-    """Record this pool process's index, which picks its GPU on multi-GPU hosts."""
+def _prepare_pool_process(**_) -> None:
+    """Record this pool process's index (it picks the GPU on multi-GPU hosts) and bound its memory."""
     from billiard.process import current_process
 
     from shapfleet.workers import runtime
 
     runtime.process_index = getattr(current_process(), "index", None)
+    settings = current_app.shapfleet_settings
+    limit_process_memory(settings.limits.worker_memory_bytes, settings.gpus)
+
+
+def limit_process_memory(memory_bytes: int, gpus: int) -> bool:
+    """Cap this process's address space at ``memory_bytes`` (RLIMIT_AS), so that an allocation past it
+    fails inside the model call (and fails that job) instead of the kernel killing whatever process
+    it picks on the host. Not on a GPU host: CUDA reserves far more address space than it uses; there
+    the per-call bounds poll resident memory instead. Returns whether the cap was set."""
+    import resource
+
+    import onnxruntime
+
+    if not memory_bytes or gpus > 0 or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return False
+    _limit_malloc_arenas(4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return True
+
+
+def _limit_malloc_arenas(count: int) -> None:
+    """glibc reserves 64 MiB of address space for each thread's malloc arena (up to 8 per core): on a
+    many-core host that alone would approach the cap. A few arenas serve onnxruntime and numpy as well."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, count)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator reserves no such arenas
 
 
 def runtime_of(app) -> ServiceRuntime:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from shapfleet.errors import Canceled, ModelOutputError
+from shapfleet.errors import ModelOutputError
 
 from .design import WorkUnit
 from .estimation import ShardStatistics
@@ -92,25 +92,21 @@ def _full_batches(plan: JobPlan, units, size: int) -> Iterator[list[tuple[WorkUn
 
 def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
                    on_progress: Callable[[int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None,
                    predict_coalitions: Predict | None = None) -> ShardStatistics:
     """Evaluate shard ``shard_index`` of ``plan.n_shards`` and return its additive statistics.
 
     ``on_progress(n)`` is called after every model batch with the number of model evaluations it
-    made; ``should_stop()`` is checked before every batch and raises :class:`Canceled` when true;
-    ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
+    made; ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
     """
     with one_blas_thread():  # the statistics' small products must not spin BLAS threads beside onnxruntime
-        return _evaluate_shard(plan, shard_index, predict, on_progress, should_stop, predict_coalitions)
+        return _evaluate_shard(plan, shard_index, predict, on_progress, predict_coalitions)
 
 
 def _evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict, on_progress: Callable[[int], None] | None,
-                    should_stop: Callable[[], bool] | None, predict_coalitions: Predict | None) -> ShardStatistics:
+                    predict_coalitions: Predict | None) -> ShardStatistics:
     stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
     per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
     for parts in _full_batches(plan, plan.shard_units[shard_index], per_batch):
-        if should_stop is not None and should_stop():
-            raise Canceled(f"shard {shard_index} stopped: the job was canceled")
         z = np.concatenate([rows for _, rows, _ in parts])
         y = game_values(plan, predict, z, predict_coalitions) - plan.v_empty
         start = 0

@@ -31,8 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-from shapfleet.errors import ModelOutputError
+from shapfleet.errors import ModelOutputError, ShapfleetError
 
+from .bounds import run_bounded
 from .inspection import ModelInfo
 from .sessions import run_in_fixed_batches, session_device
 
@@ -125,7 +126,10 @@ class CoalitionPredictor:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.info.output_name, "cpu")
         try:
-            self.session.run_with_iobinding(binding)
+            run_bounded(lambda options: self.session.run_with_iobinding(binding, options),
+                        f"a batch of {len(coalitions)}")
+        except ShapfleetError:
+            raise
         except Exception as e:  # onnxruntime's own error types; out of GPU memory, for one
             raise ModelOutputError(f"the model failed on a batch of {len(coalitions)}: {e}") from e
         return binding.copy_outputs_to_cpu()[0]

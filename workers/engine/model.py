@@ -15,8 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from shapfleet.errors import ModelError, ModelOutputError
+from shapfleet.errors import ModelError, ModelOutputError, ShapfleetError
 
+from .bounds import run_bounded
 from .fused import CoalitionPredictor, fuse_masking, selection_is_exact
 from .inspection import _FLOAT_TYPES, ModelInfo, inspect_model
 from .sessions import create_session, run_in_fixed_batches, session_device
@@ -128,8 +129,12 @@ class OnnxClassifier:
         return run_in_fixed_batches(self._run, batch, self.fixed_batch)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        feeds = {self.info.input_name: batch}
         try:
-            (out,) = self.session.run([self.info.output_name], {self.info.input_name: batch})
+            (out,) = run_bounded(lambda options: self.session.run([self.info.output_name], feeds, options),
+                                 f"a batch of {len(batch)}")
+        except ShapfleetError:
+            raise
         except Exception as e:
             raise ModelOutputError(f"the model failed on a batch of {len(batch)}: {e}") from e
         return np.asarray(out)
