@@ -227,9 +227,10 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, env: dict[str, str], log_path: Path, queues: str = "plan,shards,reduce", concurrency: int = 1,
-              name: str = "w") -> "WorkerProcess":
+              name: str = "w", beat: bool = False) -> "WorkerProcess":
+        """A worker for ``queues``; with ``beat`` it also runs the watchdog every interval."""
         args = [sys.executable, "-m", "shapfleet.api.cli", "worker", "--queues", queues, "--concurrency", str(concurrency),
-                "--hostname", f"{name}-{secrets.token_hex(3)}@%h"]
+                "--hostname", f"{name}-{secrets.token_hex(3)}@%h", *(["--beat"] if beat else [])]
         process = _spawn(args, log_path, env=env, cwd=REPO)
 
         def ready() -> bool:

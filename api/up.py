@@ -48,7 +48,8 @@ def run_up(directory: Path, workers: int, port: int | None, api_key: str | None,
         api = ApiServer.start(env, logs / "api.log", port=port)
         running.append(api)
         for n in range(workers):
-            running.append(WorkerProcess.start(env, logs / f"worker-{n}.log", name=f"up{n}"))
+            # The first worker also runs the watchdog (deadlines, stalled jobs, retention).
+            running.append(WorkerProcess.start(env, logs / f"worker-{n}.log", name=f"up{n}", beat=n == 0))
         env_file = directory / "env"
         env_file.write_text(f"export SHAPFLEET_SERVER={api.url}\nexport SHAPFLEET_API_KEY={key}\n")
         env_file.chmod(0o600)

@@ -16,6 +16,7 @@ from flask import request
 
 from shapfleet.broker import redis_keys
 from shapfleet.broker.keys import image_key, image_segments_key, model_key
+from shapfleet.broker.retention import record_image_upload
 from shapfleet.broker.services import Services
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.validation import check_image, check_label_map
@@ -90,7 +91,7 @@ def store_image_for(services: Services, tenant: str, data: bytes,
         services.store.put(image_key(sha256), data)
         if segments is not None:
             services.store.put(image_segments_key(sha256), segments)
-    services.redis.sadd(redis_keys.tenant_images(tenant), sha256)
+    record_image_upload(services.redis, tenant, sha256)
     return sha256, pixels.shape[:2]
 
 

@@ -20,22 +20,23 @@ from shapfleet.errors import JobNotFound
 from . import redis_keys
 from .records import JobRecord, JobStatus, new_job_id
 
-# KEYS[1] job hash, KEYS[2] active-jobs zset, KEYS[3] jobs-by-status counters; ARGV: job id, new
-# status, n allowed, allowed..., then field/value pairs. Returns {1, status} when applied,
-# {0, current status} when refused.
+# KEYS[1] job hash, KEYS[2] active-jobs zset, KEYS[3] jobs-by-status counters, KEYS[4] finished-jobs
+# zset; ARGV: job id, new status, now, n allowed, allowed..., then field/value pairs. Returns
+# {1, status} when applied, {0, current status} when refused.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
-local n = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
 local allowed = false
-for i = 1, n do if ARGV[3 + i] == current then allowed = true end end
+for i = 1, n do if ARGV[4 + i] == current then allowed = true end end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 redis.call('HINCRBY', KEYS[3], current, -1)
 redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'canceled' then
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 end
 return {1, ARGV[2]}
 """
@@ -137,10 +138,11 @@ class JobStore:
 
     # -- transitions --------------------------------------------------------------------------
     def _move(self, job_id: str, to: JobStatus, allowed: tuple[JobStatus, ...], **fields: Any) -> bool:
-        args: list[Any] = [job_id, to.value, len(allowed), *(s.value for s in allowed)]
+        args: list[Any] = [job_id, to.value, repr(time.time()), len(allowed), *(s.value for s in allowed)]
         for name, value in fields.items():
             args += [name, value]
-        applied, _ = self._transition(keys=[self.key(job_id), self.ACTIVE, self.BY_STATUS], args=args)
+        applied, _ = self._transition(keys=[self.key(job_id), self.ACTIVE, self.BY_STATUS, redis_keys.FINISHED_JOBS],
+                                      args=args)
         return bool(applied)
 
     def start(self, job_id: str) -> bool:

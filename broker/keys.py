@@ -18,6 +18,17 @@ def image_segments_key(sha256: str) -> str:
     return f"images/{sha256}.segments"
 
 
+def job_prefix(job_id: str) -> str:
+    """Everything stored for a job starts so."""
+    return f"jobs/{job_id}/"
+
+
+def working_prefixes(job_id: str) -> list[str]:
+    """The prefixes of a job's working state: shard statistics, partition round records, plans (read
+    only by its steps, deleted once the job is final)."""
+    return [f"jobs/{job_id}/shards/", f"jobs/{job_id}/partition/", f"jobs/{job_id}/plans/"]
+
+
 def input_key(job_id: str, image_index: int) -> str:
     return f"jobs/{job_id}/inputs/{image_index}"
 

@@ -1,9 +1,10 @@
 """Every Redis key name, in one place (object-store keys are in :mod:`shapfleet.broker.keys`).
 
 All keys start with ``shapfleet:``. Per job: the record hash and its sets and hashes (shards done,
-per-shard progress, deliveries, the reduce lock, partition rounds and their parts). Per tenant: its
-jobs (a sorted set by creation time), its models and images, its idempotency keys. Fleet-wide: the
-active-jobs index (by deadline) and the metrics counters.
+per-shard progress, deliveries, the plan and reduce locks, partition rounds and their parts). Per
+tenant: its jobs (a sorted set by creation time), its models and images, its idempotency keys.
+Fleet-wide: the active-jobs index (by deadline), the finished and expiring indexes that retention
+works from, the image uploads, and the metrics counters.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ PREFIX = "shapfleet"
 
 #: Sorted set of every job not yet final, scored by its deadline.
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"
+#: Sorted set of final jobs whose working state (shard statistics, plans, round records) is still
+#: stored, scored by when they became final; the watchdog drops that state and moves them on.
+FINISHED_JOBS = f"{PREFIX}:jobs:finished"
+#: Sorted set of final jobs whose record and results are kept, scored by when they expire.
+EXPIRING_JOBS = f"{PREFIX}:jobs:expiring"
+#: Sorted set of uploaded images (``POST /v1/images``), scored by their latest upload.
+IMAGE_UPLOADS = f"{PREFIX}:images:uploaded"
 #: Hash of job counts by status (``/metrics``).
 JOBS_BY_STATUS = f"{PREFIX}:metrics:jobs_by_status"
 #: Hash of finished-shard counters and the duration histogram (``/metrics``).
@@ -45,6 +53,11 @@ def job_reduce_lock(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:reduce-lock"
 
 
+def job_plan_lock(job_id: str) -> str:
+    """Held by the plan task that plans the job: a duplicate plan message does nothing."""
+    return f"{PREFIX}:job:{job_id}:plan-lock"
+
+
 def job_rounds(job_id: str) -> str:
     """Hash of each image's current partition round."""
     return f"{PREFIX}:job:{job_id}:rounds"
@@ -65,6 +78,11 @@ def tenant_models(tenant: str) -> str:
 
 def tenant_images(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:images"
+
+
+def image_tenants(sha256: str) -> str:
+    """Set of the tenants that uploaded an image (whose image lists forget it when it expires)."""
+    return f"{PREFIX}:image:{sha256}:tenants"
 
 
 def model_meta(sha256: str) -> str:

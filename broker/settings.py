@@ -28,6 +28,9 @@ DEFAULT_MAX_SHARDS = 64
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 #: A job not final after this many seconds is failed by the watchdog.
 DEFAULT_JOB_DEADLINE = 6 * 3600
+#: Final jobs (records, inputs, results) and uploaded images are deleted this long after they became
+#: final (were last uploaded).
+DEFAULT_RETENTION = 7 * 24 * 3600
 #: Presigned URLs expire after this many seconds.
 DEFAULT_PRESIGN_EXPIRY = 900
 
@@ -80,6 +83,7 @@ class ServiceSettings:
     max_shard_deliveries: int = 5  # a shard whose worker died this many times fails the job (poison)
     stall_seconds: int = 120  # the watchdog re-drives a running job with no progress for this long
     watchdog_interval: int = 30  # seconds between watchdog passes (workers started with --beat)
+    retention_seconds: int = DEFAULT_RETENTION  # final jobs and uploaded images are deleted after this (watchdog)
     # API authentication: "KEY:TENANT,KEY:TENANT" and/or a file of "TENANT KEY" lines (or a JSON
     # object {"KEY": "TENANT"}). auth_disabled=1 is the explicit development mode (tenant "default").
     api_keys: str | None = field(default=None, repr=False)

@@ -11,6 +11,10 @@ A pass looks at every job that is not final:
   done: free a dead reducer's claim and enqueue the reduce again (a job still succeeds once: the
   transition to succeeded is atomic).
 
+The periodic watchdog task runs a pass of this and one of retention
+(:func:`~shapfleet.broker.retention.retention_pass`: final jobs' working state is dropped, expired
+jobs and uploaded images are deleted).
+
 Every action is safe to repeat, so several watchdogs (one per worker started with ``--beat``) may run.
 """
 

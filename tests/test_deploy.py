@@ -126,6 +126,9 @@ def test_every_command_module_queue_and_variable_exists_in_the_code():
         if doc["kind"] in ("ConfigMap", "Secret"):
             for variable in doc.get("data", doc.get("stringData", {})):
                 assert variable in KNOWN_VARIABLES, variable
+    # The watchdog (deadlines, stalled jobs, retention) runs wherever the stack runs.
+    assert "--beat" in services["worker-cpu"]["command"]
+    assert any("--beat" in container["command"] for _, container in containers())
     gpu = services["worker-gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "--concurrency" in gpu["command"] and gpu["command"][gpu["command"].index("--concurrency") + 1] == "1"

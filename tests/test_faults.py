@@ -367,3 +367,117 @@ def test_runaway_and_memory_hungry_models_fail_naming_their_limit_while_an_hones
     assert disturbed <= 2 * undisturbed, (disturbed, undisturbed)
     fault_report(f"runaway Loop and 6 GB expansion sized from the input; honest job {disturbed:.1f} s vs "
                  f"{undisturbed:.1f} s undisturbed", 2, 1, 0, 0)
+
+
+def test_a_job_queued_past_the_stall_period_is_planned_once(services, start_workers, fault_report):
+    """The watchdog re-sends the plan of a job queued longer than its stall period (its message may be
+    lost); when the job was only waiting, the duplicates must neither plan it twice nor count as crashed
+    starts (seven plan messages exceed the delivery limit of five)."""
+    settings = LONG.replace(nsamples=800)
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], settings)
+    for n in range(6):  # nobody consumes the queue: each pass finds the job stalled again
+        later = time.time() + (n + 1) * (services.settings.stall_seconds + 1)
+        assert watchdog_pass(services, now=later) == {record.id: "re-planned"}
+    assert services.redis.llen(services.settings.queue_plan) == 7
+    start_workers(1)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert services.claims.reductions(record.id) == 1
+    assert int(services.redis.hget(redis_keys.job_deliveries(record.id), "planning#0")) == 1
+    np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
+    fault_report("watchdog: a job only waiting in the queue re-sent 6 times; planned once", 6, 1, 0, 0)
+
+
+def test_cancel_stops_a_model_call_in_flight_and_frees_the_worker(service_settings, services, start_workers, fault_report):
+    """Canceling a job whose model call would run for days (the per-call limit set far away) frees the
+    only pool process within seconds: the next job then runs."""
+    from dataclasses import replace
+
+    from onnx_models import runaway_model
+
+    start_workers(1, concurrency=1, settings=service_settings.replace(
+        limits=replace(service_settings.limits, model_call_seconds=3600)))
+    small = ExplainSettings(n_segments=4, nsamples=64, resize="32x32")
+    runaway = submit_job(services, "attacker", store_model(services, runaway_model()), [EXAMPLE_IMAGE], small).id
+    deadline = time.monotonic() + 60
+    while services.jobs.status(runaway) != JobStatus.RUNNING:  # its plan calls the model
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert services.jobs.cancel(runaway)
+    honest = submit_job(services, "honest", store_model(services, EXAMPLE_MODEL), [EXAMPLE_IMAGE], LONG.replace(nsamples=400))
+    final = wait_final(services, honest.id, timeout=60)  # the canceled call would hold the process for an hour
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert services.jobs.status(runaway) == JobStatus.CANCELED
+    fault_report("cancel of a job inside a model call that would run for days; next job", 1, 1, 0, 0)
+
+
+def test_a_cancel_landing_during_the_reduce_leaves_no_results(services, start_workers, fault_report):
+    """The README promises that a canceled job writes no result: a cancel that lands while the reduce
+    runs (it holds the reduce claim) must leave nothing under the job's results."""
+    start_workers(1, queues="plan,shards")
+    sha = store_model(services, EXAMPLE_MODEL)
+    settings = LONG.replace(nsamples=400, n_segments=40)
+    reducer, trials = None, 0
+    while trials < 8:
+        trials += 1
+        record = submit_job(services, "t", sha, [EXAMPLE_IMAGE] * 16, settings)
+        deadline = time.monotonic() + 120
+        while not (services.jobs.get(record.id).shards_total
+                   and services.jobs.get(record.id).shards_done == services.jobs.get(record.id).shards_total):
+            assert time.monotonic() < deadline, "the shards did not finish"
+            time.sleep(0.05)
+        reducer = reducer or start_workers(1, queues="reduce")[-1]
+        deadline = time.monotonic() + 60
+        while not services.redis.exists(redis_keys.job_reduce_lock(record.id)):
+            assert time.monotonic() < deadline and services.jobs.status(record.id) == JobStatus.RUNNING
+            time.sleep(0.01)
+        landed = services.jobs.cancel(record.id)
+        deadline = time.monotonic() + 60
+        while services.redis.exists(redis_keys.job_reduce_lock(record.id)) and \
+                services.jobs.status(record.id) == JobStatus.CANCELED:
+            assert time.monotonic() < deadline, "the reducer did not let go"
+            time.sleep(0.05)
+        if landed:
+            time.sleep(0.5)
+            assert services.jobs.status(record.id) == JobStatus.CANCELED
+            assert services.store.list(result_prefix(record.id)) == []
+            break
+    else:
+        pytest.fail(f"no cancel landed during a reduce in {trials} jobs")
+    fault_report("cancel landing during the reduce: no result written", trials, trials - 1, 0, 0)
+
+
+def test_retention_drops_working_state_at_once_and_everything_after_expiry(services, start_workers, fault_report):
+    """A final job's shard statistics and plans are dropped by the next watchdog pass; after
+    SHAPFLEET_RETENTION_SECONDS its record, inputs and results, and an uploaded image, are deleted, so
+    Redis and the store shrink back to what they held before (the model and the metrics counters)."""
+    from shapfleet.api.validation import store_image_for
+    from shapfleet.broker.retention import retention_pass
+
+    start_workers(1)
+    sha = store_model(services, EXAMPLE_MODEL)
+
+    def redis_keys_now() -> set[str]:
+        return {k.decode() for k in services.redis.scan_iter("shapfleet:*") if not k.startswith(b"shapfleet:metrics:")}
+
+    keys_before, objects_before = redis_keys_now(), set(services.store.list(""))
+    image_id, _ = store_image_for(services, "t", EXAMPLE_IMAGE)
+    jobs = [submit_job(services, "t", sha, [EXAMPLE_IMAGE], LONG.replace(nsamples=400, seed=s)).id for s in range(2)]
+    for job_id in jobs:
+        assert wait_final(services, job_id).status == JobStatus.SUCCEEDED
+    assert services.store.list(f"jobs/{jobs[0]}/shards/")
+    actions = retention_pass(services)
+    assert all(actions[j] == "working state dropped" for j in jobs)
+    for job_id in jobs:
+        assert services.store.list(f"jobs/{job_id}/shards/") == [] and services.store.list(f"jobs/{job_id}/plans/") == []
+        assert services.store.list(result_prefix(job_id))  # results stay until they expire
+        assert not services.redis.exists(redis_keys.job_deliveries(job_id), redis_keys.job_reduce_lock(job_id))
+    assert retention_pass(services, now=time.time() + 60) == {}  # nothing is due yet
+    later = time.time() + services.settings.retention_seconds + 1
+    actions = retention_pass(services, now=later)
+    assert all(actions[j] == "expired: deleted" for j in jobs) and actions[f"image {image_id}"] == "expired: deleted"
+    assert redis_keys_now() == keys_before
+    assert set(services.store.list("")) == objects_before
+    assert services.jobs.list_ids("t", 10) == []
+    fault_report("retention: 2 jobs and an image expired; Redis and the store back to their size before", 3, 2, 0, 0)

@@ -31,6 +31,7 @@ from shapfleet.broker.keys import (
     plan_key,
     reference_key,
     result_key,
+    result_prefix,
     segments_key,
     shard_key,
 )
@@ -376,10 +377,16 @@ def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
     for index, explanation in enumerate(explanations):
         explanation.extra["image_index"] = index
     results = []
+    _check_running(runtime, job_id)
     for name, data, image in job_artifacts(explanations, lambda index: f"{index}/"):
         runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
         results.append({"name": name, "key": result_key(job_id, name), "size": len(data), "image": image})
     return results
+
+
+def discard_results(runtime: Runtime, job_id: str) -> None:
+    """Delete the artifacts a reduce wrote for a job that did not succeed (canceled meanwhile)."""
+    runtime.store.delete_prefix(result_prefix(job_id))
 
 
 def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str) -> Explanation:

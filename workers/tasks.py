@@ -109,9 +109,11 @@ def runtime_of(app) -> ServiceRuntime:
 
 
 def _handle_failure(task, runtime: ServiceRuntime, job_id: str, error: Exception, what: str):
-    """Retry transient errors with backoff; fail the job on anything else. Always raises."""
+    """Retry transient errors with backoff; fail the job on anything else (and raise). A step stopped
+    because its job was canceled (or failed elsewhere) just ends: there is nothing to record."""
     if isinstance(error, Canceled):
-        raise error
+        log.info("%s of job %s stopped: %s", what, job_id, error)
+        return None
     retries = runtime.services.settings.storage_retries
     if isinstance(error, TRANSIENT) and task.request.retries < retries:
         delay = min(30, 2 ** task.request.retries)
@@ -141,7 +143,12 @@ def plan(self, job_id: str) -> int:
         status = jobs.status(job_id)
         if status is None or status.is_final:
             return 0
-        if _crashed_too_often(self, runtime.services, job_id, "planning", runtime.services.settings.max_shard_deliveries):
+        settings = runtime.services.settings
+        # One planner per job: a duplicate message (the watchdog's, for a job that was only waiting in
+        # the queue) must neither plan it twice nor count as a crashed start of the first.
+        if not runtime.services.claims.claim_plan(job_id, self.request.id or "", settings.visibility_timeout):
+            return 0
+        if _crashed_too_often(self, runtime.services, job_id, "planning", settings.max_shard_deliveries):
             return 0
         jobs.start(job_id)
         plans = steps.plan_job(runtime, job_id)
@@ -232,6 +239,9 @@ def reduce(self, job_id: str) -> int:
             results = steps.reduce_job(runtime, job_id)
             if jobs.succeed(job_id, results):
                 claims.count_reduction(job_id)
+            else:  # canceled (or failed) while reducing: no result of it is kept
+                steps.discard_results(runtime, job_id)
+                return 0
         except BaseException:
             claims.release_reduce(job_id)
             raise
@@ -242,7 +252,9 @@ def reduce(self, job_id: str) -> int:
 
 @shared_task(name=WATCHDOG_TASK)
 def watchdog() -> dict:
-    """Periodic (``shapfleet worker --beat``): fail overdue jobs, re-drive stalled ones."""
+    """Periodic (``shapfleet worker --beat``): fail overdue jobs, re-drive stalled ones, apply retention."""
+    from shapfleet.broker.retention import retention_pass
     from shapfleet.broker.watchdog import watchdog_pass
 
-    return watchdog_pass(runtime_of(current_app).services)
+    services = runtime_of(current_app).services
+    return {**watchdog_pass(services), **retention_pass(services)}
