@@ -127,7 +127,8 @@ def create_job():
         model_sha256, model = info.sha256, info.to_dict()
     else:
         info, model_sha256, model = None, job.model_id, model_for(svc, g.tenant, job.model_id)
-    check_job(job.settings, job.images, job.background, model, svc.settings.limits, job.segments, job.reference)
+    segments = check_job(job.settings, job.images, job.background, model, svc.settings.limits, job.segments,
+                         job.reference)
     idempotency = request.headers.get("Idempotency-Key")
     redis_key = fingerprint = None
     if idempotency is not None:
@@ -140,7 +141,7 @@ def create_job():
     try:
         if info is not None:
             store_model_for(svc, g.tenant, job.model_bytes, info)
-        record = enqueue_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background, job.segments,
+        record = enqueue_job(svc, g.tenant, model_sha256, job.images, job.settings, job.background, segments,
                              job.reference)
     except BaseException:
         if redis_key is not None:

@@ -50,6 +50,7 @@ class Limits:
     max_classes: int = 100  # explained classes per image (each is a picture and a column of values)
     max_batch_size: int = 1024  # images per model call (each call composes that many masked images)
     max_settings_bytes: int = 65_536  # a job's settings, as JSON
+    max_segmenter_pixels: int = 512 * 512  # quickshift/felzenszwalb run at submission on images of at most this
     max_tensor_bytes: int = 512 << 20  # any statically sized tensor of an uploaded model (all of them: twice this)
     model_check_seconds: int = 30  # loading an uploaded model in a child process, at most
     model_check_memory_bytes: int = 4 << 30  # that child's address space

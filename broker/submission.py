@@ -36,7 +36,7 @@ def submit_job(services: Services, tenant: str, model_sha256: str, images: list[
     if model is None:
         meta = services.redis.get(redis_keys.model_meta(model_sha256))
         model = json.loads(meta) if meta else {}
-    check_job(settings, images, background, model, services.settings.limits, segments, reference)
+    segments = check_job(settings, images, background, model, services.settings.limits, segments, reference)
     return enqueue_job(services, tenant, model_sha256, images, settings, background, segments, reference)
 
 

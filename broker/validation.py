@@ -33,11 +33,22 @@ class InvalidBackgroundSet(SubmissionError):
     title = "Invalid background set"
 
 
+#: The channel counts of pixel arrays any model reads (greyscale is repeated for colour models, colour
+#: turned to luma for greyscale ones, alpha dropped: ``engine.images.as_pixel_array``).
+READABLE_CHANNELS = (1, 3, 4)
+
+
 def check_job(settings: ExplainSettings, images: list[bytes], background: bytes | None, model: dict,
-              limits: Limits, segments: list[bytes | None] | None = None, reference: bytes | None = None) -> None:
+              limits: Limits, segments: list[bytes | None] | None = None,
+              reference: bytes | None = None) -> list[bytes | None] | None:
     """Check a submission; ``model`` is what validation learnt of the model (``height``, ``width``,
     ``channels``, ``n_classes``; absent keys are not checked). ``segments`` holds each image's own label
-    map (or None), ``reference`` the ``image:`` masker's reference image."""
+    map (or None), ``reference`` the ``image:`` masker's reference image.
+
+    Returns the label maps the job is to use (``segments`` with those computed here filled in), or
+    None when there are none: quickshift and Felzenszwalb give a superpixel count that nothing but
+    running them tells, so they run here, on each image as the model will see it, and the labels
+    (checked against the superpixel limit) go with the job instead of being computed again."""
     if segments is not None and len(segments) != len(images):
         raise SubmissionError(f"{len(segments)} label maps for {len(images)} images: give one per image, or none")
     if segments is not None and any(s is not None for s in segments) and settings.method == "partition":
@@ -49,6 +60,11 @@ def check_job(settings: ExplainSettings, images: list[bytes], background: bytes 
         raise InvalidBackgroundSet(f"the background images are {shape[1]}x{shape[2]}; the model takes {height}x{width} images")
     _check_classes(settings, model.get("n_classes"), limits)
     channels = model.get("channels", 3)
+    if shape is not None:
+        background_channels = shape[3] if len(shape) == 4 else 1
+        if background_channels not in READABLE_CHANNELS:
+            raise InvalidBackgroundSet(f"the background images have {background_channels} channels; the model takes "
+                                       f"{channels}")
 
     def fitted(data: bytes, name: str) -> np.ndarray:
         pixels = check_image(data, limits, name, channels)
@@ -60,6 +76,7 @@ def check_job(settings: ExplainSettings, images: list[bytes], background: bytes 
         return fit_to_model(pixels, (height, width), settings.resize, settings.center_crop, name)
 
     fitted_reference = fitted(reference, "the reference image") if reference is not None else None
+    label_maps = list(segments) if segments is not None else [None] * len(images)
     for n, data in enumerate(images):
         name = f"image {n}"
         image = fitted(data, name)
@@ -70,9 +87,35 @@ def check_job(settings: ExplainSettings, images: list[bytes], background: bytes 
                 and settings.n_segments > image.shape[0] * image.shape[1]:
             raise InvalidSettingsError(
                 f"n_segments={settings.n_segments} exceeds {name}'s {image.shape[0] * image.shape[1]} pixels")
+        elif settings.method == "kernel" and settings.segmenter in ("quickshift", "felzenszwalb"):
+            label_maps[n] = _segment_now(image, settings, limits, name)
+        if shape is not None and tuple(shape[1:3]) != image.shape[:2]:
+            raise InvalidBackgroundSet(f"the background images are {shape[1]}x{shape[2]}; {name} is "
+                                       f"{image.shape[0]}x{image.shape[1]} after resizing and cropping: they must match")
         if fitted_reference is not None and fitted_reference.shape != image.shape:
             raise ImageError(f"the reference image is {fitted_reference.shape[1]}x{fitted_reference.shape[0]} after "
                              f"fitting, {name} is {image.shape[1]}x{image.shape[0]}: they must fit to the same size")
+    return label_maps if any(m is not None for m in label_maps) else None
+
+
+def _segment_now(image: np.ndarray, settings: ExplainSettings, limits: Limits, name: str) -> bytes:
+    """Run the job's quickshift or Felzenszwalb segmentation on a fitted image (at most
+    ``max_segmenter_pixels``, which bounds its time) and return the labels as ``.npy`` bytes."""
+    from shapfleet.workers.engine.segmentation import segment
+
+    pixels = image.shape[0] * image.shape[1]
+    if pixels > limits.max_segmenter_pixels:
+        raise LimitExceeded(f"segmenter {settings.segmenter} runs at submission, on images of at most "
+                            f"{limits.max_segmenter_pixels} pixels; {name} is {image.shape[1]}x{image.shape[0]} after "
+                            "fitting: resize it, or use segmenter slic or grid")
+    labels = segment(image, settings)
+    count = int(labels.max()) + 1
+    if count > limits.max_superpixels:
+        raise LimitExceeded(f"segmenter {settings.segmenter} gives {name} {count} superpixels; the limit is "
+                            f"{limits.max_superpixels} (raise its scale or kernel size)")
+    buffer = io.BytesIO()
+    np.save(buffer, labels.astype(np.int32), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def check_label_map(data: bytes, shape: tuple[int, int] | None, limits: Limits, name: str) -> int:

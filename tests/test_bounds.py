@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx_models import memory_hungry_model, runaway_model
 
-from shapfleet.errors import Canceled, ModelMemoryLimit, ModelTimeLimit
+from shapfleet.errors import Canceled, ModelTimeLimit
 from shapfleet.workers.engine import bounds
 from shapfleet.workers.engine.bounds import BOUNDS, run_bounded
 

@@ -50,8 +50,12 @@ def test_partition_job_spreads_rounds_over_workers_and_equals_in_process(service
     record = submit_job(services, "t", store_model(services, model), images, settings)
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED, final.error
-    parts = [k for k in services.store.list(partition_key(record.id, 0, "")) if "/part-" in k]
-    assert any(k.endswith("/part-1.npy") for k in parts)  # later rounds (200 masks) ran as two parts each
+    rounds = services.jobs.current_round(record.id, 0)
+    # later rounds (200 masks) ran as two parts each
+    assert any(services.redis.scard(services.jobs.round_parts_key(record.id, 0, r)) == 2 for r in range(rounds))
+    # The stored refinement stays linear in the rounds: the final state, and the last two rounds' records.
+    records = sorted(k.rsplit("/", 1)[-1] for k in services.store.list(partition_key(record.id, 0, "")) if "/part-" not in k)
+    assert rounds >= 3 and len(records) <= 5, records
     local = explain([np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images], model, settings)
     for index, run in enumerate(local):
         fleet = Explanation.load(result(services, record.id, f"{index}/attributions.npz"))
@@ -282,7 +286,8 @@ def test_partition_with_a_background_set_is_one_job_and_equals_in_process(servic
     final = wait_final(services, record.id, timeout=180)
     assert final.status == JobStatus.SUCCEEDED, final.error
     assert {"grid.png", "attributions.npz", "0/attributions.npz", "2/summary.png"} <= {r["name"] for r in final.results}
-    assert any(k.endswith("/part-1.npy") for k in services.store.list(partition_key(record.id, 0, "")))
+    assert any(services.redis.scard(services.jobs.round_parts_key(record.id, 0, r)) >= 2
+               for r in range(services.jobs.current_round(record.id, 0)))
     local = explain(pixels, model, settings)
     mean_background = backgrounds.astype(np.float64).mean(axis=0)
     for index, run in enumerate(local):

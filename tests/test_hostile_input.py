@@ -119,6 +119,23 @@ def job(settings=None, images=None, headers=None, tenant="alpha", model_id=None)
     return send
 
 
+def noise_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def background_job(images: np.ndarray):
+    """A ``dataset:`` job whose background set holds ``images`` (only its header is read at submission)."""
+    def send(url, default_model):
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images.astype(np.float32))
+        form = {"model_id": default_model, "settings": json.dumps({"nsamples": 200, "masker": "dataset:bg.npz"})}
+        files = [("image", ("i.png", IMAGE)), ("background", ("bg.npz", buffer.getvalue()))]
+        return requests.post(f"{url}/v1/jobs", data=form, files=files, headers=auth())
+    return send
+
+
 CASES = {
     "corrupt ONNX": (model_upload(b"\x08\x07garbage-not-a-model"), 422, "not an ONNX model"),
     "external data path": (model_upload(external_data_model()), 422, "external data"),
@@ -181,6 +198,15 @@ CASES = {
     "quickshift kernel size 0": (job({"segmenter": "quickshift", "quickshift_kernel_size": 0}), 422, "must be positive"),
     "mean of nan": (job({"mean": [float("nan")], "std": [1.0]}), 422, "finite"),
     "odd job id": (lambda url, m: requests.get(f"{url}/v1/jobs/abc:shards", headers=auth()), 404, "no such job"),
+    # settings a worker would reject, refused at submission
+    "felzenszwalb over the superpixel limit": (job({"segmenter": "felzenszwalb", "felzenszwalb_scale": 1,
+                                                    "felzenszwalb_min_size": 1}, images=[noise_png(32, 32)]),
+                                               422, "gives image 0 1024 superpixels; the limit is 1000"),
+    "quickshift over the superpixel limit": (job({"segmenter": "quickshift", "quickshift_kernel_size": 1,
+                                                  "quickshift_max_dist": 1}, images=[noise_png(32, 32)]),
+                                             422, "superpixels; the limit is 1000"),
+    "background set of another size than the image": (background_job(np.zeros((2, 16, 16, 3))), 422, "16x16"),
+    "background set of 2 channels": (background_job(np.zeros((2, 32, 32, 2))), 422, "2 channels"),
 }
 
 

@@ -264,7 +264,7 @@ class _ReportsCuda:
     def get_provider_options(self) -> dict:
         return {"CUDAExecutionProvider": {"device_id": "0"}}
 
-    def run(self, names, feed):
+    def run(self, names, feed, run_options=None):
         (batch,) = feed.values()
         self.batches.append(len(batch))
         return self.session.run(names, feed)
@@ -365,3 +365,50 @@ def test_statically_huge_tensors_are_refused_before_anything_runs():
     for op in ("tile", "expand", "matmul", "constant_of_shape"):
         with pytest.raises(ModelError, match="15000x15000 \\(900000000 bytes\\); the limit is"):
             check_tensor_sizes(expanding_model(op), 512 << 20)
+
+
+def _encoded(image, fmt: str = "PNG", **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_every_image_mode_decodes_to_the_pixels_a_viewer_shows():
+    """16-bit greyscale (scaled, not clipped to white), palette, LA, 1-bit and CMYK images decode to
+    the 0..255 pixels a viewer shows them with, in greyscale and in colour."""
+    from PIL import Image
+
+    from shapfleet.workers.engine.images import load_image
+
+    ramp16 = np.linspace(0, 65535, 8 * 8).reshape(8, 8).astype(np.uint16)
+    grey = load_image(_encoded(Image.fromarray(ramp16)), 1)[:, :, 0]
+    np.testing.assert_allclose(grey, ramp16 / 257.0, atol=1e-3)
+    assert grey.min() == 0 and abs(grey.max() - 255) < 1e-3 and 100 < grey.mean() < 155
+    np.testing.assert_allclose(load_image(_encoded(Image.fromarray(ramp16)), 3), np.repeat(grey[:, :, None], 3, 2))
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).quantize(16)
+    np.testing.assert_array_equal(load_image(_encoded(palette), 3), np.asarray(palette.convert("RGB")))
+    la = Image.fromarray(np.stack([rgb[:, :, 0], rgb[:, :, 1]], axis=2), mode="LA")
+    np.testing.assert_array_equal(load_image(_encoded(la), 1)[:, :, 0], rgb[:, :, 0])
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    assert np.abs(load_image(_encoded(cmyk, "TIFF"), 3) - rgb).max() <= 1
+    bits = Image.fromarray(rgb[:, :, 0] > 127)
+    np.testing.assert_array_equal(load_image(_encoded(bits), 1)[:, :, 0], np.where(rgb[:, :, 0] > 127, 255, 0))
+
+
+def test_exif_orientation_is_applied():
+    """A photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is read
+    upright, as a viewer shows it."""
+    from PIL import Image
+
+    from shapfleet.workers.engine.images import load_image
+
+    stored = np.zeros((4, 6, 3), np.uint8)
+    stored[0, 0] = 255  # top-left as stored: top-right once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = load_image(_encoded(Image.fromarray(stored), exif=exif), 3)
+    assert pixels.shape == (6, 4, 3)
+    assert pixels[0, 3].tolist() == [255, 255, 255] and pixels[0, 0].tolist() == [0, 0, 0]

@@ -134,6 +134,10 @@ class Runtime:
     def get_record(self, key: str, decode: Callable[[bytes], object]):
         return decode(self.store.get(key))
 
+    def drop_records(self, prefix: str) -> None:
+        """Delete the round records (and round parts' outputs) whose keys start with ``prefix``."""
+        self.store.delete_prefix(prefix)
+
     def name_of(self, key: str, default: str) -> str:
         """How messages name the stored input at ``key``: ``default`` (the fleet names images by their
         place in the job), or in-process the file or array the user gave."""
@@ -266,6 +270,11 @@ class LocalRuntime(Runtime):
             return self._records[key]
         except KeyError:
             raise ObjectNotFound(key) from None
+
+    def drop_records(self, prefix: str) -> None:
+        super().drop_records(prefix)
+        for key in [k for k in self._records if k.startswith(prefix)]:
+            del self._records[key]
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -253,12 +253,22 @@ def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index
     state = record.state
     state.apply(record.expansions, outputs)
     advanced = _put_state_once(runtime, partition_key(job_id, image_index, f"state-{round_index + 1}.json"), state)
+    if advanced and round_index >= 1:
+        _drop_round(runtime, job_id, image_index, round_index - 1)
     jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
     # Send the next round unless another step already advanced this image and started it (a
     # re-driven step must not start a second chain; one whose advancer died still continues).
     if advanced or jobs.current_round(job_id, image_index) <= round_index:
         return RoundStep([], next_round=round_index + 1)
     return RoundStep([])
+
+
+def _drop_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> None:
+    """Delete a round's records once the round after it has advanced too: the stored refinement stays
+    linear in the rounds (two states and two rounds at most), not quadratic. One round is kept back so
+    that a duplicate step of the round just advanced still finds what it reads."""
+    for name in (f"state-{round_index}.json", f"round-{round_index}.json", f"round-{round_index}/"):
+        runtime.drop_records(partition_key(job_id, image_index, name))
 
 
 def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index: int, part: int) -> bool:

@@ -12,7 +12,7 @@ import warnings
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from shapfleet.errors import ImageError
 
@@ -26,8 +26,9 @@ def load_image(source: str | os.PathLike[str] | bytes | BinaryIO, channels: int,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to a float32 ``H x W x channels`` array of 0..255 pixels.
 
-    ``channels`` is 1 (greyscale, ITU-R 601 luma) or 3 (RGB); alpha is dropped. ``.npy`` files are
-    read as arrays in pixel units (``H x W`` or ``H x W x C``).
+    ``channels`` is 1 (greyscale, ITU-R 601 luma) or 3 (RGB); every mode is read as a viewer shows it
+    (:func:`viewer_pixels`), turned by its EXIF orientation. ``.npy`` files are read as arrays in pixel
+    units (``H x W`` or ``H x W x C``).
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".npy"):
@@ -47,7 +48,7 @@ def load_image(source: str | os.PathLike[str] | bytes | BinaryIO, channels: int,
                 if width == 0 or height == 0:
                     raise ImageError(f"{name} is empty ({width}x{height})")
                 image.load()
-                converted = image.convert("L" if channels == 1 else "RGB")
+                pixels = viewer_pixels(ImageOps.exif_transpose(image), channels)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -57,7 +58,22 @@ def load_image(source: str | os.PathLike[str] | bytes | BinaryIO, channels: int,
         raise ImageError(f"no such image file: {name}") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot read {name} as an image: {e}") from e
-    return as_pixel_array(np.asarray(converted), channels, name)
+    return as_pixel_array(pixels, channels, name)
+
+
+#: Modes of integer pixels wider than 8 bits (16-bit PNG and TIFF greyscale), read as 0..65535.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def viewer_pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """The 0..255 pixels an image viewer shows, for a decoded image of any mode Pillow reads, as
+    greyscale (``channels`` 1: ITU-R 601 luma) or RGB: 16-bit greyscale scaled by 255/65535 (Pillow's
+    conversion would clip every value above 255 to white); palette, 1-bit, LA, CMYK, YCbCr and the
+    rest through Pillow's conversion; alpha dropped. The caller applies the EXIF orientation first."""
+    if image.mode in WIDE_GREY_MODES:
+        wide = np.asarray(image).astype(np.float32)
+        return np.clip(wide, 0, 65535) * np.float32(255 / 65535)
+    return np.asarray(image.convert("L" if channels == 1 else "RGB"))
 
 
 def as_pixel_array(array: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
