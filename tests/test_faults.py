@@ -344,7 +344,7 @@ def test_runaway_and_memory_hungry_models_fail_naming_their_limit_while_an_hones
     for model in models.values():
         validate_model(model, limits)  # what POST /v1/models checks: nothing static gives them away
     hostile = {kind: store_model(services, model) for kind, model in models.items()}
-    honest = ExplainSettings(n_segments=40, all_classes=True, nsamples=20000, seed=3, batch_size=16)
+    honest = ExplainSettings(n_segments=40, all_classes=True, nsamples=50000, seed=3, batch_size=16)
     honest_sha = store_model(services, EXAMPLE_MODEL)
 
     def honest_seconds() -> float:
@@ -365,8 +365,9 @@ def test_runaway_and_memory_hungry_models_fail_naming_their_limit_while_an_hones
     assert "SHAPFLEET_MODEL_CALL_SECONDS=3" in wait_final(services, attacks["ModelTimeLimit"]).error["message"]
     assert "SHAPFLEET_WORKER_MEMORY_BYTES" in wait_final(services, attacks["ModelMemoryLimit"]).error["message"]
     assert disturbed <= 2 * undisturbed, (disturbed, undisturbed)
-    fault_report(f"runaway Loop and 6 GB expansion sized from the input; honest job {disturbed:.1f} s vs "
-                 f"{undisturbed:.1f} s undisturbed", 2, 1, 0, 0)
+    fault_report("a runaway `Loop` (failed `ModelTimeLimit` after 3 s) and a 6 GB expansion (failed `ModelMemoryLimit` "
+                 "under a 3 GiB cap), both sized from their input; an honest job submitted meanwhile: "
+                 f"{disturbed:.1f} s against {undisturbed:.1f} s undisturbed", 2, 1, 0, 0)
 
 
 def test_a_job_queued_past_the_stall_period_is_planned_once(services, start_workers, fault_report):
@@ -385,7 +386,7 @@ def test_a_job_queued_past_the_stall_period_is_planned_once(services, start_work
     assert services.claims.reductions(record.id) == 1
     assert int(services.redis.hget(redis_keys.job_deliveries(record.id), "planning#0")) == 1
     np.testing.assert_allclose(result_values(services, record.id), in_process(settings).values, rtol=0, atol=1e-10)
-    fault_report("watchdog: a job only waiting in the queue re-sent 6 times; planned once", 6, 1, 0, 0)
+    fault_report("watchdog: a job only waiting in the queue re-sent its plan 6 times; planned once", 6, 1, 0, 0)
 
 
 def test_cancel_stops_a_model_call_in_flight_and_frees_the_worker(service_settings, services, start_workers, fault_report):
@@ -409,7 +410,8 @@ def test_cancel_stops_a_model_call_in_flight_and_frees_the_worker(service_settin
     final = wait_final(services, honest.id, timeout=60)  # the canceled call would hold the process for an hour
     assert final.status == JobStatus.SUCCEEDED, final.error
     assert services.jobs.status(runaway) == JobStatus.CANCELED
-    fault_report("cancel of a job inside a model call that would run for days; next job", 1, 1, 0, 0)
+    fault_report("cancel of a job inside a model call that would run for an hour; the next job on the only process",
+                 1, 1, 0, 0)
 
 
 def test_a_cancel_landing_during_the_reduce_leaves_no_results(services, start_workers, fault_report):
@@ -445,7 +447,7 @@ def test_a_cancel_landing_during_the_reduce_leaves_no_results(services, start_wo
             break
     else:
         pytest.fail(f"no cancel landed during a reduce in {trials} jobs")
-    fault_report("cancel landing during the reduce: no result written", trials, trials - 1, 0, 0)
+    fault_report("cancel landing during the reduce: canceled, no result written", trials, trials - 1, 0, 0)
 
 
 def test_retention_drops_working_state_at_once_and_everything_after_expiry(services, start_workers, fault_report):
@@ -480,4 +482,5 @@ def test_retention_drops_working_state_at_once_and_everything_after_expiry(servi
     assert redis_keys_now() == keys_before
     assert set(services.store.list("")) == objects_before
     assert services.jobs.list_ids("t", 10) == []
-    fault_report("retention: 2 jobs and an image expired; Redis and the store back to their size before", 3, 2, 0, 0)
+    fault_report("retention: 2 jobs and an uploaded image expired; Redis and the store back to what they held before",
+                 3, 2, 0, 0)
