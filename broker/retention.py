@@ -34,23 +34,28 @@ def _round_keys(redis, job_id: str) -> list[str]:
             for r in range(int(last) + 1)]
 
 
+def _working_keys(redis, job_id: str) -> list[str]:
+    """The Redis keys of a job's working state. A message delivered after the job became final may
+    create its delivery count again, so a job deleted whole deletes these again too."""
+    return [redis_keys.job_deliveries(job_id), redis_keys.job_reduce_lock(job_id), redis_keys.job_plan_lock(job_id),
+            *_round_keys(redis, job_id), redis_keys.job_rounds(job_id)]
+
+
 def drop_working_state(services: Services, job_id: str) -> None:
     """Delete a final job's working state (store and Redis); its record, inputs and results stay."""
     for prefix in working_prefixes(job_id):
         services.store.delete_prefix(prefix)
-    redis = services.redis
-    redis.delete(redis_keys.job_deliveries(job_id), redis_keys.job_reduce_lock(job_id),
-                 redis_keys.job_plan_lock(job_id), *_round_keys(redis, job_id), redis_keys.job_rounds(job_id))
+    services.redis.delete(*_working_keys(services.redis, job_id))
 
 
 def delete_job(services: Services, job_id: str) -> None:
     """Delete everything of a job: store objects, Redis keys, its place in its tenant's list."""
     redis = services.redis
     tenant = redis.hget(redis_keys.job(job_id), "tenant")
-    drop_working_state(services, job_id)
-    services.store.delete_prefix(job_prefix(job_id))
+    services.store.delete_prefix(job_prefix(job_id))  # the working state's prefixes are inside it
+    working = _working_keys(redis, job_id)
     pipe = redis.pipeline(transaction=True)
-    pipe.delete(redis_keys.job(job_id), redis_keys.job_shards(job_id), redis_keys.job_progress(job_id))
+    pipe.delete(redis_keys.job(job_id), redis_keys.job_shards(job_id), redis_keys.job_progress(job_id), *working)
     if tenant is not None:
         pipe.zrem(redis_keys.tenant_jobs(tenant.decode()), job_id)
     pipe.zrem(redis_keys.EXPIRING_JOBS, job_id)

@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 from shapfleet.errors import ImageError, InvalidSettingsError, SubmissionError
-from shapfleet.workers.engine.images import fit_to_model, load_image, resized_size
+from shapfleet.workers.engine.images import fit_to_model, load_image, npy_bytes, resized_size
 from shapfleet.workers.engine.settings import ExplainSettings
 
 from .settings import Limits
@@ -113,9 +113,7 @@ def _segment_now(image: np.ndarray, settings: ExplainSettings, limits: Limits, n
     if count > limits.max_superpixels:
         raise LimitExceeded(f"segmenter {settings.segmenter} gives {name} {count} superpixels; the limit is "
                             f"{limits.max_superpixels} (raise its scale or kernel size)")
-    buffer = io.BytesIO()
-    np.save(buffer, labels.astype(np.int32), allow_pickle=False)
-    return buffer.getvalue()
+    return npy_bytes(labels.astype(np.int32))
 
 
 def check_label_map(data: bytes, shape: tuple[int, int] | None, limits: Limits, name: str) -> int:

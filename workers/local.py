@@ -14,7 +14,6 @@ the image is done. So a job gives the same attributions in-process and on the fl
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +28,7 @@ from shapfleet.errors import InvalidSettingsError
 from shapfleet.workers import steps
 from shapfleet.workers.engine.estimation import ShardStatistics
 from shapfleet.workers.engine.evaluation import Predict, coalition_predictor, evaluate_shard
-from shapfleet.workers.engine.images import as_pixel_array, load_image
+from shapfleet.workers.engine.images import as_pixel_array, load_image, npy_bytes
 from shapfleet.workers.engine.inspection import read_model_file
 from shapfleet.workers.engine.planning import JobPlan, largest_shards_first, plan_explanation
 from shapfleet.workers.engine.result import Explanation, reduce_shards
@@ -94,7 +93,7 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
             else as_pixel_array(source, channels, name)
         job = runtime.jobs.create("local", settings.to_dict(), sha256, [name])
         runtime.names[input_key(job.id, 0)] = name
-        runtime.store.put(input_key(job.id, 0), _npy_bytes(pixels))
+        runtime.store.put(input_key(job.id, 0), npy_bytes(pixels))
         if segments_data is not None:
             runtime.names[segments_key(job.id, 0)] = str(segments) if not isinstance(segments, np.ndarray) else "segments"
             runtime.store.put(segments_key(job.id, 0), segments_data)
@@ -215,19 +214,13 @@ def _segments_bytes(segments: str | os.PathLike[str] | np.ndarray | None) -> byt
     if segments is None:
         return None
     if isinstance(segments, np.ndarray):
-        return _npy_bytes(segments)
+        return npy_bytes(segments)
     try:
         return Path(segments).read_bytes()
     except OSError as e:
         from shapfleet.errors import ImageError
 
         raise ImageError(f"cannot read the segments file {segments}: {e.strerror or e}") from e
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _stem(source, index: int) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from shapfleet.broker.keys import model_key, plan_key
+from shapfleet.broker.keys import job_prefix, model_key, plan_key
 from shapfleet.broker.records import JobRecords, JobStatus, MemoryJobs
 from shapfleet.broker.settings import Limits
 from shapfleet.broker.store import MemoryStore, ObjectStore
@@ -245,11 +245,10 @@ class LocalRuntime(Runtime):
     def forget(self, job_id: str) -> None:
         """Drop a finished job's stored inputs, plans, statistics and records (a long run of many
         images keeps only the explanations it returns)."""
-        prefix = f"jobs/{job_id}/"
-        self.store.delete_prefix(prefix)
-        for table in (self._records, self.names):
-            for key in [k for k in table if k.startswith(prefix)]:
-                del table[key]
+        prefix = job_prefix(job_id)
+        self.drop_records(prefix)  # the store and the round records
+        for key in [k for k in self.names if k.startswith(prefix)]:
+            del self.names[key]
         for key in [k for k in self._plans if k[0] == job_id]:
             del self._plans[key]
 

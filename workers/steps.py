@@ -35,11 +35,11 @@ from shapfleet.broker.keys import (
     segments_key,
     shard_key,
 )
-from shapfleet.broker.records import JobStatus
+from shapfleet.broker.records import JobRecord, JobStatus
 from shapfleet.errors import Canceled, InvalidSettingsError, ObjectNotFound, PipelineError
 from shapfleet.workers.engine.estimation import ShardStatistics
 from shapfleet.workers.engine.evaluation import coalition_predictor, evaluate_shard, masked_values
-from shapfleet.workers.engine.images import DEFAULT_MAX_PIXELS, as_pixel_array, fit_to_model, load_image
+from shapfleet.workers.engine.images import DEFAULT_MAX_PIXELS, as_pixel_array, fit_to_model, load_image, npy_bytes
 from shapfleet.workers.engine.partition import (
     PartitionPlan,
     PartitionState,
@@ -86,17 +86,17 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
     masker_inputs = {"load_reference": _reference_loader(runtime, job_id, settings, classifier),
                      "background_set": _stored(runtime, background_key(job_id))}
     with runtime.model_call_bounds(job_id):
-        plans = [_plan_image(runtime, job_id, index, settings, classifier, masker_inputs) for index in range(job.n_images)]
+        plans = [_plan_image(runtime, job, index, settings, classifier, masker_inputs) for index in range(job.n_images)]
     counts = [1] * len(plans) if settings.method == "partition" else [p.n_shards for p in plans]
     runtime.jobs.set_totals(job_id, counts, sum(p.total_evaluations for p in plans),
                             sum(p.planning_evaluations for p in plans))
     return plans
 
 
-def _plan_image(runtime: Runtime, job_id: str, index: int, settings: ExplainSettings, classifier,
+def _plan_image(runtime: Runtime, job: JobRecord, index: int, settings: ExplainSettings, classifier,
                 masker_inputs: dict) -> JobPlan | PartitionPlan:
     """Plan image ``index`` of the job and store its plan (see :func:`plan_job`)."""
-    job, store, limits = runtime.jobs.get(job_id), runtime.store, runtime.policy.limits
+    job_id, store, limits = job.id, runtime.store, runtime.policy.limits
     _check_running(runtime, job_id)
     name = runtime.name_of(input_key(job_id, index), f"image {index}" if job.n_images > 1 else "the image")
     image = fitted_input(runtime, store.get(input_key(job_id, index)), name, settings, classifier)
@@ -282,10 +282,9 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
         model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
         start, stop = record.parts[part]
         masks = record.state.masks(record.expansions, start, stop)
-        buffer = io.BytesIO()
         with runtime.model_call_bounds(job_id):
-            np.save(buffer, masked_values(plan, model.predict, masks), allow_pickle=False)
-        _put_once(runtime, key, buffer.getvalue(), "application/octet-stream")
+            outputs = masked_values(plan, model.predict, masks)
+        _put_once(runtime, key, npy_bytes(outputs), "application/octet-stream")
     _, done = runtime.jobs.round_part_done(job_id, image_index, round_index, part)
     # A redelivery after the round filled up reports it complete again: the worker that completed it
     # may have died before sending the round step, and the step is idempotent.

@@ -76,6 +76,13 @@ def viewer_pixels(image: Image.Image, channels: int) -> np.ndarray:
     return np.asarray(image.convert("L" if channels == 1 else "RGB"))
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes (no pickles): how pixel arrays, label maps and round outputs are stored."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def as_pixel_array(array: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
     """Check and convert an ``H x W`` or ``H x W x C`` array to float32 ``H x W x channels``."""
     array = np.asarray(array)
