@@ -82,8 +82,10 @@ def test_local_process_pool_gives_the_single_process_answer(tmp_path, capsys):
 
 
 def _image(tmp_path, size=(12, 12)) -> str:
+    """A noisy image: on a flat one every superpixel equals the mean masker's fill, so none could
+    change the model's input and no nsamples would be too small."""
     path = tmp_path / f"img-{size[0]}x{size[1]}.png"
-    Image.fromarray(np.full(size + (3,), 120, np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size + (3,), dtype=np.uint8)).save(path)
     return str(path)
 
 

@@ -29,12 +29,12 @@ def coalition_predictor(classifier, plan: JobPlan) -> Predict | None:
     masker = plan.masker
     if masker.backgrounds is None or masker.n_backgrounds != 1 or not hasattr(classifier, "coalition_predictor"):
         return None
-    return classifier.coalition_predictor(plan.image, masker.backgrounds[0], plan.segments)
+    return classifier.coalition_predictor(plan.image, masker.backgrounds[0], plan.game_segments)
 
 
 def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
                 predict_coalitions: Predict | None = None) -> np.ndarray:
-    """v(z) for a batch of coalitions (``B x M`` bool): the mean model output over the masker's
+    """v(z) for a batch of coalitions (``B x P`` bool, over the plan's players): the mean model output over the masker's
     backgrounds for the explained classes, ``B x K`` float64. With ``predict_coalitions`` the model
     composes the images itself (identical values, less data moved)."""
     if predict_coalitions is not None:
@@ -42,7 +42,7 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
         if outputs.shape[0] != len(coalitions) or not np.all(np.isfinite(outputs)):
             raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
         return outputs[:, plan.classes]
-    return masked_values(plan, predict, coalitions[:, plan.segments])
+    return masked_values(plan, predict, coalitions[:, plan.game_segments])
 
 
 def masked_values(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) -> np.ndarray:

@@ -91,11 +91,43 @@ class ImagePlan:
 
 @dataclass
 class JobPlan(ImagePlan):
-    """One image's KernelSHAP plan (M superpixels, K explained classes)."""
+    """One image's KernelSHAP plan (M superpixels, K explained classes).
+
+    The game's players are the superpixels that masking can change (``players``, P <= M of them):
+    a superpixel whose every pixel equals the masker's fill in every background (black background
+    under ``constant:0``, a white page under ``constant:255``) gives every coalition the same model
+    inputs whether it is in or out, so it is a null player, its Shapley value is exactly 0, and
+    leaving it out of the game changes no other value while the design's budget goes to the P
+    players that matter. The design is over those P players."""
 
     segments: np.ndarray  # H x W int32, labels 0..M-1
     design: CoalitionDesign
     n_shards: int = 1
+    players: np.ndarray | None = None  # P labels (sorted) that the game's players are; None: all M
+
+    def __post_init__(self) -> None:
+        if self.players is None:
+            self.players = np.arange(int(self.segments.max()) + 1, dtype=np.int64)
+        self.players = np.asarray(self.players, dtype=np.int64)
+
+    @property
+    def n_superpixels(self) -> int:
+        return int(self.segments.max()) + 1
+
+    @cached_property
+    def game_segments(self) -> np.ndarray:
+        """Each pixel's player (0..P-1), ``H x W`` int32: what a coalition over the players indexes.
+        A null superpixel's pixels go to player 0; which player does not matter, since they look
+        the same in or out."""
+        lookup = np.zeros(self.n_superpixels, dtype=np.int32)
+        lookup[self.players] = np.arange(len(self.players), dtype=np.int32)
+        return lookup[self.segments]
+
+    def superpixel_values(self, values: np.ndarray) -> np.ndarray:
+        """Per-player rows (``P x K``) as per-superpixel rows (``M x K``), null superpixels 0."""
+        out = np.zeros((self.n_superpixels,) + values.shape[1:], dtype=values.dtype)
+        out[self.players] = values
+        return out
 
     @property
     def batch_size(self) -> int:
@@ -131,13 +163,14 @@ class JobPlan(ImagePlan):
         return {**super().metadata(), "design": self.design.to_dict(), "n_shards": self.n_shards}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {**super().to_arrays(), "segments": self.segments}
+        return {**super().to_arrays(), "segments": self.segments, "players": self.players}
 
     @classmethod
     def from_arrays(cls, arrays) -> "JobPlan":
         fields, meta = cls.fields_from_arrays(arrays)
         return cls(**fields, segments=np.asarray(arrays["segments"], dtype=np.int32),
-                   design=CoalitionDesign.from_dict(meta["design"]), n_shards=int(meta["n_shards"]))
+                   design=CoalitionDesign.from_dict(meta["design"]), n_shards=int(meta["n_shards"]),
+                   players=arrays["players"] if "players" in arrays else None)  # a plan stored before players: all
 
 
 def largest_shards_first(plans: "list[JobPlan]") -> list[tuple[int, int]]:
@@ -186,19 +219,36 @@ def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarr
     """
     if segments is None:
         segments = segment(image, settings)
-    n_players = int(segments.max()) + 1
+    masker = build_masker(settings.masker_spec, image, load_reference, background_set)
+    players = np.flatnonzero(~null_superpixels(image, masker, segments))
+    if len(players) == 0:  # nothing can change: one player keeps the design well defined (its value is 0)
+        players = np.zeros(1, dtype=np.int64)
+    n_players = len(players)
     if settings.estimator == "cubic" and n_players > interactions.MAX_CUBIC_PLAYERS:
         # Refused before any model evaluation: C(M, 3) terms make the fit's matrix grow as M^6.
         raise InvalidSettingsError(
             f"estimator cubic fits every triple of superpixels and allows at most {interactions.MAX_CUBIC_PLAYERS} "
-            f"of them; this image has {n_players}: use fewer superpixels, or estimator auto or linear")
-    masker = build_masker(settings.masker_spec, image, load_reference, background_set)
+            f"of them; this image has {n_players} that masking changes: use fewer superpixels, or estimator "
+            f"auto or linear")
     design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
     if settings.estimator == "kriging":
         _check_kriging(design)
-    plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design)
+    plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design,
+                   players=players)
     plan.split(n_shards)
     return plan
+
+
+def null_superpixels(image: np.ndarray, masker: Masker, segments: np.ndarray) -> np.ndarray:
+    """Which superpixels (``M`` bool) no coalition can change: every pixel equals the fill in every
+    background, bit for bit. Only fixed-background maskers compose pixel by pixel
+    (``where(mask, image, background)``); an inpainting fill depends on the whole mask, so under it
+    no superpixel is null."""
+    n_superpixels = int(segments.max()) + 1
+    if masker.backgrounds is None:
+        return np.zeros(n_superpixels, dtype=bool)
+    changed = np.any(masker.backgrounds != image[None], axis=(0, 3))  # H x W
+    return np.bincount(segments.ravel(), weights=changed.ravel(), minlength=n_superpixels) == 0
 
 
 def plan_image(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], settings: ExplainSettings,
@@ -228,7 +278,7 @@ def _check_kriging(design: CoalitionDesign) -> None:
     if design.n_players > kriging.MAX_PLAYERS:
         raise InvalidSettingsError(
             f"estimator kriging allows at most {kriging.MAX_PLAYERS} superpixels; this image has "
-            f"{design.n_players}: use fewer superpixels, or estimator auto or linear")
+            f"{design.n_players} that masking changes: use fewer superpixels, or estimator auto or linear")
     if not design.is_exact and kriging.n_pairs(design) > kriging.MAX_PAIRS:  # an exact design needs no fit
         raise InvalidSettingsError(
             f"estimator kriging fits at most {2 * kriging.MAX_PAIRS} coalitions ({kriging.MAX_PAIRS} complementary "

@@ -196,10 +196,11 @@ def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
     total = combine(shards, plan.n_shards)
     result = estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
     return Explanation(
-        values=result.values, std=result.std, segments=plan.segments, image=plan.image,
+        values=plan.superpixel_values(result.values), std=plan.superpixel_values(result.std),
+        segments=plan.segments, image=plan.image,
         classes=np.asarray(plan.classes), class_names=list(plan.class_names), base_values=plan.v_empty,
         outputs=plan.v_full, all_outputs=plan.full_outputs,
         n_evaluations=plan.planning_evaluations + total.n_evaluations, n_coalitions=total.n_coalitions,
         exact=plan.design.is_exact, seed=plan.design.seed, settings=plan.settings.to_dict(),
-        extra={"estimator": result.estimator},
+        extra={"estimator": result.estimator, "null_superpixels": plan.n_superpixels - len(plan.players)},
     )
