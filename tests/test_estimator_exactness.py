@@ -246,7 +246,7 @@ def test_auto_estimator_chooses_the_surrogate_only_where_it_is_determined():
     assert not use_interactions(CoalitionDesign.create(12, 600, 0), "kriging")
 
 
-def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_2048_pairs():
+def test_auto_estimator_chooses_kriging_for_up_to_256_superpixels_and_2048_pairs():
     from shapfleet.workers.engine.design import CoalitionDesign
     from shapfleet.workers.engine.interactions import use_interactions
     from shapfleet.workers.engine.kriging import n_pairs, use_kriging
@@ -257,7 +257,9 @@ def test_auto_estimator_chooses_kriging_for_up_to_16_superpixels_and_2048_pairs(
     beyond = CoalitionDesign.create(16, 4100, 0)  # 2050 pairs: the cubic fit's turn
     assert not use_kriging(beyond, "auto") and use_interactions(beyond, "auto")
     assert not use_kriging(CoalitionDesign.create(12, 5000, 0), "auto")  # exact already
-    assert not use_kriging(CoalitionDesign.create(17, 600, 0), "auto")  # beyond the exactly checked sizes
+    assert use_kriging(CoalitionDesign.create(196, 1000, 0), "auto")
+    assert not use_kriging(CoalitionDesign.create(257, 1000, 0), "auto")
+    assert not use_kriging(CoalitionDesign.create(196, 4200, 0), "auto")  # 2,100 pairs: the additive fit's turn
     assert use_kriging(CoalitionDesign.create(40, 600, 0), "kriging")
     assert not use_kriging(CoalitionDesign.create(12, 600, 0), "linear")
     assert not use_kriging(CoalitionDesign.create(12, 600, 0), "cubic")
@@ -356,10 +358,54 @@ def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coeffici
     scale = chosen["quadratic"] / (len(x) - m)
     expected_std = np.sqrt(np.diag(to_shapley @ covariance @ to_shapley.T))[:, None] * np.sqrt(scale)[None, :]
     np.testing.assert_allclose(kriging._posterior_std(x, chosen, m, True), expected_std, rtol=1e-4)
-    # And the estimate fit() returns is the one at the rho REML chose, whichever it was.
-    best = min((kriging._solve(x, odd, np.rint((m + x @ x.T) / 2).astype(np.int64), rho) for rho in kriging.RHO_GRID),
-               key=lambda solved: solved["objective"])
+    # And the estimate fit() returns is the candidate with the best REML objective: the isotropic
+    # kernels of RHO_GRID, then the product kernels with relevance from the best isotropic fit.
+    agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
+    isotropic = min((kriging._solve(x, odd, agreement, rho) for rho in kriging.RHO_GRID), key=lambda f: f["objective"])
+    pilot = 2 * isotropic["beta"] + isotropic["map"].T @ isotropic["alpha"]
+    product = [kriging._solve_product(x, odd, kriging.relevance_weights(pilot, gamma, scale))
+               for gamma, scale in kriging.RELEVANCE_GRID]
+    best = min([isotropic] + product, key=lambda f: f["objective"])
     np.testing.assert_allclose(values, 2 * best["beta"] + best["map"].T @ best["alpha"], rtol=1e-12, atol=1e-14)
+
+
+def test_product_kernel_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng):
+    """The product (relevance) kernel against the same explicit regression: prior
+    f_T ~ N(0, prod_{l in T} a_l) on every odd set (very wide on degree 1), so the closed-form
+    kernel sinh(sum atanh(a_l) x_l x'_l), the quadrature's Shapley map and its prior variances
+    must give the same posterior mean and standard deviations. (1e6 is wide enough: the
+    regression's Gram matrix loses the digits a wider one would add.)"""
+    import itertools
+
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+
+    m = 7
+    weights = rng.normal(size=(m, 2))
+
+    def value_of(z):
+        zf = z.astype(float)
+        return np.tanh(zf @ weights) * (1 + 0.5 * zf[:, :1] * zf[:, 1:2] * zf[:, 2:3])
+
+    design = CoalitionDesign.create(m, 40, seed=2)
+    rows = _design_rows(design, value_of)
+    x, odd = kriging.pair_observations(np.concatenate([rows[0], rows[2]]), np.concatenate([rows[1], rows[3]]), rows[5])
+    a = np.array([0.9, 0.5, 0.3, 0.2, 0.05, 0.6, 0.01])
+    chosen = kriging._solve_product(x, odd, a)
+    terms = [t for d in range(1, m + 1, 2) for t in itertools.combinations(range(m), d)]
+    # The kernel's own scale (the divisor) cancels in the mean; in the std the REML scale absorbs it.
+    divisor = np.exp(0.5 * np.log1p(-a * a).sum()) * np.sinh(np.arctanh(a).sum())
+    prior = np.array([1e6 if len(t) == 1 else np.prod(a[list(t)]) / divisor for t in terms])
+    features = np.array([[np.prod(point[list(t)]) for t in terms] for point in x])
+    to_shapley = np.array([[2.0 / len(t) if i in t else 0.0 for t in terms] for i in range(m)])
+    gram = features * prior @ features.T
+    posterior_mean = prior[:, None] * features.T @ np.linalg.solve(gram, odd)
+    covariance = np.diag(prior) - (prior[:, None] * features.T) @ np.linalg.solve(gram, features * prior)
+    np.testing.assert_allclose(2 * chosen["beta"] + chosen["map"].T @ chosen["alpha"], to_shapley @ posterior_mean,
+                               rtol=1e-5, atol=1e-8)
+    scale = chosen["quadratic"] / (len(x) - m)
+    expected_std = np.sqrt(np.diag(to_shapley @ covariance @ to_shapley.T))[:, None] * np.sqrt(scale)[None, :]
+    np.testing.assert_allclose(kriging._posterior_std(x, chosen, m, True), expected_std, rtol=1e-4)
 
 
 def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
@@ -406,8 +452,8 @@ def test_kriging_refuses_too_large_a_fit_before_evaluating(rng):
         calls.append(len(images))
         return np.ones((len(images), 2), np.float32)
 
-    too_many_players = ExplainSettings(segmenter="grid", grid="9x9", masker="mean", estimator="kriging", nsamples=500)
-    with pytest.raises(InvalidSettingsError, match="at most 64 superpixels; this image has 81"):
+    too_many_players = ExplainSettings(segmenter="grid", grid="17x17", masker="mean", estimator="kriging", nsamples=500)
+    with pytest.raises(InvalidSettingsError, match="at most 256 superpixels; this image has 289"):
         explain_array(image, counting_predict, too_many_players)
     too_many_pairs = ExplainSettings(segmenter="grid", grid="3x5", masker="mean", estimator="kriging", nsamples=5000)
     with pytest.raises(InvalidSettingsError, match="at most 4096 coalitions"):

@@ -28,7 +28,28 @@ then the interpolating residual): with alpha = K^-1 (d - X beta),
 
 with w_d the per-coefficient variance and e_k the elementary symmetric polynomials. The decay rho is
 chosen per job by restricted maximum likelihood (REML, shared by the classes, each with its own
-scale s^2) over :data:`RHO_GRID`.
+scale s^2) over :data:`RHO_GRID`, together with the product kernel's candidates below.
+
+**Relevance (the product kernel).** Superpixels differ: on a digit, the strokes' superpixels carry
+the interactions and the background's none. The second family of priors gives each player a weight
+a_l in (0, 1) and each odd set the product of its members' weights, f_T ~ N(0, s^2 prod_{l in T} a_l),
+so interactions among relevant players are expected and those involving an irrelevant one are not.
+Its kernel is again closed form: with u_l = x_l x'_l in {-1, +1},
+
+    k(x, x') = (prod_l (1 + a_l u_l) - prod_l (1 - a_l u_l)) / 2 = C sinh(sum_l atanh(a_l) u_l),
+
+one matrix product (C a constant the scale absorbs). The Shapley map and the prior variance of phi_i
+sum (2 / |T|) w_T over the sets holding i, which the identity 1 / |T| = int_0^1 t^(|T| - 1) dt turns
+into a one-dimensional integral of a product, taken by Gauss-Legendre quadrature
+(:data:`QUADRATURE_NODES`):
+
+    A_ji = 2 a_i x_ji int_0^1 even_{l != i}[prod_l (1 + t a_l x_jl)] dt,
+
+with even[.] the part of even degree, (prod(1 + .) + prod(1 - .)) / 2. The weights are
+a_l = min(0.95, c theta_l / M) with theta_l proportional to (|phi_l| / mean |phi| + 0.05)^gamma, phi
+being the isotropic fit's values on REML's subset (a pilot estimate from the same evaluations), and
+(gamma, c) taken from :data:`RELEVANCE_GRID`. REML chooses among both families' candidates at once:
+their restricted likelihoods are those of the same observations under the same fixed effects.
 
 **Properties.** Observations are exact (no noise term), so the fit interpolates every evaluated
 pair: with every coalition evaluated it returns the game's own Shapley values, and a game whose odd
@@ -48,6 +69,7 @@ All arithmetic is float64.
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 
@@ -58,9 +80,16 @@ from .design import CoalitionDesign
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
 RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-#: Largest M an explicit ``kriging`` accepts (``auto`` uses it up to 16, where exact checks reach):
-#: the kernel's tables are exact integer sums over C(M, d), cheap well beyond that.
-MAX_PLAYERS = 64
+#: The product kernel's (gamma, c): how strongly relevance follows the pilot's |phi|, and the
+#: players' weights' scale (about c / M each, so that the expected interaction order stays low).
+RELEVANCE_GRID = tuple((gamma, c) for gamma in (0.5, 1.0, 2.0) for c in (1.0, 2.0, 4.0, 8.0))
+#: Gauss-Legendre nodes for the product kernel's integrals over t in [0, 1] (the integrands are
+#: products of (1 +- t a_l) with a_l <= 0.95: 24 nodes agree with 128 to 1e-14 at M = 196).
+QUADRATURE_NODES = 24
+#: Largest M kriging accepts, explicitly and in ``auto`` (the benchmark's cases reach 196; the
+#: kernel's tables are exact integer sums over C(M, d), the fit's cost grows as n^3 in the pairs
+#: and only as n^2 M in the players).
+MAX_PLAYERS = 256
 #: Most pairs ``kriging`` fits, and ``auto`` picks it for (the fit is O(n^3) in the pairs n; beyond
 #: this ``auto`` uses the cubic surrogate, whose cost grows only as n). Planning refuses more for
 #: an explicit ``kriging`` before evaluating anything.
@@ -79,14 +108,13 @@ def n_pairs(design: CoalitionDesign) -> int:
 
 
 def use_kriging(design: CoalitionDesign, estimator: str) -> bool:
-    """Whether the reduce fits by kriging: when the design is not already exact (every fit then
-    gives the exact values, the additive one soonest) and has at most :data:`MAX_PAIRS` pairs, for
-    ``kriging`` when 3 <= M <= 64 (planning refuses the rest) and for ``auto`` when 3 <= M <= 16,
-    where the estimator has been checked against exact values."""
+    """Whether the reduce fits by kriging: for ``kriging`` and ``auto`` when 3 <= M <= 256
+    (planning refuses an explicit ``kriging`` beyond), the design is not already exact (every fit
+    then gives the exact values, the additive one soonest) and has at most :data:`MAX_PAIRS` pairs."""
     m = design.n_players
     if m < 3 or design.is_exact or n_pairs(design) > MAX_PAIRS:
         return False
-    return m <= (MAX_PLAYERS if estimator == "kriging" else 16) and estimator in ("kriging", "auto")
+    return m <= MAX_PLAYERS and estimator in ("kriging", "auto")
 
 
 @lru_cache(maxsize=16)
@@ -94,12 +122,15 @@ def _symmetric_sums(n_players: int) -> np.ndarray:
     """E[a, k] = e_k, the k-th elementary symmetric polynomial, of a +-1 vector of length M with a
     entries +1 (a, k = 0..M): sum_r (-1)^r C(M - a, r) C(a, k - r), summed exactly in integers."""
     m = n_players
-    table = np.zeros((m + 1, m + 1))
-    for a in range(m + 1):
-        b = m - a
-        for k in range(m + 1):
-            table[a, k] = sum((-1) ** r * math.comb(b, r) * math.comb(a, k - r) for r in range(max(0, k - a), min(k, b) + 1))
-    return table
+    # Row a holds the coefficients of (1 + t)^a (1 - t)^(M - a); the next row multiplies by
+    # (1 + t) / (1 - t), that is by (1 + t) and then a running sum (dividing by 1 - t), in integers.
+    row = [(-1) ** k * math.comb(m, k) for k in range(m + 1)]
+    rows = [row]
+    for _ in range(m):
+        times = [row[k] + (row[k - 1] if k else 0) for k in range(m + 1)]
+        row = list(itertools.accumulate(times))
+        rows.append(row)
+    return np.array([[float(value) for value in row] for row in rows])
 
 
 @lru_cache(maxsize=64)
@@ -154,7 +185,12 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     chosen = _reml_choice(x, odd, agreement)
     if chosen is None:
         return None
-    best = chosen if len(chosen["points"]) == len(x) else _solve(x, odd, agreement, chosen["rho"])
+    if len(chosen["points"]) == len(x):
+        best = chosen
+    elif "rho" in chosen:
+        best = _solve(x, odd, agreement, chosen["rho"])
+    else:
+        best = _solve_product(x, odd, chosen["weights"])
     if best is None:
         return None
     values = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
@@ -163,9 +199,10 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
 
 
 def _reml_choice(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray) -> dict | None:
-    """The fit at the rho of :data:`RHO_GRID` with the best REML objective, on all the points or, when
-    there are more than :data:`REML_POINTS`, on a fixed pseudo-random subset of them (``points``
-    says which). None when no rho gives a solvable system."""
+    """The fit with the best REML objective among the isotropic kernels of :data:`RHO_GRID` and
+    the product kernels of :data:`RELEVANCE_GRID` (relevance from the best isotropic fit), on all
+    the points or, when there are more than :data:`REML_POINTS`, on a fixed pseudo-random subset of
+    them (``points`` says which). None when no kernel gives a solvable system."""
     n = len(x)
     points = np.arange(n)
     if n > REML_POINTS:
@@ -177,18 +214,102 @@ def _reml_choice(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray) -> dict 
         solved = _solve(sub_x, sub_odd, sub_agreement, rho)
         if solved is not None and (best is None or solved["objective"] < best["objective"]):
             best = solved
-    if best is not None:
-        best["points"] = points
+    if best is None:
+        return None
+    pilot = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
+    for gamma, scale in RELEVANCE_GRID:
+        solved = _solve_product(sub_x, sub_odd, relevance_weights(pilot, gamma, scale))
+        if solved is not None and solved["objective"] < best["objective"]:
+            best = solved
+    best["points"] = points
     return best
 
 
+def relevance_weights(pilot: np.ndarray, gamma: float, scale: float) -> np.ndarray:
+    """The product kernel's a_l = min(0.95, c theta_l / M): theta_l proportional to
+    (|phi_l| / mean |phi| + 0.05)^gamma summed over the classes (each class's |phi| over its mean,
+    so that no class's units dominate), with mean theta 1."""
+    magnitude = np.abs(pilot)
+    mean = magnitude.mean(axis=0)
+    relative = (magnitude / np.where(mean > 0, mean, 1.0)).sum(axis=1) / pilot.shape[1]
+    theta = (relative + 0.05) ** gamma
+    return np.minimum(0.95, scale * theta / theta.mean() / len(theta))
+
+
 def _solve(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray, rho: float) -> dict | None:
-    """Universal kriging at decay ``rho``: beta (M x K), alpha (n x K), the Shapley map A (n x M)
-    and the REML objective (smaller is better)."""
-    n, m = x.shape
+    """Universal kriging with the isotropic kernel at decay ``rho``: beta (M x K), alpha (n x K),
+    the Shapley map A (n x M), each phi_i's prior variance and the REML objective (smaller is better)."""
+    m = x.shape[1]
     kernel, plus, minus = _tables(m, rho)
-    k = kernel[agreement]
-    k[np.diag_indices(n)] += JITTER * kernel[m]
+    positives = (x > 0).sum(axis=1)
+    solved = _gls(x, odd, kernel[agreement], lambda: np.where(x > 0, plus[positives][:, None], minus[positives][:, None]),
+                  lambda: np.full(m, _prior_variance(m, rho)))
+    if solved is not None:
+        solved["rho"] = rho
+    return solved
+
+
+def _solve_product(x: np.ndarray, odd: np.ndarray, weights: np.ndarray) -> dict | None:
+    """Universal kriging with the product kernel of player weights ``weights`` (a_l); the same
+    fields as :func:`_solve`. Every quantity is divided by the same C sinh(sum atanh a_l), which
+    the REML scale absorbs."""
+    strength = np.arctanh(weights)
+    total = strength.sum()
+    # log of the common divisor: prod_l sqrt(1 - a_l^2) (the constant C) times sinh(sum atanh a_l).
+    log_divisor = 0.5 * np.log1p(-weights * weights).sum() + np.log(np.sinh(total))
+    kernel = np.sinh((x * strength) @ x.T) / np.sinh(total)
+    solved = _gls(x, odd, kernel, lambda: _product_map(x, weights, log_divisor),
+                  lambda: _product_prior(weights, log_divisor))
+    if solved is not None:
+        solved["weights"] = weights
+    return solved
+
+
+@lru_cache(maxsize=1)
+def _quadrature() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [0, 1]."""
+    nodes, weights = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
+    return (nodes + 1.0) / 2.0, weights / 2.0
+
+
+def _even_products(log_plus: np.ndarray, log_minus: np.ndarray, log_divisor: float) -> np.ndarray:
+    """even_{l != i}[prod (1 + c_l)] / divisor for every i, from log(1 + c_l) and log(1 - c_l)
+    along the last axis: (prod_{l != i} (1 + c_l) + prod_{l != i} (1 - c_l)) / 2."""
+    without_plus = log_plus.sum(axis=-1, keepdims=True) - log_plus - log_divisor
+    without_minus = log_minus.sum(axis=-1, keepdims=True) - log_minus - log_divisor
+    return 0.5 * (np.exp(without_plus) + np.exp(without_minus))
+
+
+def _product_map(x: np.ndarray, weights: np.ndarray, log_divisor: float, rows: int = 256) -> np.ndarray:
+    """A_ji = 2 a_i x_ji int_0^1 even_{l != i}[prod_l (1 + t a_l x_jl)] dt, per divisor; rows at a
+    time, so that the n x nodes x M temporaries stay small."""
+    nodes, node_weights = _quadrature()
+    scaled = nodes[:, None] * weights[None, :]  # nodes x M
+    up, down = np.log1p(scaled), np.log1p(-scaled)
+    out = np.empty_like(x)
+    for start in range(0, len(x), rows):
+        positive = x[start:start + rows, None, :] > 0
+        even = _even_products(np.where(positive, up, down), np.where(positive, down, up), log_divisor)
+        out[start:start + rows] = np.einsum("q,nqm->nm", node_weights, even)
+    return 2.0 * weights[None, :] * x * out
+
+
+def _product_prior(weights: np.ndarray, log_divisor: float) -> np.ndarray:
+    """phi_i's prior variance per unit s^2 and divisor: sum_{T odd, i in T} (2 / |T|)^2 w_T =
+    4 a_i int_0^1 int_0^1 even_{l != i}[prod_l (1 + s t a_l)] ds dt."""
+    nodes, node_weights = _quadrature()
+    products = (nodes[:, None] * nodes[None, :]).ravel()
+    pair_weights = (node_weights[:, None] * node_weights[None, :]).ravel()
+    scaled = products[:, None] * weights[None, :]
+    even = _even_products(np.log1p(scaled), np.log1p(-scaled), log_divisor)
+    return 4.0 * weights * (pair_weights @ even)
+
+
+def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> dict | None:
+    """Generalised least squares and the interpolating residual for kernel matrix ``k`` (changed
+    in place); ``shapley_map`` and ``prior`` are computed only when the system is solvable."""
+    n, m = x.shape
+    k[np.diag_indices(n)] += JITTER * float(np.max(np.diag(k)))
     try:
         factor = scipy.linalg.cho_factor(k, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
@@ -204,26 +325,24 @@ def _solve(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray, rho: float) ->
     alpha = k_inv_odd - k_inv_x @ beta
     # REML with each class's scale s^2 profiled out: (n - M) sum_k log(r_k^T K^-1 r_k) + K log|K| |X^T K^-1 X|.
     quadratic = np.einsum("nk,nk->k", odd - x @ beta, alpha)
-    if np.any(quadratic <= 0):  # the odd parts are exactly linear: any rho interpolates them
+    if np.any(quadratic <= 0):  # the odd parts are exactly linear: any kernel interpolates them
         quadratic = np.maximum(quadratic, np.finfo(float).tiny)
     log_det = 2.0 * (np.log(np.diag(factor[0])).sum() + np.log(np.diag(normal_factor[0])).sum())
     objective = (n - m) * np.log(quadratic).sum() + odd.shape[1] * log_det
-    positives = (x > 0).sum(axis=1)
-    shapley_map = np.where(x > 0, plus[positives][:, None], minus[positives][:, None])
-    return {"rho": rho, "beta": beta, "alpha": alpha, "map": shapley_map, "objective": objective, "quadratic": quadratic,
-            "factor": factor, "k_inv_x": k_inv_x, "normal_factor": normal_factor}
+    return {"beta": beta, "alpha": alpha, "map": shapley_map(), "prior": prior(), "objective": objective,
+            "quadratic": quadratic, "factor": factor, "k_inv_x": k_inv_x, "normal_factor": normal_factor}
 
 
 def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -> np.ndarray:
     """The posterior standard deviation of each phi_i for each class k, under the model with the
-    chosen rho and the class's REML scale s_k^2 = r_k^T K^-1 r_k / (n - M):
+    chosen kernel and the class's REML scale s_k^2 = r_k^T K^-1 r_k / (n - M):
 
         Var(phi_i) = s_k^2 (c_i - g_i^T S^-1 g_i),   g_i = (A_{:,i}, 2 e_i),
 
     with S = [[K, X], [X^T, 0]] the bordered kriging system, A the Shapley map (A_ji is the prior
-    covariance of phi_i with h(x_j), per unit s^2) and c_i = sum_{d odd >= 3} (2 / d)^2 w_d C(M-1, d-1)
-    phi_i's prior variance. S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1 (P = K^-1,
-    Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
+    covariance of phi_i with h(x_j), per unit s^2) and c_i phi_i's prior variance (``prior``:
+    sum_{T odd, i in T} (2 / |T|)^2 w_T). S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1
+    (P = K^-1, Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
     m = n_players
     if not sampled:
         return np.zeros((m, fitted["beta"].shape[1]))
@@ -235,11 +354,10 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     # g^T S^-1 g for g = (A e_i, 2 e_i), column by column:
     #   A^T P A - (X^T P A)^T Q^-1 (X^T P A) + 4 (Q^-1 X^T P A)_ii - 4 Q^-1_ii
     xpa = k_inv_x.T @ shapley_map  # X^T P A (M x M)
-    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,jk,ki->i", xpa, q_inv, xpa)
+    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,ji->i", xpa, q_inv @ xpa)
                  + 4.0 * np.diag(q_inv @ xpa) - 4.0 * np.diag(q_inv))
-    prior = _prior_variance(m, fitted["rho"])
     scale = fitted["quadratic"] / max(1, n - m)  # K
-    variance = np.maximum(prior - explained, 0.0)[:, None] * scale[None, :]
+    variance = np.maximum(fitted["prior"] - explained, 0.0)[:, None] * scale[None, :]
     return np.sqrt(variance)
 
 
