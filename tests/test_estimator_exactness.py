@@ -259,7 +259,8 @@ def test_auto_estimator_chooses_kriging_for_up_to_256_superpixels_and_2048_pairs
     assert not use_kriging(CoalitionDesign.create(12, 5000, 0), "auto")  # exact already
     assert use_kriging(CoalitionDesign.create(196, 1000, 0), "auto")
     assert not use_kriging(CoalitionDesign.create(257, 1000, 0), "auto")
-    assert not use_kriging(CoalitionDesign.create(196, 4200, 0), "auto")  # 2,100 pairs: the additive fit's turn
+    assert use_kriging(CoalitionDesign.create(196, 4200, 0), "auto")  # 2,100 pairs: a committee of two fits
+    assert not use_kriging(CoalitionDesign.create(196, 33000, 0), "auto")  # 16,500 pairs: the additive fit's turn
     assert use_kriging(CoalitionDesign.create(40, 600, 0), "kriging")
     assert not use_kriging(CoalitionDesign.create(12, 600, 0), "linear")
     assert not use_kriging(CoalitionDesign.create(12, 600, 0), "cubic")
@@ -455,8 +456,31 @@ def test_kriging_refuses_too_large_a_fit_before_evaluating(rng):
     too_many_players = ExplainSettings(segmenter="grid", grid="17x17", masker="mean", estimator="kriging", nsamples=500)
     with pytest.raises(InvalidSettingsError, match="at most 256 superpixels; this image has 289"):
         explain_array(image, counting_predict, too_many_players)
-    too_many_pairs = ExplainSettings(segmenter="grid", grid="3x5", masker="mean", estimator="kriging", nsamples=5000)
-    with pytest.raises(InvalidSettingsError, match="at most 4096 coalitions"):
+    too_many_pairs = ExplainSettings(segmenter="grid", grid="4x5", masker="mean", estimator="kriging", nsamples=40000)
+    with pytest.raises(InvalidSettingsError, match="at most 32768 coalitions"):
         explain_array(image, counting_predict, too_many_pairs)
     assert calls == []
 
+
+
+def test_kriging_beyond_2048_pairs_is_a_committee_closer_to_exact_than_the_additive_fit(rng):
+    """3,000 pairs at M = 14: two kriging fits on alternate jackknife groups, combined by inverse
+    posterior variance; against full enumeration its error is well below the additive fit's, and
+    the combined error bars cover the exact values."""
+    from shapfleet.workers.engine import kriging
+
+    image = rng.uniform(0, 255, (14, 14, 3)).astype(np.float32)
+    base = ExplainSettings(segmenter="grid", grid="2x7", masker="mean", all_classes=True, preprocess="unit")
+    model = OnnxClassifier(conv_model(14, 14, classes=2, seed=3), base)
+    exact = explain_array(image, model.predict, base.replace(nsamples=2 ** 14))
+    assert exact.exact
+    settings = base.replace(nsamples=6000, seed=1)
+    kriged = explain_array(image, model.predict, settings.replace(estimator="kriging"))
+    linear = explain_array(image, model.predict, settings.replace(estimator="linear"))
+    assert kriged.summary()["estimator"] == "kriging" and -(-3000 // kriging.MAX_PAIRS) == 2
+
+    def error(result):
+        return np.linalg.norm(result.values - exact.values) / np.linalg.norm(exact.values)
+
+    assert error(kriged) < 0.5 * error(linear), (error(kriged), error(linear))
+    assert np.mean(np.abs(kriged.values - exact.values) <= 1.96 * kriged.std) >= 0.8

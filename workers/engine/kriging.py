@@ -76,6 +76,7 @@ from functools import lru_cache
 import numpy as np
 import scipy.linalg
 
+from . import interactions
 from .design import CoalitionDesign
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
@@ -90,10 +91,14 @@ QUADRATURE_NODES = 24
 #: kernel's tables are exact integer sums over C(M, d), the fit's cost grows as n^3 in the pairs
 #: and only as n^2 M in the players).
 MAX_PLAYERS = 256
-#: Most pairs ``kriging`` fits, and ``auto`` picks it for (the fit is O(n^3) in the pairs n; beyond
-#: this ``auto`` uses the cubic surrogate, whose cost grows only as n). Planning refuses more for
-#: an explicit ``kriging`` before evaluating anything.
+#: Most pairs one kriging fit takes (the fit is O(n^3) in the pairs n). A design with more is fitted
+#: by a committee: its sampled pairs split into ceil(n / MAX_PAIRS) chunks by jackknife group, each
+#: chunk fitted with the enumerated pairs, the chunks' values combined by inverse posterior variance.
 MAX_PAIRS = 2048
+#: Most pairs kriging (and ``auto``) fits at all, in committees of up to 8 fits; planning refuses
+#: more for an explicit ``kriging`` before evaluating anything. Beyond it ``auto`` uses the
+#: cubic surrogate (M <= 16) or the additive fit, whose costs grow only as n.
+MAX_COMMITTEE_PAIRS = 8 * MAX_PAIRS
 #: REML chooses rho on at most this many of the points (a fixed pseudo-random subset, the grand
 #: coalition always in it), then one fit on all of them follows: on the benchmark's cases the subset
 #: chose the same rho as all the points in 39 of 42 fits, with the same median errors.
@@ -110,10 +115,14 @@ def n_pairs(design: CoalitionDesign) -> int:
 def use_kriging(design: CoalitionDesign, estimator: str) -> bool:
     """Whether the reduce fits by kriging: for ``kriging`` and ``auto`` when 3 <= M <= 256
     (planning refuses an explicit ``kriging`` beyond), the design is not already exact (every fit
-    then gives the exact values, the additive one soonest) and has at most :data:`MAX_PAIRS` pairs."""
+    then gives the exact values, the additive one soonest) and has at most
+    :data:`MAX_COMMITTEE_PAIRS` pairs; ``auto`` leaves designs with more than :data:`MAX_PAIRS`
+    pairs and at most 16 players to the cubic surrogate."""
     m = design.n_players
-    if m < 3 or design.is_exact or n_pairs(design) > MAX_PAIRS:
+    if m < 3 or design.is_exact or n_pairs(design) > MAX_COMMITTEE_PAIRS:
         return False
+    if estimator == "auto" and m <= interactions.MAX_PLAYERS and n_pairs(design) > MAX_PAIRS:
+        return False  # the cubic surrogate's turn: as accurate there, and cheaper
     return m <= MAX_PLAYERS and estimator in ("kriging", "auto")
 
 
@@ -175,7 +184,30 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     coalition with ``y = v(z) - v(0)``. None when the pairs do not determine the linear terms or a
     matrix is singular (the caller then uses the additive fit). ``sampled_group`` is unused: the
     signature is the cubic surrogate's, whose error bars need the groups. Its caller,
-    :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread."""
+    :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread.
+
+    More than :data:`MAX_PAIRS` pairs are fitted by a committee (see there): chunk c takes the
+    sampled rows of the groups g with g mod C = c, and value i of class k is
+    sum_c phi_c / var_c / sum_c 1 / var_c, with standard deviation (sum_c 1 / var_c)^-1/2, the
+    chunks' errors being independent draws."""
+    chunks = -(-n_pairs(design) // MAX_PAIRS)
+    if chunks > 1 and len(z_sampled):
+        fits = []
+        for chunk in range(chunks):
+            rows = sampled_group % chunks == chunk
+            fitted = _fit_one(design, z_enumerated, y_enumerated, z_sampled[rows], y_sampled[rows], total)
+            if fitted is None:
+                return None
+            fits.append(fitted)
+        precision = np.stack([1.0 / np.maximum(std, np.finfo(float).tiny) ** 2 for _, std in fits])
+        values = (np.stack([values for values, _ in fits]) * precision).sum(axis=0) / precision.sum(axis=0)
+        return values, np.sqrt(1.0 / precision.sum(axis=0))
+    return _fit_one(design, z_enumerated, y_enumerated, z_sampled, y_sampled, total)
+
+
+def _fit_one(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
+             y_sampled: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """One kriging fit to every given coalition (see :func:`fit`)."""
     m = design.n_players
     x, odd = pair_observations(np.concatenate([z_enumerated, z_sampled]), np.concatenate([y_enumerated, y_sampled]),
                                total)
@@ -307,7 +339,7 @@ def _product_prior(weights: np.ndarray, log_divisor: float) -> np.ndarray:
 
 def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> dict | None:
     """Generalised least squares and the interpolating residual for kernel matrix ``k`` (changed
-    in place); ``shapley_map`` and ``prior`` are computed only when the system is solvable."""
+    in place); ``shapley_map`` and ``prior`` (callables) are computed only when asked for."""
     n, m = x.shape
     k[np.diag_indices(n)] += JITTER * float(np.max(np.diag(k)))
     try:
@@ -329,8 +361,19 @@ def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> d
         quadratic = np.maximum(quadratic, np.finfo(float).tiny)
     log_det = 2.0 * (np.log(np.diag(factor[0])).sum() + np.log(np.diag(normal_factor[0])).sum())
     objective = (n - m) * np.log(quadratic).sum() + odd.shape[1] * log_det
-    return {"beta": beta, "alpha": alpha, "map": shapley_map(), "prior": prior(), "objective": objective,
-            "quadratic": quadratic, "factor": factor, "k_inv_x": k_inv_x, "normal_factor": normal_factor}
+    return _Fit(beta=beta, alpha=alpha, objective=objective, quadratic=quadratic, factor=factor, k_inv_x=k_inv_x,
+                normal_factor=normal_factor, _map=shapley_map, _prior=prior)
+
+
+class _Fit(dict):
+    """A solved kernel: its fields by key, the Shapley map (``map``) and the prior variances
+    (``prior``) computed on first use, since REML compares many candidates and needs neither."""
+
+    def __missing__(self, key: str):
+        if key in ("map", "prior"):
+            self[key] = self.pop("_" + key)()
+            return self[key]
+        raise KeyError(key)
 
 
 def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -> np.ndarray:

@@ -279,8 +279,8 @@ def _check_kriging(design: CoalitionDesign) -> None:
         raise InvalidSettingsError(
             f"estimator kriging allows at most {kriging.MAX_PLAYERS} superpixels; this image has "
             f"{design.n_players} that masking changes: use fewer superpixels, or estimator auto or linear")
-    if not design.is_exact and kriging.n_pairs(design) > kriging.MAX_PAIRS:  # an exact design needs no fit
+    if not design.is_exact and kriging.n_pairs(design) > kriging.MAX_COMMITTEE_PAIRS:  # an exact design needs no fit
         raise InvalidSettingsError(
-            f"estimator kriging fits at most {2 * kriging.MAX_PAIRS} coalitions ({kriging.MAX_PAIRS} complementary "
+            f"estimator kriging fits at most {2 * kriging.MAX_COMMITTEE_PAIRS} coalitions ({kriging.MAX_COMMITTEE_PAIRS} complementary "
             f"pairs); this job's nsamples gives {design.n_coalitions}: lower nsamples, or use "
             f"estimator auto or linear")
