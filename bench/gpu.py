@@ -73,7 +73,7 @@ def limit_per_image(session, input_name: str, inputs: np.ndarray, repeats: int) 
         for label, run in (("resident", run_resident), ("host", run_host)):
             run()  # warm-up: cuDNN picks its algorithms per shape on first use
             out[label][size] = median_time(run, repeats) / images
-        del resident
+        resident.clear()  # free the GPU copies before the next size
     return out
 
 
