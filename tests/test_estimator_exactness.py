@@ -484,3 +484,37 @@ def test_kriging_beyond_2048_pairs_is_a_committee_closer_to_exact_than_the_addit
 
     assert error(kriged) < 0.5 * error(linear), (error(kriged), error(linear))
     assert np.mean(np.abs(kriged.values - exact.values) <= 1.96 * kriged.std) >= 0.8
+
+
+def test_relevance_kernel_finds_the_interacting_superpixels(rng):
+    """A 24-player game, additive but for 6 players that interact (a tanh of their sum and a
+    product of 4): its Shapley values are the additive weights plus the 6-player part's brute-force
+    values. With 500 coalitions REML chooses the product (relevance) kernel every time, and its
+    error is under 0.65 of the best isotropic fit's in the median of 6 seeds (0.47 when written)."""
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+
+    m, few = 24, 6
+    w = rng.normal(size=m)
+
+    def interacting(zf):
+        return np.tanh(zf[:, :few] @ np.abs(w[:few]) - 1.5) * 2 + 2 * zf[:, 0] * zf[:, 1] * zf[:, 2] * (1 - zf[:, 3])
+
+    def value_of(z):
+        zf = z.astype(float)
+        return (0.2 * zf @ w + interacting(zf))[:, None]
+
+    exact = 0.2 * w[:, None].copy()
+    exact[:few] += brute_force_shapley(lambda z: interacting(z.astype(float))[:, None], few)
+    ratios = []
+    for seed in range(6):
+        design = CoalitionDesign.create(m, 500, seed)
+        rows = _design_rows(design, value_of)
+        x, odd = kriging.pair_observations(np.concatenate([rows[0], rows[2]]), np.concatenate([rows[1], rows[3]]), rows[5])
+        agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
+        isotropic = min((kriging._solve(x, odd, agreement, rho) for rho in kriging.RHO_GRID), key=lambda f: f["objective"])
+        values, _ = kriging.fit(design, *rows)
+        assert "weights" in kriging._reml_choice(x, odd, agreement)
+        best_isotropic = 2 * isotropic["beta"] + isotropic["map"].T @ isotropic["alpha"]
+        ratios.append(np.linalg.norm(values - exact) / np.linalg.norm(best_isotropic - exact))
+    assert np.median(ratios) < 0.65, ratios
