@@ -5,8 +5,10 @@
 The peers need shapiq >= 1.6, which needs Python >= 3.12, while shapfleet keeps Python >= 3.10, so
 they run in their own interpreter and ask the benchmark's process for the game's values: every
 request is one coalition matrix (a .npy of bools, n x M) and every answer one .npy of floats (n x K).
-The model call therefore costs the peers exactly what it costs shapfleet and shap. The first message
-is a JSON line {"tool", "players", "budget", "seed", "classes"}; the last one this process writes is
+The model call therefore costs the peers exactly what it costs shapfleet and shap. This process
+first imports shapiq and says ``ready`` (the benchmark starts its clock then, as it would for a
+notebook that has imported it); the first message is a JSON line {"tool", "players", "budget",
+"seed", "classes"}; the last one this process writes is
 the Shapley values (M x K) as a .npy. Each class is explained with its own full budget (shapiq's
 approximators explain one output), so a peer's figure at budget B spends B evaluations per class.
 """
@@ -50,6 +52,10 @@ def approximator(tool: str, n: int, budget: int, seed: int):
 
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    import shapiq.approximator  # noqa: F401  (imported before "ready", so the timing leaves it out)
+
+    stdout.write(b"ready\n")
+    stdout.flush()
     request = json.loads(stdin.readline())
     n, budget, seed, classes = request["players"], request["budget"], request["seed"], request["classes"]
     values = np.zeros((n, classes))

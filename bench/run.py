@@ -571,6 +571,11 @@ def main() -> None:
 
         measured = measure_superpixels(names=args.cases.split(",") if args.cases else None)
         results["superpixels"] = {**results.get("superpixels", {}), **measured}
+    if previous.exists():  # another run may have written since this one began: keep what it measured
+        latest = json.loads(previous.read_text())
+        if "superpixels" in parts:  # only the cases this run measured replace the file's
+            results["superpixels"] = {**latest.get("superpixels", {}), **measured}
+        results = {**latest, **{part: results[part] for part in parts + ["machine"] if part in results}}
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "README.md").write_text(markdown(results))
     print(markdown(results))
