@@ -518,3 +518,13 @@ def test_relevance_kernel_finds_the_interacting_superpixels(rng):
         best_isotropic = 2 * isotropic["beta"] + isotropic["map"].T @ isotropic["alpha"]
         ratios.append(np.linalg.norm(values - exact) / np.linalg.norm(best_isotropic - exact))
     assert np.median(ratios) < 0.65, ratios
+
+
+def test_committee_combination_weighs_by_inverse_variance_and_keeps_exact_values():
+    from shapfleet.workers.engine.kriging import combine_committee
+
+    values = np.array([[[1.0], [5.0]], [[3.0], [7.0]]])  # 2 chunks, 2 values, 1 class
+    std = np.array([[[1.0], [0.0]], [[2.0], [1.0]]])
+    combined, combined_std = combine_committee(values, std)
+    np.testing.assert_allclose(combined[:, 0], [(1 / 1 + 3 / 4) / (1 + 1 / 4), 5.0])
+    np.testing.assert_allclose(combined_std[:, 0], [(1 + 1 / 4) ** -0.5, 0.0])

@@ -199,10 +199,22 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
             if fitted is None:
                 return None
             fits.append(fitted)
-        precision = np.stack([1.0 / np.maximum(std, np.finfo(float).tiny) ** 2 for _, std in fits])
-        values = (np.stack([values for values, _ in fits]) * precision).sum(axis=0) / precision.sum(axis=0)
-        return values, np.sqrt(1.0 / precision.sum(axis=0))
+        return combine_committee(np.stack([values for values, _ in fits]), np.stack([std for _, std in fits]))
     return _fit_one(design, z_enumerated, y_enumerated, z_sampled, y_sampled, total)
+
+
+def combine_committee(values: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks' values and standard deviations (C x M x K) combined by inverse variance: sum_c phi_c /
+    var_c / sum_c 1 / var_c with std (sum_c 1 / var_c)^-1/2. A value some chunk has with std 0 (it
+    determines it exactly) is the mean of those chunks' values, with std 0."""
+    variance = std ** 2
+    known = variance <= 0
+    precision = np.where(known, 0.0, 1.0 / np.where(known, 1.0, variance))
+    any_known = known.any(axis=0)
+    total_precision = np.where(any_known, 1.0, precision.sum(axis=0))
+    weighted = (values * precision).sum(axis=0) / total_precision
+    exact = (values * known).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    return np.where(any_known, exact, weighted), np.where(any_known, 0.0, 1.0 / np.sqrt(total_precision))
 
 
 def _fit_one(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
