@@ -66,6 +66,28 @@ def test_fleet_job_equals_the_in_process_engine(services, start_workers, workers
     assert fleet.n_evaluations == local.n_evaluations == final.evaluations_total
 
 
+def test_null_superpixels_on_the_fleet_equal_the_in_process_engine(services, start_workers):
+    """The example triangle on an exactly black background under constant:0: the plan leaves the
+    superpixels masking cannot change out of the game, on the fleet as in-process."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(EXAMPLE_IMAGE)).convert("RGB")).copy()
+    pixels[np.all(np.abs(pixels.astype(int) - pixels[0, 0]) < 30, axis=2)] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    image = buffer.getvalue()
+    settings = SETTINGS.replace(masker="constant:0")
+    start_workers(2)
+    record = submit_job(services, "tenant-a", store_model(services, EXAMPLE_MODEL), [image], settings)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    fleet, local = fleet_result(services, final), in_process(settings, image=image)
+    assert fleet.summary()["null_superpixels"] == local.summary()["null_superpixels"] > 0
+    np.testing.assert_allclose(fleet.values, local.values, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(fleet.std, local.std, rtol=0, atol=1e-10)
+    assert np.sum(np.all(fleet.values == 0, axis=1)) >= fleet.summary()["null_superpixels"]
+
+
 def test_progress_is_visible_while_a_job_runs(services, start_workers):
     start_workers(1)
     sha = store_model(services, EXAMPLE_MODEL)

@@ -99,6 +99,7 @@ class Explanation:
             exact=np.bool_(self.exact), seed=np.int64(self.seed),
             additivity_residual=self.additivity_residual,
             settings=np.array(json.dumps(self.settings)),
+            extra=np.array(json.dumps(self.extra)),  # the summary's extra fields: the fit used, null superpixels
         )
         return buffer.getvalue()
 
@@ -113,6 +114,7 @@ class Explanation:
             n_evaluations=int(data["n_evaluations"]), n_coalitions=int(data["n_coalitions"]),
             exact=bool(data["exact"]), seed=int(data["seed"]), settings=json.loads(str(data["settings"])),
             pixel_attributions=data["pixel_attributions"] if "pixel_attributions" in data.files else None,
+            extra=json.loads(str(data["extra"])) if "extra" in data.files else {},
         )
 
     def to_json_bytes(self) -> bytes:
