@@ -21,7 +21,6 @@ within 1.96 std of the reference, over ``coverage_seeds`` seeds; values it knows
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import statistics
 import subprocess
@@ -33,6 +32,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from peers import receive, send  # noqa: E402  (the pipe's codec, on both of its ends)
+from run import shap_value_function  # noqa: E402
 
 from shapfleet.workers.engine.design import size_distribution  # noqa: E402
 from shapfleet.workers.engine.estimation import solve_constrained  # noqa: E402
@@ -86,16 +88,10 @@ class Game:
         self.n_players = int(self.segments.max()) + 1
         self.fill = float(settings.masker_spec.values[0])
         self.v_empty, self.v_full = plan.v_empty, plan.v_full
-        self.evaluations = 0
+        self._value = shap_value_function(self.classifier, self.image, self.segments, self.fill, True, self.classes)
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(z), 256):
-            keep = np.asarray(z[start:start + 256], dtype=bool)[:, self.segments]
-            composites = np.where(keep[..., None], self.image[None], np.float32(self.fill))
-            out.append(self.classifier.predict(composites)[:, self.classes])
-        self.evaluations += len(z)
-        return np.concatenate(out).astype(np.float64) if out else np.zeros((0, len(self.classes)))
+        return np.asarray(self._value(np.asarray(z, dtype=bool)), dtype=np.float64)
 
 
 def reference(name: str, case: dict, game: Game) -> dict:
@@ -135,18 +131,6 @@ def reference(name: str, case: dict, game: Game) -> dict:
     return {"values": values, "own_error": own_error, "evaluations": evaluations}
 
 
-def _send(stream, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    stream.write(len(buffer.getvalue()).to_bytes(8, "little") + buffer.getvalue())
-    stream.flush()
-
-
-def _receive(stream) -> np.ndarray:
-    size = int.from_bytes(stream.read(8), "little")
-    return np.load(io.BytesIO(stream.read(size)), allow_pickle=False)
-
-
 def start_peer() -> subprocess.Popen:
     """A peer process that has imported shapiq (bench/peers.py says ``ready`` then)."""
     process = subprocess.Popen([str(PEERS_PYTHON), str(HERE / "peers.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -164,24 +148,24 @@ def run_peer(process: subprocess.Popen, tool: str, game: Game, budget: int, seed
     # Each class asks for the same coalitions (same seed): the model runs once for all of them, as
     # shapfleet's and shap's evaluations serve every class.
     answered: dict = {}
-    while len(coalitions := _receive(process.stdout)):
+    while len(coalitions := receive(process.stdout)):
         key = hashlib.sha256(np.packbits(coalitions, axis=1).tobytes() + str(coalitions.shape).encode()).digest()
         if key not in answered:
             answered[key] = game(coalitions)
-        _send(process.stdin, answered[key])
-    values = _receive(process.stdout)
+        send(process.stdin, answered[key])
+    values = receive(process.stdout)
     if process.wait() != 0:
         raise RuntimeError(f"{tool} failed")
     return values
 
 
-def run_tool(tool: str, game: Game, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """One tool's values, error bars (shapfleet's; None for the others) and seconds."""
+def run_tool(tool: str, game: Game, budget: int, seed: int) -> tuple[np.ndarray, float, float | None]:
+    """One tool's values, seconds, and (shapfleet's) seconds of the fit alone."""
     from run import shap_kernel
 
     peer = start_peer() if tool in PEER_TOOLS else None
     started = time.perf_counter()
-    std = None
+    fit_seconds = None
     if tool in SHAPFLEET_TOOLS:
         # explain_array's steps, with the reduce (the fit) timed on its own.
         settings = game.settings.replace(nsamples=budget, seed=seed, estimator=SHAPFLEET_TOOLS[tool])
@@ -190,13 +174,13 @@ def run_tool(tool: str, game: Game, budget: int, seed: int) -> tuple[np.ndarray,
                                  predict_coalitions=coalition_predictor(game.classifier, plan))]
         fitting = time.perf_counter()
         result = reduce_shards(plan, shards)
-        game.fit_seconds = time.perf_counter() - fitting
-        values, std = result.values, result.std
+        fit_seconds = time.perf_counter() - fitting
+        values = result.values
     elif tool == "shap":
         values = shap_kernel(game.classifier, game.image, game.segments, game.fill, game.classes, budget, True, seed)
     else:
         values = run_peer(peer, tool, game, budget, seed)
-    return values, std, time.perf_counter() - started
+    return values, time.perf_counter() - started, fit_seconds
 
 
 def coverage(game: Game, truth: np.ndarray, budget: int, seeds: int) -> dict:
@@ -242,11 +226,11 @@ def measure_superpixels(coverage_seeds: int = 20, names: list[str] | None = None
             for seed in range(rounds):
                 order = tools[seed % len(tools):] + tools[:seed % len(tools)]
                 for tool in order:
-                    values, _, seconds = run_tool(tool, game, budget, seed)
+                    values, seconds, fit_seconds = run_tool(tool, game, budget, seed)
                     errors[tool].append(float(np.linalg.norm(values - truth) / norm))
                     times[tool].append(seconds)
                     if tool in fits:
-                        fits[tool].append(game.fit_seconds)
+                        fits[tool].append(fit_seconds)
             for tool in tools:
                 rows.append({"tool": tool, "nsamples": budget, "relative_l2_error": statistics.median(errors[tool]),
                              "seconds": statistics.median(times[tool])})

@@ -34,9 +34,9 @@ def coalition_predictor(classifier, plan: JobPlan) -> Predict | None:
 
 def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
                 predict_coalitions: Predict | None = None) -> np.ndarray:
-    """v(z) for a batch of coalitions (``B x P`` bool, over the plan's players): the mean model output over the masker's
-    backgrounds for the explained classes, ``B x K`` float64. With ``predict_coalitions`` the model
-    composes the images itself (identical values, less data moved)."""
+    """v(z) for a batch of coalitions (``B x P`` bool, over the plan's players): the mean model
+    output over the masker's backgrounds for the explained classes, ``B x K`` float64. With
+    ``predict_coalitions`` the model composes the images itself (identical values, less data moved)."""
     if predict_coalitions is not None:
         outputs = np.asarray(predict_coalitions(coalitions), dtype=np.float64)
         if outputs.shape[0] != len(coalitions) or not np.all(np.isfinite(outputs)):

@@ -409,8 +409,9 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     # g^T S^-1 g for g = (A e_i, 2 e_i), column by column:
     #   A^T P A - (X^T P A)^T Q^-1 (X^T P A) + 4 (Q^-1 X^T P A)_ii - 4 Q^-1_ii
     xpa = k_inv_x.T @ shapley_map  # X^T P A (M x M)
-    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,ji->i", xpa, q_inv @ xpa)
-                 + 4.0 * np.diag(q_inv @ xpa) - 4.0 * np.diag(q_inv))
+    q_inv_xpa = q_inv @ xpa
+    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,ji->i", xpa, q_inv_xpa)
+                 + 4.0 * np.diag(q_inv_xpa) - 4.0 * np.diag(q_inv))
     scale = fitted["quadratic"] / max(1, n - m)  # K
     variance = np.maximum(fitted["prior"] - explained, 0.0)[:, None] * scale[None, :]
     return np.sqrt(variance)

@@ -107,7 +107,7 @@ class JobPlan(ImagePlan):
 
     def __post_init__(self) -> None:
         if self.players is None:
-            self.players = np.arange(int(self.segments.max()) + 1, dtype=np.int64)
+            self.players = np.arange(self.n_superpixels, dtype=np.int64)
         self.players = np.asarray(self.players, dtype=np.int64)
 
     @property
