@@ -62,7 +62,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     est.add_argument("--method", choices=METHODS, default="kernel",
                      help="kernel: Shapley values of superpixels (KernelSHAP); partition: Owen values over shap's "
                           "hierarchy of image boxes, pixel-level (PartitionExplainer)")
-    est.add_argument("--nsamples", type=int, help="kernel: coalition evaluations (default 2M + 2048, as shap's auto)")
+    est.add_argument("--nsamples", type=int, help="kernel: coalition evaluations (default 2M + 2048, as shap's auto); "
+                                                  "with --target-std/--target-error, the cap")
+    est.add_argument("--target-std", type=float, metavar="E",
+                     help="kernel: evaluate in rounds until every value's standard error is <= E (output units), or "
+                          "--nsamples (default: the nsamples limit) is spent")
+    est.add_argument("--target-error", type=float, metavar="R",
+                     help="kernel: as --target-std, relative: until each class's largest standard error is <= R "
+                          "times its largest |value| (e.g. 0.05)")
     est.add_argument("--max-evals", type=int,
                      help=f"partition: model evaluations in all (default {DEFAULT_MAX_EVALS}, as shap)")
     est.add_argument("--estimator", choices=ESTIMATORS, default="auto",
@@ -113,7 +120,8 @@ def settings_from_args(args: argparse.Namespace) -> ExplainSettings:
         grid=args.grid, quickshift_kernel_size=args.kernel_size, quickshift_max_dist=args.max_dist,
         quickshift_ratio=args.ratio, felzenszwalb_scale=args.scale, felzenszwalb_min_size=args.min_size,
         masker=args.masker, labels=args.labels, top_k=args.top_k, all_classes=args.all_classes,
-        method=args.method, nsamples=args.nsamples, max_evals=args.max_evals, estimator=args.estimator, seed=args.seed, batch_size=args.batch_size, layout=args.layout,
+        method=args.method, nsamples=args.nsamples, target_std=args.target_std, target_error=args.target_error,
+        max_evals=args.max_evals, estimator=args.estimator, seed=args.seed, batch_size=args.batch_size, layout=args.layout,
         channel_order=args.channel_order, resize=args.resize, center_crop=args.center_crop,
         preprocess=None if args.mean is not None else (args.preprocess or "unit"), mean=args.mean, std=args.std,
         output=args.output, class_names=read_class_names(args.class_names) if args.class_names else None,

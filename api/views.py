@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import time
 from datetime import datetime, timezone
 
 from flask import Blueprint, Response, current_app, g, request, url_for
@@ -64,6 +65,12 @@ def job_resource(record: JobRecord) -> dict:
         "error": None,
         "results": [],
     }
+    if record.precision:
+        resource["progress"]["precision"] = [{"image": image, **record.precision[image]} for image in sorted(record.precision)]
+        if record.status == JobStatus.RUNNING and record.started_at and total > record.evaluations_done:
+            # The projection's ETA: the evaluations still projected at the rate so far.
+            rate = record.evaluations_done / max(1e-9, time.time() - record.started_at)
+            resource["progress"]["eta_seconds"] = round((total - record.evaluations_done) / rate, 1) if rate > 0 else None
     if record.error:
         resource["error"] = {"type": PROBLEM_BASE + "job-failed", "title": "Job failed", "status": 422,
                              "detail": record.error["message"], "error_type": record.error["type"]}

@@ -110,6 +110,7 @@ class JobStore:
             error=json.loads(data["error"]) if data.get("error") else None,
             results=json.loads(data["results"]) if data.get("results") else [],
             deadline=number("deadline"),
+            precision={int(k): json.loads(v) for k, v in self.redis.hgetall(redis_keys.job_precision(job_id)).items()},
         )
 
     def status(self, job_id: str) -> JobStatus | None:
@@ -173,6 +174,12 @@ class JobStore:
             "shards_total": sum(shard_counts), "shard_counts": json.dumps(shard_counts),
             "evaluations_total": evaluations_total, "evaluations_done": planning_evaluations,
             "updated_at": repr(time.time())})
+
+    def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(redis_keys.job_precision(job_id), str(int(image_index)), json.dumps(precision))
+        pipe.hset(self.key(job_id), mapping={"evaluations_total": int(evaluations_total), "updated_at": repr(time.time())})
+        pipe.execute()
 
     def shard_counts(self, job_id: str) -> list[int]:
         """Each image's shard count ([] before planning finished)."""

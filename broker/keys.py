@@ -26,7 +26,8 @@ def job_prefix(job_id: str) -> str:
 def working_prefixes(job_id: str) -> list[str]:
     """The prefixes of a job's working state: shard statistics, partition round records, plans (read
     only by its steps, deleted once the job is final)."""
-    return [f"jobs/{job_id}/shards/", f"jobs/{job_id}/partition/", f"jobs/{job_id}/plans/"]
+    return [f"jobs/{job_id}/shards/", f"jobs/{job_id}/partition/", f"jobs/{job_id}/rounds/",
+            f"jobs/{job_id}/plans/"]
 
 
 def input_key(job_id: str, image_index: int) -> str:
@@ -43,6 +44,13 @@ def partition_key(job_id: str, image_index: int, name: str) -> str:
     round r), ``round-<r>.json`` (its chosen nodes), ``round-<r>/part-<p>.npy`` (outputs of a slice of
     its masks) and ``final.json`` (the finished refinement)."""
     return f"jobs/{job_id}/partition/{image_index}/{name}"
+
+
+def rounds_key(job_id: str, image_index: int, name: str) -> str:
+    """A ``target_std``/``target_error`` run's round records for one image: ``round-<r>.json`` (the
+    round's budget, design and parts), ``round-<r>/part-<p>.npz`` (a part's statistics),
+    ``outcome-<r>.json`` (what the round decided) and ``final.json`` (the last outcome)."""
+    return f"jobs/{job_id}/rounds/{image_index}/{name}"
 
 
 def plan_key(job_id: str, image_index: int) -> str:

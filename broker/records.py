@@ -53,6 +53,7 @@ class JobRecord:
     error: dict[str, Any] | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
     deadline: float | None = None
+    precision: dict[int, dict[str, Any]] = field(default_factory=dict)  # per image, for target_std/target_error
 
     @property
     def n_images(self) -> int:
@@ -88,6 +89,10 @@ class JobRecords(Protocol):
 
     def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]: ...
 
+    def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
+        """A target run's state after a round of image ``image_index`` (rounds done, the achieved
+        precision against the target, the projected coalitions) and the job's new evaluation total."""
+
 
 _ALLOWED = {
     JobStatus.RUNNING: (JobStatus.QUEUED,),
@@ -108,6 +113,7 @@ class MemoryJobs:
         self._done: dict[str, set[str]] = {}
         self._rounds: dict[str, dict[int, int]] = {}
         self._parts: dict[tuple[str, int, int], set[int]] = {}
+        self._precision: dict[str, dict[int, dict[str, Any]]] = {}
 
     def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
                deadline_seconds: float | None = None, job_id: str | None = None) -> JobRecord:
@@ -128,7 +134,8 @@ class MemoryJobs:
         if record is None or (tenant is not None and record.tenant != tenant):
             raise JobNotFound(job_id)
         return replace(record, shards_done=len(self._done[job_id]),
-                       evaluations_done=self._planning.get(job_id, 0) + sum(self._progress[job_id].values()))
+                       evaluations_done=self._planning.get(job_id, 0) + sum(self._progress[job_id].values()),
+                       precision=dict(self._precision.get(job_id, {})))
 
     def status(self, job_id: str) -> JobStatus | None:
         record = self._records.get(job_id)
@@ -163,6 +170,10 @@ class MemoryJobs:
 
     def shard_counts(self, job_id: str) -> list[int]:
         return list(self._shard_counts.get(job_id, []))
+
+    def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
+        self._precision.setdefault(job_id, {})[int(image_index)] = dict(precision)
+        self._records[job_id] = replace(self._records[job_id], evaluations_total=int(evaluations_total))
 
     def set_shard_progress(self, job_id: str, shard_name: str, evaluations: int) -> None:
         self._progress[job_id][shard_name] = int(evaluations)

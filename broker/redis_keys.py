@@ -63,6 +63,11 @@ def job_rounds(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:rounds"
 
 
+def job_precision(job_id: str) -> str:
+    """Hash of each image's precision after its last round (target_std / target_error jobs), JSON."""
+    return f"{PREFIX}:job:{job_id}:precision"
+
+
 def job_round_parts(job_id: str, image_index: int, round_index: int) -> str:
     """Set of the finished parts of one partition round."""
     return f"{PREFIX}:job:{job_id}:round:{image_index}:{round_index}"

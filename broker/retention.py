@@ -55,7 +55,8 @@ def delete_job(services: Services, job_id: str) -> None:
     services.store.delete_prefix(job_prefix(job_id))  # the working state's prefixes are inside it
     working = _working_keys(redis, job_id)
     pipe = redis.pipeline(transaction=True)
-    pipe.delete(redis_keys.job(job_id), redis_keys.job_shards(job_id), redis_keys.job_progress(job_id), *working)
+    pipe.delete(redis_keys.job(job_id), redis_keys.job_shards(job_id), redis_keys.job_progress(job_id),
+                redis_keys.job_precision(job_id), *working)
     if tenant is not None:
         pipe.zrem(redis_keys.tenant_jobs(tenant.decode()), job_id)
     pipe.zrem(redis_keys.EXPIRING_JOBS, job_id)

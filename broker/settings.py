@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES
+
 #: Redis for job records; also the default Celery broker and result backend.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 #: Bucket holding models, inputs, shard statistics and artifacts.
@@ -43,7 +45,7 @@ class Limits:
     max_model_bytes: int = 200 * 1024 * 1024
     max_image_pixels: int = 16_000_000
     max_images_per_job: int = 16
-    max_nsamples: int = 100_000
+    max_nsamples: int = DEFAULT_MAX_NSAMPLES  # also a target_std/target_error job's default cap
     max_superpixels: int = 1_000
     max_evals: int = 100_000  # method partition's budget per image
     max_background_images: int = 100  # images in a dataset: masker's background set

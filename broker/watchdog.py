@@ -6,7 +6,7 @@ A pass looks at every job that is not final:
 - no progress for ``stall_seconds`` (its plan message, a shard message or the reduce message was
   lost, for example in a Redis restart): re-drive it from what its records say. Queued: enqueue the
   plan again. Running without a plan: plan again. Running with shards missing: enqueue those shards
-  again (they are idempotent); for method partition, send each unfinished image's current round
+  again (they are idempotent); for method partition and target runs, send each unfinished image's current round
   step again (it re-sends that round's missing parts, or advances it). Running with every shard
   done: free a dead reducer's claim and enqueue the reduce again (a job still succeeds once: the
   transition to succeeded is atomic).
@@ -21,6 +21,8 @@ Every action is safe to repeat, so several watchdogs (one per worker started wit
 from __future__ import annotations
 
 import time
+
+from shapfleet.workers.engine.settings import ExplainSettings
 
 from .celery_app import PLAN_TASK, REDUCE_TASK, ROUND_TASK, SHARD_TASK
 from .records import JobStatus
@@ -51,13 +53,13 @@ def watchdog_pass(services: Services, now: float | None = None) -> dict[str, str
             actions[job_id] = "re-planned"
             continue
         missing = jobs.missing_shards(job_id)
-        if missing and record.settings.get("method") == "partition":
+        if missing and ExplainSettings.from_dict(record.settings).runs_in_rounds:
             # Each unfinished image is re-driven from its current round (the step is idempotent:
             # it re-sends missing parts, or advances a round whose parts are all stored).
             for image_index, _ in missing:
                 round_index = jobs.current_round(job_id, image_index)
                 celery.send_task(ROUND_TASK, args=[job_id, image_index, round_index], queue=settings.queue_plan)
-            actions[job_id] = f"re-sent {len(missing)} partition round(s)"
+            actions[job_id] = f"re-sent {len(missing)} round(s)"
         elif missing:
             for image_index, shard_index in missing:
                 celery.send_task(SHARD_TASK, args=[job_id, image_index, shard_index], queue=settings.queue_shards)

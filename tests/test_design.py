@@ -65,28 +65,58 @@ def test_coalitions_do_not_depend_on_the_shard_count():
 
 
 def test_sampled_sizes_follow_the_kernel():
-    design = CoalitionDesign(10, 3, (), 0, 20_000, 64)  # nothing enumerated: every size is sampled
+    design = CoalitionDesign(10, 3, (), 0, 20_000, 20_000)  # nothing enumerated: every size is sampled
     sizes = np.concatenate([z.sum(axis=1) for _, z, _ in all_rows(design)])
     observed = np.bincount(sizes, minlength=11) / len(sizes)
     np.testing.assert_allclose(observed, size_distribution(10), atol=0.01)
 
 
 def test_sample_blocks_are_the_documented_random_stream():
-    """Block j's pairs are drawn from default_rng(SeedSequence(seed, spawn_key=(j,))): sizes as
-    Generator.choice draws them with p = q restricted to the sampled sizes, then a uniform subset of
-    each size (the smallest random keys). A seeded job's coalitions are fixed by this."""
+    """Raw block j is drawn from default_rng(SeedSequence(seed, spawn_key=(j,))): its 64 sizes as
+    Generator.choice draws them with p = q over 1..M-1, then a uniform subset of each size (the
+    smallest random keys); pairs of enumerated sizes are skipped. A seeded job's coalitions are
+    fixed by this."""
     design = CoalitionDesign.create(12, 600, seed=5)
-    sizes_q = design.q[design.sampled_sizes]
+    q = design.q[1:12]
+    kept_total = 0
     for unit in design.units:
         if unit.kind != "sampled":
             continue
         rng = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(unit.block,)))
-        pairs = unit.n_coalitions // 2
-        sizes = rng.choice(design.sampled_sizes, size=pairs, p=sizes_q / sizes_q.sum())
-        ranks = np.argsort(np.argsort(rng.random((pairs, 12)), axis=1), axis=1)
-        z, _ = design.coalitions(unit)
-        np.testing.assert_array_equal(z[0::2], ranks < sizes[:, None])
-        np.testing.assert_array_equal(z[1::2], ranks >= sizes[:, None])
+        sizes = rng.choice(np.arange(1, 12), size=64, p=q / q.sum())
+        ranks = np.argsort(np.argsort(rng.random((64, 12)), axis=1), axis=1)
+        rows = np.arange(unit.start, unit.stop) - 64 * unit.block
+        rows = rows[~np.isin(sizes[rows], design.enumerated_sizes)]
+        z, pairs = design.coalitions(unit)
+        np.testing.assert_array_equal(z[0::2], ranks[rows] < sizes[rows, None])
+        np.testing.assert_array_equal(z[1::2], ranks[rows] >= sizes[rows, None])
+        np.testing.assert_array_equal(pairs[0::2], 64 * unit.block + rows)
+        kept_total += len(rows)
+    assert kept_total == design.n_pairs
+
+
+def test_a_larger_budget_contains_a_smaller_ones_design():
+    """Nested designs: what a budget adds to a smaller one (new enumerated sizes, further raw
+    pairs), with the rows of newly enumerated sizes and those past its raw positions dropped, is
+    the larger budget's design, row for row."""
+    for m, budgets in ((12, (300, 600, 1500)), (49, (256, 700, 2000)), (20, (100, 3000, 40_000))):
+        earlier, rows = None, []
+        for budget in budgets:
+            design = CoalitionDesign.create(m, budget, seed=4)
+            for unit in design.new_units(earlier):
+                z, extra = design.coalitions(unit)
+                rows.append((unit.kind, z, extra))
+            earlier = design
+            enumerated = np.concatenate([z for kind, z, _ in rows if kind == "enumerated"] or [np.zeros((0, m), bool)])
+            z_s = np.concatenate([z for kind, z, _ in rows if kind == "sampled"] or [np.zeros((0, m), bool)])
+            pairs = np.concatenate([p for kind, _, p in rows if kind == "sampled"] or [np.zeros(0, np.int64)])
+            keep = design.keeps(pairs, z_s.sum(axis=1))
+            expected = all_rows(design)
+            np.testing.assert_array_equal(enumerated, np.concatenate(
+                [z for kind, z, _ in expected if kind == "enumerated"] or [np.zeros((0, m), bool)]))
+            np.testing.assert_array_equal(z_s[keep], np.concatenate(
+                [z for kind, z, _ in expected if kind == "sampled"] or [np.zeros((0, m), bool)]))
+            assert keep.sum() == design.n_sampled
 
 
 def test_budget_checks():
@@ -127,7 +157,7 @@ def test_combine_requires_each_shard_exactly_once():
 def test_statistics_round_trip_through_arrays():
     stats = ShardStatistics.zeros(2, 5, 3)
     z = np.array([[1, 0, 1, 0, 1], [0, 1, 0, 1, 0]], dtype=bool)
-    stats.add_sampled(z, block=4, y=np.ones((2, 3)))
+    stats.add_sampled(z, np.array([4, 4]), y=np.ones((2, 3)))
     again = ShardStatistics.from_arrays(stats.to_arrays())
     assert again.shard_index == 2 and again.sampled_count == 2
     np.testing.assert_array_equal(np.unpackbits(again.sampled_bits, axis=1, count=5).astype(bool), z)

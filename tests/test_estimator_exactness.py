@@ -193,8 +193,9 @@ def _design_rows(design, value_of):
         if unit.kind == "enumerated":
             enumerated.append(z)
         else:
+            z, pairs = design.coalitions(unit)
             sampled.append(z)
-            groups.append(design.groups_of(np.full(len(z), unit.block)))
+            groups.append(design.groups_of(pairs))
     z_e, z_s, group = np.concatenate(enumerated), np.concatenate(sampled), np.concatenate(groups)
     v_empty = value_of(np.zeros((1, m), bool))[0]
     total = value_of(np.ones((1, m), bool))[0] - v_empty

@@ -23,6 +23,7 @@ FLAG_VALUES = {
     "--sigma": ["2"], "--grid": ["4x4"], "--kernel-size": ["3"], "--max-dist": ["5"], "--ratio": ["0.7"],
     "--scale": ["50"], "--min-size": ["20"], "--masker": ["constant:0"], "--labels": ["0,1"], "--top-k": ["2"],
     "--all-classes": [], "--class-names": ["{names}"], "--method": ["partition"], "--nsamples": ["500"],
+    "--target-std": ["0.01"], "--target-error": ["0.05"],
     "--max-evals": ["300"], "--estimator": ["linear"], "--seed": ["3"], "--batch-size": ["16"],
     "--layout": ["nchw"], "--channel-order": ["bgr"], "--resize": ["64"], "--center-crop": ["32"],
     "--preprocess": ["raw"], "--mean": ["1"], "--std": ["2"], "--output": ["softmax"],
@@ -113,7 +114,7 @@ SETTING_VALUES = {
     "method": "partition", "segmenter": "grid", "n_segments": 20, "compactness": 5.0, "sigma": 2.0, "grid": "4x4",
     "quickshift_kernel_size": 3.0, "quickshift_max_dist": 5.0, "quickshift_ratio": 0.7, "felzenszwalb_scale": 50.0,
     "felzenszwalb_min_size": 20, "masker": "constant:0", "labels": [0, 1], "top_k": 2, "all_classes": True,
-    "nsamples": 500, "max_evals": 300, "seed": 3, "estimator": "linear", "batch_size": 16, "layout": "nchw",
+    "nsamples": 500, "target_std": 0.01, "target_error": 0.05, "max_evals": 300, "seed": 3, "estimator": "linear", "batch_size": 16, "layout": "nchw",
     "channel_order": "bgr", "resize": "64", "center_crop": "32", "preprocess": "raw", "mean": [1.0], "std": [2.0],
     "output": "softmax", "class_names": ["circle", "square", "triangle"],
 }

@@ -97,7 +97,7 @@ def test_watchdog_redrives_a_partition_round_whose_parts_were_lost(services, sta
     model, image, settings, record = partition_job_stopped_at_round_0(services, start_workers, "triangle")
     start_workers(1, queues="shards")
     later = time.time() + services.settings.stall_seconds + 1
-    assert watchdog_pass(services, now=later) == {record.id: "re-sent 1 partition round(s)"}
+    assert watchdog_pass(services, now=later) == {record.id: "re-sent 1 round(s)"}
     assert_succeeds_as_in_process(services, record, model, image, settings)
 
 

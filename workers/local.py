@@ -74,6 +74,9 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
     if settings.method == "partition" and (segments is not None or (shards or 1) > 1 or workers > 1):
         raise InvalidSettingsError("segments, shards and workers apply to method kernel; method partition refines "
                                    "pixel boxes round by round in this process (the fleet spreads rounds over workers)")
+    if settings.has_target and workers > 1:
+        raise InvalidSettingsError("workers applies to a fixed nsamples; with target_std or target_error the rounds run "
+                                   "one after another in this process (the fleet spreads each round over workers)")
     model_bytes = model if isinstance(model, bytes) else read_model_file(model)
     if threads is None and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -105,6 +108,8 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
         update = bar.update if bar is not None else None
         if settings.method == "partition":
             _run_rounds(runtime, job.id, update)
+        elif settings.has_target:
+            _run_target_rounds(runtime, job.id, bar)
         elif workers > 1 and plan.n_shards > 1:
             _run_shards_in_pool(runtime, job.id, plan, min(workers, plan.n_shards), update)
         else:
@@ -151,6 +156,34 @@ def _run_rounds(runtime: LocalRuntime, job_id: str, on_progress: Callable[[int],
         if step.next_round is None:
             return
         round_index = step.next_round
+
+
+def _run_target_rounds(runtime: LocalRuntime, job_id: str, bar) -> None:
+    """Method kernel with a target: the round steps, in the order the fleet's messages would run them;
+    the bar follows each part's batches and moves its total to the projection after each round."""
+    update = bar.update if bar is not None else None
+    round_index = 0
+    while True:
+        step = steps.kernel_round(runtime, job_id, 0, round_index)
+        for part in step.parts:
+            steps.kernel_round_part(runtime, job_id, 0, round_index, part, on_progress=update)
+        if step.parts:
+            continue  # the round step again: it decides the round
+        job = runtime.jobs.get(job_id)
+        if bar is not None and hasattr(bar, "retarget") and 0 in job.precision:
+            bar.retarget(job.evaluations_total, precision_note(job.precision[0]))
+        if step.next_round is None:
+            return
+        round_index = step.next_round
+
+
+def precision_note(precision: dict) -> str:
+    """How far a target run is after its last round, e.g. ``std 0.012 > 0.005`` (std, target)."""
+    kind = "std" if "target_std" in precision else "error"
+    target = precision.get("target_std", precision.get("target_error"))
+    achieved = precision.get("precision")
+    shown = "?" if achieved is None else f"{achieved:.3g}"
+    return f"{kind} {shown} {'<=' if achieved is not None and achieved <= target else '>'} {target:g}"
 
 
 # -- the local process pool (one onnxruntime session per process, created once) -------------------

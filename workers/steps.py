@@ -16,6 +16,7 @@ count each name once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -32,13 +33,15 @@ from shapfleet.broker.keys import (
     reference_key,
     result_key,
     result_prefix,
+    rounds_key,
     segments_key,
     shard_key,
 )
 from shapfleet.broker.records import JobRecord, JobStatus
 from shapfleet.errors import Canceled, InvalidSettingsError, ObjectNotFound, PipelineError
-from shapfleet.workers.engine.estimation import ShardStatistics
-from shapfleet.workers.engine.evaluation import coalition_predictor, evaluate_shard, masked_values
+from shapfleet.workers.engine.design import CoalitionDesign, WorkUnit
+from shapfleet.workers.engine.estimation import ShardStatistics, combine, estimate, restrict
+from shapfleet.workers.engine.evaluation import coalition_predictor, evaluate_shard, evaluate_units, masked_values
 from shapfleet.workers.engine.images import DEFAULT_MAX_PIXELS, as_pixel_array, fit_to_model, load_image, npy_bytes
 from shapfleet.workers.engine.partition import (
     PartitionPlan,
@@ -52,8 +55,9 @@ from shapfleet.workers.engine.partition import (
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
 from shapfleet.workers.engine.rendering import render_artifacts, render_collection
 from shapfleet.workers.engine.result import Explanation, reduce_shards
+from shapfleet.workers.engine.rounds import RoundOutcome, Target, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
-from shapfleet.workers.engine.settings import ExplainSettings
+from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
 from shapfleet.workers.runtime import Runtime, load_statistics, npz_bytes
 
 #: Progress is written to the records at most this often per shard (seconds), and at its end.
@@ -63,6 +67,13 @@ CONTENT_TYPES = {".npz": "application/octet-stream", ".png": "image/png", ".json
 
 #: Stored inputs that start so are pixel arrays (``.npy``), which only the in-process run stores.
 NPY_MAGIC = b"\x93NUMPY"
+
+
+def target_cap(runtime: Runtime) -> int:
+    """A target run's cap when ``nsamples`` is not given: the tenant limit on nsamples (the fleet),
+    else the engine's default."""
+    limits = runtime.policy.limits
+    return limits.max_nsamples if limits is not None else DEFAULT_MAX_NSAMPLES
 
 
 def _check_running(runtime: Runtime, job_id: str) -> None:
@@ -87,7 +98,7 @@ def plan_job(runtime: Runtime, job_id: str) -> list[JobPlan] | list[PartitionPla
                      "background_set": _stored(runtime, background_key(job_id))}
     with runtime.model_call_bounds(job_id):
         plans = [_plan_image(runtime, job, index, settings, classifier, masker_inputs) for index in range(job.n_images)]
-    counts = [1] * len(plans) if settings.method == "partition" else [p.n_shards for p in plans]
+    counts = [1] * len(plans) if settings.runs_in_rounds else [p.n_shards for p in plans]
     runtime.jobs.set_totals(job_id, counts, sum(p.total_evaluations for p in plans),
                             sum(p.planning_evaluations for p in plans))
     return plans
@@ -110,7 +121,8 @@ def _plan_image(runtime: Runtime, job: JobRecord, index: int, settings: ExplainS
         n_players = int(labels.max()) + 1
         if limits is not None and n_players > limits.max_superpixels:
             raise InvalidSettingsError(f"{name} has {n_players} superpixels; the limit is {limits.max_superpixels}")
-        plan = plan_explanation(image, classifier.predict, settings, segments=labels, **masker_inputs)
+        plan = plan_explanation(image, classifier.predict, settings, segments=labels, default_cap=target_cap(runtime),
+                                **masker_inputs)
         plan.split(runtime.policy.shards_for(plan))
     if limits is not None and len(plan.classes) > limits.max_classes:
         raise InvalidSettingsError(f"{len(plan.classes)} classes to explain per image; the limit is "
@@ -291,6 +303,186 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
     return done == len(record.parts)
 
 
+# -- method kernel with a target: rounds of growing budgets ----------------------------------------
+@dataclass
+class KernelRound:
+    """A target run's round as planned: its budget, the design of that budget, and its parts (each
+    a run of the work units this design adds to the previous round's)."""
+
+    budget: int
+    design: CoalitionDesign
+    parts: list[tuple[WorkUnit, ...]]
+
+    def encode(self) -> bytes:
+        return json_bytes({"budget": self.budget, "design": self.design.to_dict(),
+                           "parts": [[dataclasses.asdict(u) for u in part] for part in self.parts]})
+
+    @classmethod
+    def decode(cls, data: bytes) -> "KernelRound":
+        document = json.loads(data)
+        return cls(int(document["budget"]), CoalitionDesign.from_dict(document["design"]),
+                   [tuple(WorkUnit(**u) for u in part) for part in document["parts"]])
+
+
+def _outcome(runtime: Runtime, job_id: str, image_index: int, name: str) -> RoundOutcome:
+    return runtime.get_record(rounds_key(job_id, image_index, name), lambda b: RoundOutcome.from_dict(json.loads(b)))
+
+
+def _kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> KernelRound:
+    return runtime.get_record(rounds_key(job_id, image_index, f"round-{round_index}.json"), KernelRound.decode)
+
+
+def _round_cap(runtime: Runtime, settings: ExplainSettings) -> int:
+    return cap_of(settings, target_cap(runtime))
+
+
+def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> RoundStep:
+    """Drive image ``image_index`` of a kernel job with a target at round ``round_index``; idempotent.
+
+    Finished image: record it (``<image>/0``). Round not planned yet: plan it from the last round's
+    outcome (round 0: the plan's first budget) as the units its design adds to the last round's,
+    split into parts. Parts missing: report them. Every part stored: estimate from every round's
+    statistics restricted to this round's design, decide (stop, or the next budget), record the
+    precision, and start the next round or finish the image."""
+    jobs = runtime.jobs
+    _check_running(runtime, job_id)
+    jobs.set_round(job_id, image_index, round_index)
+    final = rounds_key(job_id, image_index, "final.json")
+    if runtime.has_record(final):
+        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+    plan = runtime.plan(job_id, image_index)
+    round_key = rounds_key(job_id, image_index, f"round-{round_index}.json")
+    if not runtime.has_record(round_key):
+        if round_index == 0:
+            design, earlier = plan.design, None
+        else:
+            budget = _outcome(runtime, job_id, image_index, f"outcome-{round_index - 1}.json").next_budget
+            earlier = _kernel_round(runtime, job_id, image_index, round_index - 1).design
+            design = CoalitionDesign.create(plan.n_players, budget, plan.design.seed)
+        units = design.new_units(earlier)
+        evaluations = sum(u.n_coalitions for u in units) * plan.masker.n_backgrounds
+        policy = runtime.policy
+        n_parts = policy.fixed_shards or max(1, min(policy.max_shards, -(-evaluations // max(1, policy.shard_evaluations))))
+        parts = [p for p in design.shard_units(n_parts, units) if p] if units else []
+        runtime.put_record_once(round_key, KernelRound(design.n_coalitions, design, parts), KernelRound.encode)
+    record = _kernel_round(runtime, job_id, image_index, round_index)
+    missing = [p for p in range(len(record.parts))
+               if not runtime.store.exists(rounds_key(job_id, image_index, f"round-{round_index}/part-{p}.npz"))]
+    if missing:
+        return RoundStep(missing)
+    outcome_key = rounds_key(job_id, image_index, f"outcome-{round_index}.json")
+    decided = False
+    if not runtime.has_record(outcome_key):
+        stats = _round_statistics(runtime, job_id, image_index, round_index, record.design)
+        result = estimate(record.design, stats, plan.v_empty, plan.v_full, plan.settings.estimator)
+        target = Target.of(plan.settings)
+        history = [(o.budget, o.precision) for o in
+                   (_outcome(runtime, job_id, image_index, f"outcome-{r}.json") for r in range(round_index))]
+        history.append((record.budget, target.precision(result.values, result.std)))
+        outcome = decide(history, target, _round_cap(runtime, plan.settings), record.design.is_exact)
+        decided = runtime.put_record_once(outcome_key, outcome, lambda o: json_bytes(o.to_dict()))
+        spent = stats.n_evaluations
+        projected = outcome.budget if outcome.stopped_because else min(outcome.projected, _round_cap(runtime, plan.settings))
+        jobs.set_shard_progress(job_id, f"{image_index}/0", spent)
+        jobs.set_precision(job_id, image_index, {**outcome.to_dict(), **target.to_dict(), "evaluations": spent},
+                           _evaluations_total(runtime, job_id, image_index, projected * plan.masker.n_backgrounds))
+    outcome = _outcome(runtime, job_id, image_index, f"outcome-{round_index}.json")
+    if outcome.stopped_because is not None:
+        runtime.put_record_once(final, outcome, lambda o: json_bytes(o.to_dict()))
+        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+    # Send the next round unless another step already decided this round and started the next (a
+    # re-driven step must not start a second chain; one whose decider died still continues).
+    if decided or jobs.current_round(job_id, image_index) <= round_index:
+        return RoundStep([], next_round=round_index + 1)
+    return RoundStep([])
+
+
+def _evaluations_total(runtime: Runtime, job_id: str, image_index: int, projected: int) -> int:
+    """The job's evaluation total with image ``image_index`` now projected at ``projected`` evaluations
+    (beyond planning): the other images at their last projection, or their first round's size."""
+    job = runtime.jobs.get(job_id)
+    total = 0
+    for index in range(job.n_images):
+        plan = runtime.plan(job_id, index)
+        if index == image_index:
+            coalitions = projected
+        else:
+            known = job.precision.get(index)
+            budget = plan.design.n_coalitions if known is None else \
+                (known["budget"] if known["stopped_because"] else known["projected"])
+            coalitions = budget * plan.masker.n_backgrounds
+        total += plan.planning_evaluations + coalitions
+    return total
+
+
+def _round_statistics(runtime: Runtime, job_id: str, image_index: int, round_index: int,
+                      design: CoalitionDesign) -> ShardStatistics:
+    """Every part of rounds 0..``round_index``, in order, restricted to ``design``."""
+    parts = []
+    for r in range(round_index + 1):
+        for p in range(len(_kernel_round(runtime, job_id, image_index, r).parts)):
+            stats = load_statistics(runtime.store.get(rounds_key(job_id, image_index, f"round-{r}/part-{p}.npz")))
+            stats.shard_index = len(parts)
+            parts.append(stats)
+    if not parts:  # the design adds nothing: cannot happen for round 0, whose design is not empty
+        raise PipelineError(f"image {image_index} of job {job_id} has no evaluated coalitions")
+    return restrict(combine(parts, len(parts)), design)
+
+
+def kernel_round_part(runtime: Runtime, job_id: str, image_index: int, round_index: int, part: int,
+                      on_progress: Callable[[int], None] | None = None) -> bool:
+    """Evaluate one part of a target run's round and store its statistics once; returns whether the
+    round's parts are all stored now (then the caller sends the round step again, which decides it).
+    The records count the part's evaluations when the round is decided; ``on_progress(n)`` hears of
+    them batch by batch."""
+    _check_running(runtime, job_id)
+    key = rounds_key(job_id, image_index, f"round-{round_index}/part-{part}.npz")
+    record = _kernel_round(runtime, job_id, image_index, round_index)
+    if not runtime.store.exists(key):
+        plan = runtime.plan(job_id, image_index)
+        model = runtime.classifier(runtime.jobs.get(job_id).model_sha256, plan.settings)
+        with runtime.model_call_bounds(job_id):
+            stats = evaluate_units(plan, record.design, record.parts[part], part, model.predict, on_progress,
+                                   predict_coalitions=coalition_predictor(model, plan))
+        _put_once(runtime, key, npz_bytes(stats.to_arrays()), "application/octet-stream")
+    _, done = runtime.jobs.round_part_done(job_id, image_index, round_index, part)
+    return done == len(record.parts)
+
+
+def image_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> RoundStep:
+    """A round step of either kind: method partition's refinement, or a kernel target run's."""
+    settings = ExplainSettings.from_dict(runtime.jobs.get(job_id).settings)
+    if settings.method == "partition":
+        return partition_round(runtime, job_id, image_index, round_index)
+    return kernel_round(runtime, job_id, image_index, round_index)
+
+
+def image_round_part(runtime: Runtime, job_id: str, image_index: int, round_index: int, part: int) -> bool:
+    """A part of a round step of either kind (see :func:`image_round`)."""
+    settings = ExplainSettings.from_dict(runtime.jobs.get(job_id).settings)
+    if settings.method == "partition":
+        return partition_part(runtime, job_id, image_index, round_index, part)
+    return kernel_round_part(runtime, job_id, image_index, round_index, part)
+
+
+def _target_explanation(runtime: Runtime, job_id: str, index: int) -> Explanation:
+    """A target run's image reduced at its final round: the statistics of that round's design, so the
+    same as a fixed-budget run of that many coalitions, with how the run ended in ``extra``."""
+    plan = runtime.plan(job_id, index)
+    outcome = _outcome(runtime, job_id, index, "final.json")
+    design = _kernel_round(runtime, job_id, index, outcome.round_index).design
+    stats = _round_statistics(runtime, job_id, index, outcome.round_index, design)
+    stats.shard_index = 0
+    final_plan = dataclasses.replace(plan, design=design, n_shards=1)
+    explanation = reduce_shards(final_plan, [stats])
+    target = Target.of(plan.settings)
+    explanation.extra.update({
+        **target.to_dict(), "target_met": outcome.target_met, "stopped_because": outcome.stopped_because,
+        "rounds": outcome.round_index + 1, "achieved": None if outcome.precision == float("inf") else outcome.precision,
+        "cap": _round_cap(runtime, plan.settings)})
+    return explanation
+
+
 def evaluate_job_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int,
                        on_progress: Callable[[int], None] | None = None) -> ShardStatistics:
     """Evaluate shard ``shard_index`` of image ``image_index`` from the job's stored plan, its model calls
@@ -362,8 +554,8 @@ def reduce_explanations(runtime: Runtime, job_id: str) -> list[Explanation]:
     missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id)]
     if missing or not job.shards_total:
         raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
-    method = ExplainSettings.from_dict(job.settings).method
-    return [_reduce_image(runtime, job_id, index, method) for index in range(job.n_images)]
+    settings = ExplainSettings.from_dict(job.settings)
+    return [_reduce_image(runtime, job_id, index, settings.method, settings.has_target) for index in range(job.n_images)]
 
 
 def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], str]) -> list[tuple[str, bytes, int | None]]:
@@ -398,12 +590,14 @@ def discard_results(runtime: Runtime, job_id: str) -> None:
     runtime.store.delete_prefix(result_prefix(job_id))
 
 
-def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str) -> Explanation:
+def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str, target: bool) -> Explanation:
     try:
         if method == "partition":
             plan = runtime.partition_plan(job_id, index)
             state = _state(runtime, partition_key(job_id, index, "final.json"))
             return partition_explanation(plan, state)
+        if target:
+            return _target_explanation(runtime, job_id, index)
         plan = runtime.plan(job_id, index)
         stats = [load_statistics(runtime.store.get(shard_key(job_id, index, i))) for i in range(plan.n_shards)]
     except ObjectNotFound as e:

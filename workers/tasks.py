@@ -7,7 +7,9 @@
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
 
-Method partition replaces the shards with rounds, per image and in parallel across images:
+Method partition, and method kernel with a target (``target_std``/``target_error``), replace the
+shards with rounds, per image and in parallel across images (a kernel round evaluates what a larger
+budget's design adds, and its step decides from the estimate whether to stop or grow the budget):
 - ``shapfleet.partition_round(job_id, image, round)``: choose the round's nodes from the stored
   state and send one ``partition_part`` per slice of its masks; once every part is stored, apply
   the outputs and send the next round; when nothing is left to refine, record the image done (the
@@ -152,7 +154,7 @@ def plan(self, job_id: str) -> int:
             return 0
         jobs.start(job_id)
         plans = steps.plan_job(runtime, job_id)
-        if isinstance(plans[0], PartitionPlan):
+        if isinstance(plans[0], PartitionPlan) or plans[0].settings.has_target:
             group([partition_round.s(job_id, index, 0) for index in range(len(plans))]).apply_async()
             return len(plans)
         group([shard.s(job_id, index, i) for index, i in largest_shards_first(plans)]).apply_async()
@@ -195,7 +197,7 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
 def partition_round(self, job_id: str, image_index: int, round_index: int) -> int:
     runtime = runtime_of(self.app)
     try:
-        step = steps.partition_round(runtime, job_id, image_index, round_index)
+        step = steps.image_round(runtime, job_id, image_index, round_index)
         if step.parts:
             group([partition_part.s(job_id, image_index, round_index, p) for p in step.parts]).apply_async()
         elif step.next_round is not None:
@@ -215,7 +217,7 @@ def partition_part(self, job_id: str, image_index: int, round_index: int, part: 
     try:
         if _crashed_too_often(self, runtime.services, job_id, name, limit):
             return False
-        completed = steps.partition_part(runtime, job_id, image_index, round_index, part)
+        completed = steps.image_round_part(runtime, job_id, image_index, round_index, part)
         if completed:
             partition_round.apply_async(args=[job_id, image_index, round_index])
         return completed

@@ -110,6 +110,7 @@ function settingsFromForm() {
     if ($("max-evals").value) settings.max_evals = Number($("max-evals").value);
   } else {
     if ($("nsamples").value) settings.nsamples = Number($("nsamples").value);
+    if ($("target-error").value) settings.target_error = Number($("target-error").value);
     if ($("estimator").value !== "auto") settings.estimator = $("estimator").value;
   }
   if ($("resize").value.trim()) settings.resize = $("resize").value.trim();
@@ -164,8 +165,17 @@ function watchJob(jobId) {
       const p = job.progress;
       $("job-status").textContent = job.status;
       $("job-progress").value = p.fraction;
-      $("job-progress-text").textContent =
-        `${p.evaluations_done} / ${p.evaluations_total} evaluations, ${p.shards_done} / ${p.shards_total} shards`;
+      let text = `${p.evaluations_done} / ${p.evaluations_total} evaluations, ${p.shards_done} / ${p.shards_total} shards`;
+      if (p.precision) {
+        // A target run: each image's precision after its last round against the target, and the ETA.
+        text += "; " + p.precision.map((r) => {
+          const target = r.target_error ?? r.target_std, kind = r.target_error !== undefined ? "error" : "std";
+          const achieved = r.precision === null ? "?" : r.precision.toPrecision(3);
+          return `image ${r.image}: ${kind} ${achieved} (target ${target}) after ${r.round_index + 1} round(s)`;
+        }).join(", ");
+        if (p.eta_seconds != null) text += `, about ${Math.ceil(p.eta_seconds)} s left`;
+      }
+      $("job-progress-text").textContent = text;
       if (["succeeded", "failed", "canceled"].includes(job.status)) {
         $("cancel").hidden = true;
         if (job.status === "failed") showError(new ApiError(job.error, job.error.status));

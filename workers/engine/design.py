@@ -17,11 +17,23 @@ p is symmetric, both members have the law p restricted to R. Each sampled coalit
 q_R / N_S (N_S = number of sampled coalitions), so the weighted sums are unbiased for the
 restricted expectations.
 
-**Randomness and shards.** Samples come in blocks of ``pairs_per_block`` pairs; block j is drawn from
-``numpy.random.default_rng(SeedSequence(seed, spawn_key=(j,)))``. Work units are enumeration chunks
+**One stream, nested designs.** Sampled pairs come from one infinite stream of *raw* pairs: raw pair
+i draws |z| ~ q over every size 1..M-1 and a uniform subset of that size; a raw pair whose size is
+enumerated is skipped (rejection sampling, which leaves exactly the law q / q_R over R). A design
+takes the first ``n_pairs`` kept pairs, that is the raw pairs before position ``raw_pairs``. The
+stream does not depend on the budget, and the enumerated sizes only grow with it, so the design for
+a budget n contains, after dropping the raw pairs of newly enumerated sizes, every coalition of the
+design for any smaller budget: a run that grows its budget in rounds (``--target-std``) evaluates
+only what the larger design adds and ends with exactly the design, hence the answer, of a fixed
+budget run at its final size (:meth:`CoalitionDesign.new_units`, :meth:`CoalitionDesign.keeps`).
+
+**Randomness and shards.** The raw stream comes in blocks of ``RAW_PAIRS_PER_BLOCK`` pairs; block j is
+drawn from ``numpy.random.default_rng(SeedSequence(seed, spawn_key=(j,)))``: first the block's sizes,
+then its subsets' random keys. Work units are enumeration chunks (never straddling a size pair)
 followed by sample blocks; a shard takes a contiguous run of units. The coalitions therefore depend
 only on (M, nsamples, seed), never on the shard count, so the reduced estimate does not either.
-Blocks are also the independent groups used for error bars (block j belongs to group j mod G).
+Raw pairs are iid, so the jackknife's independent groups are pairs too: raw pair i belongs to group
+i mod G, G = min(32, n_pairs).
 """
 
 from __future__ import annotations
@@ -36,14 +48,18 @@ import numpy as np
 from shapfleet.errors import InvalidSettingsError
 
 ENUMERATION_CHUNK = 256
-MAX_PAIRS_PER_BLOCK = 64
-TARGET_BLOCKS = 32
+RAW_PAIRS_PER_BLOCK = 64
 MAX_GROUPS = 32
 
 
 def default_nsamples(n_players: int) -> int:
     """shap's ``nsamples="auto"``: 2M + 2048 coalitions."""
     return 2 * n_players + 2048
+
+
+def minimum_nsamples(n_players: int) -> int:
+    """The fewest coalitions a regression over M players accepts (M + 2), unless the game is smaller."""
+    return min(n_players + 2, 2 ** n_players - 2) if n_players < 63 else n_players + 2
 
 
 def size_distribution(n_players: int) -> np.ndarray:
@@ -57,16 +73,18 @@ def size_distribution(n_players: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """An enumeration chunk (``start``/``stop`` into the enumerated coalitions) or a sample block."""
+    """An enumeration chunk (``start``/``stop`` into the enumerated coalitions) or a sample block
+    (``start``/``stop`` raw pair positions, in block ``block``; ``n_coalitions`` its kept coalitions)."""
 
     kind: str  # "enumerated" or "sampled"
     start: int
     stop: int
     block: int = -1
+    kept: int = -1  # sampled: coalitions kept in [start, stop)
 
     @property
     def n_coalitions(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start if self.kind == "enumerated" else self.kept
 
 
 @dataclass(frozen=True)
@@ -78,7 +96,7 @@ class CoalitionDesign:
     enumerated_sizes: tuple[int, ...]
     n_enumerated: int
     n_pairs: int
-    pairs_per_block: int
+    raw_pairs: int  # the raw pair positions [0, raw_pairs) whose kept pairs are the design's samples
 
     @classmethod
     def create(cls, n_players: int, nsamples: int | None, seed: int) -> "CoalitionDesign":
@@ -90,34 +108,17 @@ class CoalitionDesign:
         budget = default_nsamples(m) if nsamples is None else int(nsamples)
         if total is not None and budget >= total:
             sizes = tuple(range(1, m))
-            return cls(m, seed, sizes, total, 0, 1)
-        minimum = m + 2
+            return cls(m, int(seed), sizes, total, 0, 0)
+        minimum = minimum_nsamples(m)
         if budget < minimum:
             raise InvalidSettingsError(
                 f"nsamples={budget} is too small to solve for {m} superpixels: use at least {minimum} "
                 f"(or fewer superpixels)"
             )
-        q = size_distribution(m)
-        enumerated: list[int] = []
-        n_enumerated = 0
-        left = budget
-        remaining_mass = 1.0
-        for s in range(1, m // 2 + 1):
-            partner = m - s
-            count = math.comb(m, s) * (1 if partner == s else 2)
-            mass = q[s] * (1 if partner == s else 2)
-            if left * mass / remaining_mass >= count - 1e-8:
-                enumerated.extend([s] if partner == s else [s, partner])
-                n_enumerated += count
-                left -= count
-                remaining_mass -= mass
-                if remaining_mass <= 1e-12:
-                    break
-            else:
-                break
-        n_pairs = left // 2 if remaining_mass > 1e-12 else 0
-        pairs_per_block = min(MAX_PAIRS_PER_BLOCK, max(1, -(-n_pairs // TARGET_BLOCKS)))
-        return cls(m, int(seed), tuple(enumerated), n_enumerated, int(n_pairs), pairs_per_block)
+        enumerated, n_enumerated, remaining_mass = enumerated_sizes(m, budget)
+        n_pairs = (budget - n_enumerated) // 2 if remaining_mass > 1e-12 else 0
+        design = cls(m, int(seed), tuple(enumerated), n_enumerated, int(n_pairs), 0)
+        return cls(m, int(seed), tuple(enumerated), n_enumerated, int(n_pairs), design._raw_pairs_needed())
 
     # -- derived quantities --------------------------------------------------------------------
     @cached_property
@@ -129,10 +130,15 @@ class CoalitionDesign:
         return np.array([s for s in range(1, self.n_players) if s not in set(self.enumerated_sizes)], dtype=np.int64)
 
     @cached_property
-    def _sampled_size_cdf(self) -> np.ndarray:
-        # Computed as Generator.choice computes it, so that the draws are the same to the last bit.
-        sizes_q = self.q[self.sampled_sizes]
-        cdf = np.cumsum(sizes_q / sizes_q.sum())
+    def _is_enumerated(self) -> np.ndarray:
+        enumerated = np.zeros(self.n_players + 1, dtype=bool)
+        enumerated[list(self.enumerated_sizes)] = True
+        return enumerated
+
+    @cached_property
+    def _size_cdf(self) -> np.ndarray:
+        """The distribution function of q over sizes 1..M-1, which every raw pair draws from."""
+        cdf = np.cumsum(self.q[1:self.n_players])
         return cdf / cdf[-1]
 
     @property
@@ -154,16 +160,16 @@ class CoalitionDesign:
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.n_pairs // self.pairs_per_block) if self.n_pairs else 0
+        return -(-self.raw_pairs // RAW_PAIRS_PER_BLOCK)
 
     @property
     def n_groups(self) -> int:
-        """Independent groups of sample blocks for the jackknife error bars."""
-        return min(MAX_GROUPS, self.n_blocks)
+        """Independent groups of sampled pairs for the jackknife error bars."""
+        return min(MAX_GROUPS, self.n_pairs)
 
-    def groups_of(self, blocks: np.ndarray) -> np.ndarray:
-        """The jackknife group of each sample block: block j belongs to group j mod G."""
-        return np.asarray(blocks) % max(1, self.n_groups)
+    def groups_of(self, pairs: np.ndarray) -> np.ndarray:
+        """The jackknife group of each sampled row, from its raw pair position i: i mod G."""
+        return np.asarray(pairs) % max(1, self.n_groups)
 
     def kernel_probability(self, sizes: np.ndarray) -> np.ndarray:
         """p(z) = q(|z|) / C(M, |z|) for coalitions of the given sizes: an enumerated coalition's weight."""
@@ -179,22 +185,84 @@ class CoalitionDesign:
     def from_dict(cls, data: dict) -> "CoalitionDesign":
         return cls(**{**data, "enumerated_sizes": tuple(data["enumerated_sizes"])})
 
+    # -- the raw stream ------------------------------------------------------------------------
+    def _block_stream(self, block: int) -> tuple[np.ndarray, np.random.Generator]:
+        """Block ``block``'s raw sizes, and its generator positioned at the subsets' keys."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(block,)))
+        # |z| ~ q over 1..M-1 by inverting its distribution function (what Generator.choice does,
+        # without its per-call checks of p, which cost more than the rest of a block).
+        sizes = 1 + np.searchsorted(self._size_cdf, rng.random(RAW_PAIRS_PER_BLOCK), side="right")
+        return np.minimum(sizes, self.n_players - 1), rng
+
+    def _raw_pairs_needed(self) -> int:
+        """The raw positions needed to keep ``n_pairs`` pairs (only the blocks' sizes are drawn)."""
+        kept, block = 0, 0
+        while kept < self.n_pairs:
+            keep = ~self._is_enumerated[self._block_stream(block)[0]]
+            if kept + int(keep.sum()) >= self.n_pairs:
+                last = int(np.flatnonzero(keep)[self.n_pairs - kept - 1])
+                return block * RAW_PAIRS_PER_BLOCK + last + 1
+            kept += int(keep.sum())
+            block += 1
+        return 0
+
+    def keeps(self, pairs: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Which sampled rows (raw pair positions, coalition sizes) belong to this design: a row drawn
+        for a smaller design of the same stream may since have been enumerated, or lie past the
+        design's raw positions (a larger budget can enumerate more and so need fewer raw pairs)."""
+        return (np.asarray(pairs) < self.raw_pairs) & ~self._is_enumerated[np.asarray(sizes)]
+
     # -- work units and shards -----------------------------------------------------------------
     @cached_property
     def units(self) -> tuple[WorkUnit, ...]:
-        units = [
-            WorkUnit("enumerated", start, min(start + ENUMERATION_CHUNK, self.n_enumerated))
-            for start in range(0, self.n_enumerated, ENUMERATION_CHUNK)
-        ]
+        units = []
+        start = 0
+        for group in self._size_groups():
+            count = sum(math.comb(self.n_players, s) for s in group)
+            units += [WorkUnit("enumerated", a, min(a + ENUMERATION_CHUNK, start + count))
+                      for a in range(start, start + count, ENUMERATION_CHUNK)]
+            start += count
         for block in range(self.n_blocks):
-            first = block * self.pairs_per_block
-            pairs = min(self.pairs_per_block, self.n_pairs - first)
-            units.append(WorkUnit("sampled", 2 * first, 2 * (first + pairs), block))
+            first = block * RAW_PAIRS_PER_BLOCK
+            stop = min(first + RAW_PAIRS_PER_BLOCK, self.raw_pairs)
+            sizes = self._block_stream(block)[0][:stop - first]
+            units.append(WorkUnit("sampled", first, stop, block, 2 * int((~self._is_enumerated[sizes]).sum())))
         return tuple(units)
 
-    def shard_units(self, n_shards: int) -> list[tuple[WorkUnit, ...]]:
-        """Split the units into at most ``n_shards`` contiguous runs of about equal evaluation count."""
-        units = self.units
+    def _size_groups(self) -> list[tuple[int, ...]]:
+        """The enumerated sizes as enumerated: complementary pairs (s, M - s), or s alone at M / 2."""
+        sizes = list(self.enumerated_sizes)
+        groups = []
+        while sizes:
+            s = sizes.pop(0)
+            if sizes and sizes[0] == self.n_players - s != s:
+                groups.append((s, sizes.pop(0)))
+            else:
+                groups.append((s,))
+        return groups
+
+    def new_units(self, earlier: "CoalitionDesign | None") -> tuple[WorkUnit, ...]:
+        """The units whose coalitions ``earlier`` (a design of the same stream, a smaller budget)
+        did not evaluate: the chunks of newly enumerated sizes and the raw positions past its own.
+        (Raw pairs of sizes enumerated since are evaluated again as enumerated coalitions.)"""
+        if earlier is None:
+            return self.units
+        units = []
+        for unit in self.units:
+            if unit.kind == "enumerated" and unit.start >= earlier.n_enumerated:
+                units.append(unit)
+            elif unit.kind == "sampled" and unit.stop > earlier.raw_pairs:
+                start = max(unit.start, earlier.raw_pairs)
+                sizes = self._block_stream(unit.block)[0][start - unit.block * RAW_PAIRS_PER_BLOCK:
+                                                           unit.stop - unit.block * RAW_PAIRS_PER_BLOCK]
+                units.append(WorkUnit("sampled", start, unit.stop, unit.block,
+                                      2 * int((~self._is_enumerated[sizes]).sum())))
+        return tuple(units)
+
+    def shard_units(self, n_shards: int, units: tuple[WorkUnit, ...] | None = None) -> list[tuple[WorkUnit, ...]]:
+        """Split ``units`` (default: all) into at most ``n_shards`` contiguous runs of about equal
+        evaluation count."""
+        units = self.units if units is None else units
         n = max(1, min(int(n_shards), len(units)))
         cumulative = np.cumsum([u.n_coalitions for u in units])
         total = cumulative[-1] if len(units) else 0
@@ -209,14 +277,12 @@ class CoalitionDesign:
 
     # -- coalitions ----------------------------------------------------------------------------
     def coalitions(self, unit: WorkUnit) -> tuple[np.ndarray, np.ndarray]:
-        """The unit's coalitions as a bool ``n x M`` matrix and their weights (``n``).
-
-        Enumerated coalitions carry p(z); sampled ones carry 1 here, and the estimator applies
-        q_R / N_S when it reduces, so that shards need not know N_S's split.
-        """
+        """The unit's coalitions as a bool ``n x M`` matrix, and for enumerated ones their weights
+        p(z); for sampled ones, each row's raw pair position (the estimator applies q_R / N_S when
+        it reduces, so that shards need not know N_S's split)."""
         if unit.kind == "enumerated":
             return self._enumerated(unit.start, unit.stop)
-        return self._sample_block(unit.block), np.ones(unit.n_coalitions)
+        return self._sample_block(unit)
 
     def _enumerated(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         m = self.n_players
@@ -228,19 +294,44 @@ class CoalitionDesign:
             z[row, list(members)] = True
         return z, self.kernel_probability(z.sum(axis=1))
 
-    def _sample_block(self, block: int) -> np.ndarray:
+    def _sample_block(self, unit: WorkUnit) -> tuple[np.ndarray, np.ndarray]:
         m = self.n_players
-        first = block * self.pairs_per_block
-        pairs = min(self.pairs_per_block, self.n_pairs - first)
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(block,)))
-        # |z| ~ q(s) / q_R over the sampled sizes by inverting their distribution function: the
-        # draws Generator.choice(sampled_sizes, p=...) makes from the same stream, without its
-        # per-call checks of p (which cost more than the rest of a block).
-        sizes = self.sampled_sizes[np.searchsorted(self._sampled_size_cdf, rng.random(pairs), side="right")]
+        sizes, rng = self._block_stream(unit.block)
         # A uniformly random subset of size s: the s players with the smallest random keys.
-        ranks = np.argsort(np.argsort(rng.random((pairs, m)), axis=1), axis=1)
-        z = ranks < sizes[:, None]
-        out = np.empty((2 * pairs, m), dtype=bool)
+        ranks = np.argsort(np.argsort(rng.random((RAW_PAIRS_PER_BLOCK, m)), axis=1), axis=1)
+        first = unit.block * RAW_PAIRS_PER_BLOCK
+        positions = np.arange(unit.start, unit.stop)
+        rows = positions - first
+        keep = ~self._is_enumerated[sizes[rows]]
+        rows, positions = rows[keep], positions[keep]
+        z = ranks[rows] < sizes[rows, None]
+        out = np.empty((2 * len(rows), m), dtype=bool)
         out[0::2] = z
         out[1::2] = ~z
-        return out
+        return out, np.repeat(positions, 2)
+
+
+def enumerated_sizes(n_players: int, budget: int) -> tuple[list[int], int, float]:
+    """The sizes a budget enumerates (outside in, in complementary pairs), their coalition count,
+    and the kernel mass left to sample. Grows with the budget: every size a budget enumerates, a
+    larger one enumerates too."""
+    m = n_players
+    q = size_distribution(m)
+    enumerated: list[int] = []
+    n_enumerated = 0
+    left = budget
+    remaining_mass = 1.0
+    for s in range(1, m // 2 + 1):
+        partner = m - s
+        count = math.comb(m, s) * (1 if partner == s else 2)
+        mass = q[s] * (1 if partner == s else 2)
+        if left * mass / remaining_mass >= count - 1e-8:
+            enumerated.extend([s] if partner == s else [s, partner])
+            n_enumerated += count
+            left -= count
+            remaining_mass -= mass
+            if remaining_mass <= 1e-12:
+                break
+        else:
+            break
+    return enumerated, n_enumerated, remaining_mass

@@ -10,7 +10,7 @@ A and b are expectations, so shards return sums: exactly weighted sums over enum
 (weights p(z)) and plain sums over sampled ones (the reducer scales them by q_R / N_S). Summing the
 shards in index order gives the single-process statistics, hence the same phi. Sampled rows are also
 kept (as packed bits and their centred values) so that the reducer can form per-group statistics for
-the delete-a-group jackknife: with G groups of sample blocks,
+the delete-a-group jackknife: with G groups of sampled pairs,
 
     Var(phi) ~ (G - 1) / G * sum_g (phi_(-g) - mean_g phi_(-g))^2.
 
@@ -48,7 +48,7 @@ class ShardStatistics:
     sampled_zz: np.ndarray  # M x M, sum of z z^T over sampled coalitions
     sampled_zy: np.ndarray  # M x K, sum of z (v(z) - v(0))
     sampled_count: int
-    sampled_block: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s
+    sampled_pair: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s, each row's raw pair position
     sampled_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_s x ceil(M/8)
     sampled_y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n_s x K
     enumerated_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_e x ceil(M/8)
@@ -71,19 +71,19 @@ class ShardStatistics:
         self.n_coalitions += len(z)
         self._pending_enumerated.append((np.packbits(z, axis=1), y))
 
-    def add_sampled(self, z: np.ndarray, block: int, y: np.ndarray) -> None:
+    def add_sampled(self, z: np.ndarray, pairs: np.ndarray, y: np.ndarray) -> None:
         zf = z.astype(np.float64)
         self.sampled_zz += zf.T @ zf
         self.sampled_zy += zf.T @ y
         self.sampled_count += len(z)
         self.n_coalitions += len(z)
-        self._pending.append((np.full(len(z), block, np.int64), np.packbits(z, axis=1), y))
+        self._pending.append((np.asarray(pairs, np.int64), np.packbits(z, axis=1), y))
 
     def _flush(self) -> None:
         """Append the rows added since the last flush (one concatenation, not one per batch)."""
         if self._pending:
-            blocks, bits, ys = zip(*self._pending)
-            self.sampled_block = np.concatenate([self.sampled_block, *blocks])
+            pairs, bits, ys = zip(*self._pending)
+            self.sampled_pair = np.concatenate([self.sampled_pair, *pairs])
             self.sampled_bits = np.concatenate([self.sampled_bits, *bits])
             self.sampled_y = np.concatenate([self.sampled_y, *ys])
             self._pending = []
@@ -117,7 +117,7 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
     total = ordered[0]
     total = ShardStatistics(-1, total.n_coalitions, total.n_evaluations, total.enumerated_zz.copy(),
                             total.enumerated_zy.copy(), total.sampled_zz.copy(), total.sampled_zy.copy(),
-                            total.sampled_count, total.sampled_block, total.sampled_bits, total.sampled_y,
+                            total.sampled_count, total.sampled_pair, total.sampled_bits, total.sampled_y,
                             total.enumerated_bits, total.enumerated_y)
     for shard in ordered[1:]:
         total.n_coalitions += shard.n_coalitions
@@ -127,12 +127,33 @@ def combine(shards: list[ShardStatistics], n_shards: int) -> ShardStatistics:
         total.sampled_zz += shard.sampled_zz
         total.sampled_zy += shard.sampled_zy
         total.sampled_count += shard.sampled_count
-        total.sampled_block = np.concatenate([total.sampled_block, shard.sampled_block])
+        total.sampled_pair = np.concatenate([total.sampled_pair, shard.sampled_pair])
         total.sampled_bits = np.concatenate([total.sampled_bits, shard.sampled_bits])
         total.sampled_y = np.concatenate([total.sampled_y, shard.sampled_y])
         total.enumerated_bits = np.concatenate([total.enumerated_bits, shard.enumerated_bits])
         total.enumerated_y = np.concatenate([total.enumerated_y, shard.enumerated_y])
     return total
+
+
+def restrict(stats: ShardStatistics, design: CoalitionDesign) -> ShardStatistics:
+    """The statistics of ``design``'s coalitions alone, from combined statistics whose rows may
+    include more: the rounds of a ``--target-std`` run evaluate the designs of growing budgets, and a
+    row sampled for an earlier design is dropped when its size has been enumerated since (the
+    enumerated row replaces it) or it lies past the final design's raw positions. The sums are
+    rebuilt from the rows kept, in their order; ``n_evaluations`` keeps every evaluation spent."""
+    stats._flush()
+    m, k = design.n_players, stats.sampled_zy.shape[1]
+    z_e = np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool)
+    z_s = np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool)
+    kept = ShardStatistics.zeros(-1, m, k)
+    if len(z_e):
+        kept.add_enumerated(z_e, design.kernel_probability(z_e.sum(axis=1)), stats.enumerated_y)
+    rows = design.keeps(stats.sampled_pair, z_s.sum(axis=1))
+    if rows.any():
+        kept.add_sampled(z_s[rows], stats.sampled_pair[rows], stats.sampled_y[rows])
+    kept.n_evaluations = stats.n_evaluations
+    kept._flush()
+    return kept
 
 
 def solve_constrained(a: np.ndarray, b: np.ndarray, total: np.ndarray, check: bool = True) -> np.ndarray:
@@ -207,7 +228,7 @@ def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarr
         fitted = module.fit(
             design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
             np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
-            design.groups_of(stats.sampled_block), total)
+            design.groups_of(stats.sampled_pair), total)
         if fitted is not None:
             values, std = fitted
             return Estimate(values, std, values.sum(axis=0) - total, name)
@@ -224,7 +245,7 @@ def _jackknife_std(design: CoalitionDesign, stats: ShardStatistics, total: np.nd
     if groups < 2:
         return np.full((m, k), np.nan)
     z = np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(np.float64)
-    membership = design.groups_of(stats.sampled_block)
+    membership = design.groups_of(stats.sampled_pair)
     replicates = []
     for g in range(groups):
         rows = membership == g

@@ -14,7 +14,7 @@ import numpy as np
 
 from shapfleet.errors import ModelOutputError
 
-from .design import WorkUnit
+from .design import CoalitionDesign, WorkUnit
 from .estimation import ShardStatistics
 from .planning import ImagePlan, JobPlan
 from .threads import one_blas_thread
@@ -69,14 +69,15 @@ def _masked_chunk(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) ->
     return per_background.mean(axis=1)[:, plan.classes]
 
 
-def _full_batches(plan: JobPlan, units, size: int) -> Iterator[list[tuple[WorkUnit, np.ndarray, np.ndarray]]]:
+def _full_batches(plan: JobPlan, units, size: int, design: CoalitionDesign | None = None) -> Iterator[list[tuple[WorkUnit, np.ndarray, np.ndarray]]]:
     """The shard's coalitions in batches of exactly ``size`` rows (the last may be short), crossing
     unit boundaries so the model always gets full batches; each batch is a list of (unit, rows,
-    weights) parts, in unit order."""
+    weights or raw pair positions) parts, in unit order. ``design``: whose units (default the plan's)."""
+    design = plan.design if design is None else design
     pending: list[tuple[WorkUnit, np.ndarray, np.ndarray]] = []
     count = 0
     for unit in units:
-        z, weights = plan.design.coalitions(unit)
+        z, weights = design.coalitions(unit)
         offset = 0
         while offset < len(z):
             take = min(size - count, len(z) - offset)
@@ -98,15 +99,24 @@ def evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict,
     ``on_progress(n)`` is called after every model batch with the number of model evaluations it
     made; ``predict_coalitions`` (see :func:`coalition_predictor`) replaces numpy compositing.
     """
+    return evaluate_units(plan, plan.design, plan.shard_units[shard_index], shard_index, predict, on_progress,
+                          predict_coalitions)
+
+
+def evaluate_units(plan: JobPlan, design: CoalitionDesign, units, index: int, predict: Predict,
+                   on_progress: Callable[[int], None] | None = None,
+                   predict_coalitions: Predict | None = None) -> ShardStatistics:
+    """Evaluate ``design``'s ``units`` (a shard, or a round's part) for ``plan``'s image; the
+    statistics carry ``index`` as their shard index."""
     with one_blas_thread():  # the statistics' small products must not spin BLAS threads beside onnxruntime
-        return _evaluate_shard(plan, shard_index, predict, on_progress, predict_coalitions)
+        return _evaluate_units(plan, design, units, index, predict, on_progress, predict_coalitions)
 
 
-def _evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict, on_progress: Callable[[int], None] | None,
-                    predict_coalitions: Predict | None) -> ShardStatistics:
-    stats = ShardStatistics.zeros(shard_index, plan.design.n_players, len(plan.classes))
+def _evaluate_units(plan: JobPlan, design: CoalitionDesign, units, index: int, predict: Predict,
+                    on_progress: Callable[[int], None] | None, predict_coalitions: Predict | None) -> ShardStatistics:
+    stats = ShardStatistics.zeros(index, design.n_players, len(plan.classes))
     per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
-    for parts in _full_batches(plan, plan.shard_units[shard_index], per_batch):
+    for parts in _full_batches(plan, units, per_batch, design):
         z = np.concatenate([rows for _, rows, _ in parts])
         y = game_values(plan, predict, z, predict_coalitions) - plan.v_empty
         start = 0
@@ -116,7 +126,7 @@ def _evaluate_shard(plan: JobPlan, shard_index: int, predict: Predict, on_progre
             if unit.kind == "enumerated":
                 stats.add_enumerated(rows, weights, part)
             else:
-                stats.add_sampled(rows, unit.block, part)
+                stats.add_sampled(rows, weights, part)  # a sampled unit's "weights" are its raw pair positions
         evaluations = len(z) * plan.masker.n_backgrounds
         stats.n_evaluations += evaluations
         if on_progress is not None:

@@ -17,12 +17,12 @@ import numpy as np
 
 from shapfleet.errors import InvalidSettingsError, ModelOutputError
 
-from . import interactions, kriging
+from . import interactions, kriging, rounds
 from .design import CoalitionDesign, WorkUnit
 from .maskers import Masker, build_masker, masker_from_arrays
 from .model import transform_outputs
 from .segmentation import segment
-from .settings import ExplainSettings
+from .settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
 
 
 @dataclass
@@ -210,12 +210,13 @@ def names_of_classes(settings: ExplainSettings, classes: np.ndarray, n_classes: 
 def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray], settings: ExplainSettings,
                      segments: np.ndarray | None = None, n_shards: int = 1,
                      load_reference: Callable[[str], np.ndarray] | None = None,
-                     background_set: bytes | None = None) -> JobPlan:
+                     background_set: bytes | None = None, default_cap: int = DEFAULT_MAX_NSAMPLES) -> JobPlan:
     """Plan the explanation of ``image`` (float32 ``H x W x C`` pixels) for ``predict``.
 
     ``segments`` overrides the segmenter (already validated and renumbered); ``load_reference``
     reads and fits the ``image:PATH`` masker's reference image; ``background_set`` is a fleet job's
-    uploaded ``.npz`` for the ``dataset:`` masker.
+    uploaded ``.npz`` for the ``dataset:`` masker. With a target (``target_std``/``target_error``) the
+    design is the first round's, and ``default_cap`` the cap when ``nsamples`` is not given.
     """
     if segments is None:
         segments = segment(image, settings)
@@ -230,9 +231,17 @@ def plan_explanation(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarr
             f"estimator cubic fits every triple of superpixels and allows at most {interactions.MAX_CUBIC_PLAYERS} "
             f"of them; this image has {n_players} that masking changes: use fewer superpixels, or estimator "
             f"auto or linear")
-    design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
-    if settings.estimator == "kriging":
-        _check_kriging(design)
+    if settings.has_target:
+        # The first round's design (see shapfleet.workers.engine.rounds); the rounds grow it up to the cap.
+        cap = rounds.cap_of(settings, default_cap)
+        largest = CoalitionDesign.create(n_players, cap, settings.seed)  # refuses a cap too small to solve
+        design = CoalitionDesign.create(n_players, rounds.first_budget(n_players, cap), settings.seed)
+        if settings.estimator == "kriging":
+            _check_kriging(largest)
+    else:
+        design = CoalitionDesign.create(n_players, settings.nsamples, settings.seed)
+        if settings.estimator == "kriging":
+            _check_kriging(design)
     plan = JobPlan(**plan_image(image, predict, settings, masker), segments=segments, design=design,
                    players=players)
     plan.split(n_shards)

@@ -22,6 +22,13 @@ class ProgressBar:
         self.started = time.monotonic()
         self._last_draw = 0.0
         self._interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.note = ""
+
+    def retarget(self, total: int, note: str = "") -> None:
+        """A run that stops on precision moves its total to the projected evaluations after each
+        round; ``note`` (the achieved precision against the target) is shown after the count."""
+        self.total = max(self.done, int(total))
+        self.note = note
 
     def update(self, n: int) -> None:
         self.done += int(n)
@@ -38,8 +45,9 @@ class ProgressBar:
         width = 24
         filled = int(width * min(1.0, percent / 100))
         eta = (self.total - self.done) / rate if rate > 0 and self.total > self.done else 0.0
+        note = f" {self.note}" if self.note else ""
         return (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"({percent:5.1f}%) {rate:8.1f}/s ETA {eta:5.1f}s")
+                f"({percent:5.1f}%){note} {rate:8.1f}/s ETA {eta:5.1f}s")
 
     def close(self) -> None:
         self.stream.write(("\r" if self._interactive else "") + self.line() + "\n")

@@ -24,6 +24,9 @@ METHODS = ("kernel", "partition")
 ESTIMATORS = ("auto", "linear", "cubic", "kriging")
 #: shap's PartitionExplainer default budget.
 DEFAULT_MAX_EVALS = 500
+#: The cap on coalitions a ``target_std``/``target_error`` run may spend when ``nsamples`` is not
+#: given (the fleet's default ``SHAPFLEET_MAX_NSAMPLES`` too).
+DEFAULT_MAX_NSAMPLES = 100_000
 
 #: ``(pixel - mean) / std`` per channel, on 0..255 pixels.
 PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -154,6 +157,8 @@ class ExplainSettings:
     all_classes: bool = False
     # Estimation
     nsamples: int | None = None
+    target_std: float | None = None
+    target_error: float | None = None
     max_evals: int | None = None
     seed: int = 0
     estimator: str = "auto"
@@ -211,6 +216,17 @@ class ExplainSettings:
         if self.nsamples is not None:
             require(self.nsamples >= 1, f"nsamples must be a positive integer, got {self.nsamples}")
             require(self.method == "kernel", "nsamples applies to method kernel; method partition takes max_evals")
+        for name in ("target_std", "target_error"):
+            value = getattr(self, name)
+            if value is not None:
+                require(math.isfinite(value) and value > 0, f"{name} must be a positive finite number, got {value}")
+                require(self.method == "kernel", f"{name} applies to method kernel: method partition has no error "
+                        "bars to stop on (give max_evals)")
+        require(self.target_std is None or self.target_error is None,
+                "give one of target_std (absolute) and target_error (relative to the largest |value|), not both")
+        if self.target_error is not None:
+            require(self.target_error < 1, f"target_error is a fraction of the largest |value| and must be below 1, "
+                    f"got {self.target_error}")
         if self.max_evals is not None:
             require(self.method == "partition", "max_evals applies to method partition; method kernel takes nsamples")
             require(self.max_evals >= 3, f"max_evals must be at least 3 (v(full), v(empty) and one pair), got {self.max_evals}")
@@ -242,6 +258,18 @@ class ExplainSettings:
     def partition_budget(self) -> int:
         """Model evaluations a partition explanation may spend, v(full) and v(empty) included."""
         return self.max_evals if self.max_evals is not None else DEFAULT_MAX_EVALS
+
+    @property
+    def has_target(self) -> bool:
+        """Whether the run stops on precision (``target_std`` or ``target_error``) rather than a
+        fixed ``nsamples``, which is then its cap."""
+        return self.target_std is not None or self.target_error is not None
+
+    @property
+    def runs_in_rounds(self) -> bool:
+        """Whether each image runs in rounds (method partition; method kernel with a target) rather
+        than as one set of shards: each image is then one unit of the job's barrier, ``<image>/0``."""
+        return self.method == "partition" or self.has_target
 
     @property
     def grid_shape(self) -> tuple[int, int]:
