@@ -296,3 +296,111 @@ def test_partition_with_a_background_set_is_one_job_and_equals_in_process(servic
         np.testing.assert_allclose(fleet.pixel_attributions, run.explanation.pixel_attributions, rtol=0, atol=1e-9)
         expected = weights * ((pixels[index] - mean_background) / 255.0)[..., None]
         np.testing.assert_allclose(fleet.pixel_attributions, expected, rtol=0, atol=1e-9)
+
+
+# -- method kernel with a target: rounds of growing budgets ---------------------------------------
+def target_settings(**changes) -> ExplainSettings:
+    # The linear fit's error falls as 1/sqrt(n), so this target takes several rounds; at the test
+    # fleet's 128 evaluations per shard every round after the first is split into several parts.
+    base = dict(segmenter="grid", grid="4x5", masker="constant:0", top_k=2, estimator="linear", target_error=0.01, seed=3)
+    return ExplainSettings(**{**base, **changes})
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_target_job_equals_in_process_and_the_fixed_budget_run(services, start_workers, workers):
+    from shapfleet.broker.keys import rounds_key
+
+    start_workers(workers)
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "triangle.png").read_bytes()
+    settings = target_settings()
+    record = submit_job(services, "t", store_model(services, model), [image], settings)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    assert fleet.extra["stopped_because"] == "target" and fleet.extra["rounds"] >= 3
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    (local,) = explain([pixels], model, settings)
+    (fixed,) = explain([pixels], model, settings.replace(target_error=None, nsamples=fleet.n_coalitions))
+    for other in (local.explanation, fixed.explanation):
+        np.testing.assert_allclose(fleet.values, other.values, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(fleet.std, other.std, rtol=0, atol=1e-9)
+    assert {k: v for k, v in fleet.extra.items() if k != "image_index"} == \
+        {k: v for k, v in local.explanation.extra.items() if k != "wall_seconds"}  # how it ended, its rounds
+    assert final.evaluations_done == fleet.n_evaluations == local.explanation.n_evaluations
+    # the job record kept each round's precision, the last one meeting the target
+    (precision,) = final.precision.values()
+    assert precision["stopped_because"] == "target" and precision["precision"] <= 0.01
+    assert precision["round_index"] + 1 == fleet.extra["rounds"]
+    parts = [k for k in services.store.list(rounds_key(record.id, 0, "")) if "/part-" in k]
+    assert len(parts) > fleet.extra["rounds"]  # rounds were split into parts, evaluated by separate tasks
+
+
+def test_a_redelivered_round_step_adds_nothing(services, start_workers):
+    """A round step sent twice (a redelivery, the watchdog) once the round's parts are stored: the
+    round is decided once, its records stay as they were, and the job ends as in-process."""
+    from shapfleet.broker.keys import rounds_key
+    from shapfleet.workers import steps
+    from shapfleet.workers.tasks import runtime_of
+
+    start_workers(1, queues="plan,reduce")
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "square.png").read_bytes()
+    settings = target_settings()
+    record = submit_job(services, "t", store_model(services, model), [image], settings)
+    deadline = time.monotonic() + 60
+    while not services.store.exists(rounds_key(record.id, 0, "round-0.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_shards)  # round 0's part messages are lost
+    runtime = runtime_of(services.celery)
+    n_parts = len(steps._kernel_round(runtime, record.id, 0, 0).parts)
+    assert [steps.kernel_round_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True
+    first = steps.kernel_round(runtime, record.id, 0, 0)
+    assert first.next_round == 1
+    outcome = services.store.get(rounds_key(record.id, 0, "outcome-0.json"))
+    before = services.jobs.get(record.id)
+    again = steps.kernel_round(runtime, record.id, 0, 0)
+    assert again.parts == [] and services.store.get(rounds_key(record.id, 0, "outcome-0.json")) == outcome
+    after = services.jobs.get(record.id)
+    assert (after.evaluations_done, after.evaluations_total, after.precision) == \
+        (before.evaluations_done, before.evaluations_total, before.precision)
+    # a part redelivered after its round was decided changes nothing either
+    assert steps.kernel_round_part(runtime, record.id, 0, 0, 0) is True
+    assert services.jobs.get(record.id).evaluations_done == before.evaluations_done
+    start_workers(1, queues="shards")
+    from shapfleet.broker.celery_app import ROUND_TASK
+
+    services.celery.send_task(ROUND_TASK, args=[record.id, 0, 1], queue=services.settings.queue_plan)
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    fleet = Explanation.load(result(services, record.id, "attributions.npz"))
+    (local,) = explain([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))], model, settings)
+    np.testing.assert_allclose(fleet.values, local.explanation.values, rtol=0, atol=1e-9)
+    assert final.evaluations_done == local.explanation.n_evaluations
+
+
+def test_cancel_mid_round_stops_the_rounds_and_writes_no_result(services, start_workers):
+    from shapfleet.broker.keys import rounds_key
+
+    start_workers(1)
+    model = (REPO / "examples" / "shapes.onnx").read_bytes()
+    image = (REPO / "examples" / "circle.png").read_bytes()
+    # a target far below what the cap reaches: rounds would run until 40,000 coalitions
+    settings = target_settings(target_error=None, target_std=1e-9, nsamples=40_000, batch_size=16)
+    record = submit_job(services, "t", store_model(services, model), [image], settings)
+    deadline = time.monotonic() + 60
+    while not services.store.exists(rounds_key(record.id, 0, "round-2.json")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert services.jobs.cancel(record.id)
+    time.sleep(3.0)
+    rounds = services.jobs.current_round(record.id, 0)
+    settled = services.jobs.get(record.id).evaluations_done
+    time.sleep(2.0)
+    assert services.jobs.current_round(record.id, 0) == rounds <= 3  # no round starts after the cancel
+    assert services.jobs.get(record.id).evaluations_done == settled
+    assert not services.store.exists(rounds_key(record.id, 0, "final.json"))
+    assert services.store.list(result_prefix(record.id)) == []
+    assert services.jobs.get(record.id).status == JobStatus.CANCELED
