@@ -138,3 +138,20 @@ def test_the_cli_takes_target_flags_and_reports_how_the_run_ended(tmp_path, caps
     assert main(["explain", TRIANGLE, "--model", str(REPO / "examples" / "shapes.onnx"), "--method", "partition",
                  "--target-std", "0.1"]) == 1
     assert "method partition has no error bars" in capsys.readouterr().err
+
+
+def test_the_engine_alone_honours_a_target_as_the_in_process_run_does():
+    """explain_array (any predict callable, no runtime) runs the same rounds and ends the same."""
+    from PIL import Image
+
+    from shapfleet.workers.engine.model import OnnxClassifier
+    from shapfleet.workers.local import explain_array
+
+    model = conv_model(32, 32, seed=2)
+    settings = _settings(target_error=0.01, estimator="linear", seed=1)
+    (run,) = explain([TRIANGLE], model, settings)
+    pixels = np.asarray(Image.open(TRIANGLE).convert("RGB"), dtype=np.float32)
+    alone = explain_array(pixels, OnnxClassifier(model, settings).predict, settings, shards=2)
+    np.testing.assert_allclose(alone.values, run.explanation.values, rtol=0, atol=1e-12)
+    assert alone.n_coalitions == run.explanation.n_coalitions and alone.extra["rounds"] == run.explanation.extra["rounds"] >= 2
+    assert alone.extra["stopped_because"] == "target"

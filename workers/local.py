@@ -27,11 +27,12 @@ from shapfleet.broker.keys import input_key, model_key, plan_key, segments_key
 from shapfleet.errors import InvalidSettingsError
 from shapfleet.workers import steps
 from shapfleet.workers.engine.estimation import ShardStatistics
-from shapfleet.workers.engine.evaluation import Predict, coalition_predictor, evaluate_shard
+from shapfleet.workers.engine.evaluation import Predict, coalition_predictor, evaluate_shard, evaluate_units
 from shapfleet.workers.engine.images import as_pixel_array, load_image, npy_bytes
 from shapfleet.workers.engine.inspection import read_model_file
 from shapfleet.workers.engine.planning import JobPlan, largest_shards_first, plan_explanation
-from shapfleet.workers.engine.result import Explanation, reduce_shards
+from shapfleet.workers.engine.result import Explanation, explain_to_target, reduce_shards
+from shapfleet.workers.engine.rounds import cap_of
 from shapfleet.workers.engine.settings import ExplainSettings
 from shapfleet.workers.runtime import LocalRuntime, StepPolicy
 
@@ -44,10 +45,16 @@ def explain_array(image: np.ndarray, predict: Predict, settings: ExplainSettings
     """Explain a float32 ``H x W x C`` pixel image for any ``predict(images) -> outputs`` callable.
 
     When ``predict`` is an :class:`OnnxClassifier`'s method and ``fuse`` is true, the masking runs
-    inside the model (see :mod:`shapfleet.workers.engine.fused`); the values are identical either way."""
+    inside the model (see :mod:`shapfleet.workers.engine.fused`); the values are identical either way.
+    With ``target_std``/``target_error`` it runs in rounds until the target, exactness or the cap
+    (``nsamples``, default :data:`~shapfleet.workers.engine.settings.DEFAULT_MAX_NSAMPLES`)."""
     plan = plan_explanation(image, predict, settings, segments=segments, n_shards=shards)
     owner = getattr(predict, "__self__", None)
     fused = coalition_predictor(owner, plan) if fuse and owner is not None else None
+    if settings.has_target:
+        return explain_to_target(
+            plan, lambda design, units, index: evaluate_units(plan, design, units, index, predict, on_progress, fused),
+            cap_of(settings), n_parts=shards)
     return reduce_shards(plan, [evaluate_shard(plan, i, predict, on_progress, predict_coalitions=fused)
                                 for i in range(plan.n_shards)])
 

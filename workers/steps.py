@@ -54,7 +54,7 @@ from shapfleet.workers.engine.partition import (
 )
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
 from shapfleet.workers.engine.rendering import render_artifacts, render_collection
-from shapfleet.workers.engine.result import Explanation, reduce_shards
+from shapfleet.workers.engine.result import Explanation, reduce_shards, target_extra
 from shapfleet.workers.engine.rounds import RoundOutcome, Target, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
 from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
@@ -473,13 +473,8 @@ def _target_explanation(runtime: Runtime, job_id: str, index: int) -> Explanatio
     design = _kernel_round(runtime, job_id, index, outcome.round_index).design
     stats = _round_statistics(runtime, job_id, index, outcome.round_index, design)
     stats.shard_index = 0
-    final_plan = dataclasses.replace(plan, design=design, n_shards=1)
-    explanation = reduce_shards(final_plan, [stats])
-    target = Target.of(plan.settings)
-    explanation.extra.update({
-        **target.to_dict(), "target_met": outcome.target_met, "stopped_because": outcome.stopped_because,
-        "rounds": outcome.round_index + 1, "achieved": None if outcome.precision == float("inf") else outcome.precision,
-        "cap": _round_cap(runtime, plan.settings)})
+    explanation = reduce_shards(dataclasses.replace(plan, design=design, n_shards=1), [stats])
+    explanation.extra.update(target_extra(Target.of(plan.settings), outcome, _round_cap(runtime, plan.settings)))
     return explanation
 
 

@@ -6,16 +6,20 @@ same function in-process and in the fleet's reduce task.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .estimation import ShardStatistics, combine, estimate
+from .design import CoalitionDesign, WorkUnit
+from .estimation import Estimate, ShardStatistics, combine, estimate, restrict
 from .planning import JobPlan
+from .rounds import RoundOutcome, Target, decide
 
 
 @dataclass
@@ -196,7 +200,11 @@ def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
 def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
     """Sum the shards' statistics in index order, solve, and package the result."""
     total = combine(shards, plan.n_shards)
-    result = estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
+    return explanation_of(plan, total, estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator))
+
+
+def explanation_of(plan: JobPlan, total: ShardStatistics, result: Estimate) -> Explanation:
+    """Package an estimate of ``plan``'s design from the combined statistics ``total``."""
     return Explanation(
         values=plan.superpixel_values(result.values), std=plan.superpixel_values(result.std),
         segments=plan.segments, image=plan.image,
@@ -206,3 +214,42 @@ def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
         exact=plan.design.is_exact, seed=plan.design.seed, settings=plan.settings.to_dict(),
         extra={"estimator": result.estimator, "null_superpixels": plan.n_superpixels - len(plan.players)},
     )
+
+
+def explain_to_target(plan: JobPlan, evaluate: Callable[[CoalitionDesign, tuple[WorkUnit, ...], int], ShardStatistics],
+                      cap: int, n_parts: int = 1,
+                      on_round: Callable[[RoundOutcome, int], None] | None = None) -> Explanation:
+    """A target run (``plan.settings`` has ``target_std`` or ``target_error``) in this process, from
+    round 0 (``plan.design``) until :func:`~shapfleet.workers.engine.rounds.decide` stops it.
+
+    ``evaluate(design, units, index)`` evaluates a run of ``design``'s units as part ``index``;
+    each round's new units are split into ``n_parts`` such runs. ``on_round(outcome, evaluations)``
+    hears of every round decided. The fleet's round steps (:mod:`shapfleet.workers.steps`) make the
+    same decisions from stored records; both end with the fixed-budget answer of the last design."""
+    target = Target.of(plan.settings)
+    design, earlier = plan.design, None
+    parts: list[ShardStatistics] = []
+    history: list[tuple[int, float]] = []
+    while True:
+        units = design.new_units(earlier)
+        for chunk in (design.shard_units(n_parts, units) if units else []):
+            parts.append(evaluate(design, chunk, len(parts)))
+        total = restrict(combine(parts, len(parts)), design)
+        result = estimate(design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
+        history.append((design.n_coalitions, target.precision(result.values, result.std)))
+        outcome = decide(history, target, cap, design.is_exact)
+        if on_round is not None:
+            on_round(outcome, total.n_evaluations)
+        if outcome.stopped_because is not None:
+            break
+        earlier, design = design, CoalitionDesign.create(plan.n_players, outcome.next_budget, plan.design.seed)
+    explanation = explanation_of(dataclasses.replace(plan, design=design, n_shards=1), total, result)
+    explanation.extra.update(target_extra(target, outcome, cap))
+    return explanation
+
+
+def target_extra(target: Target, outcome: RoundOutcome, cap: int) -> dict[str, Any]:
+    """How a target run ended, for the summary, ``explanation.json`` and ``attributions.npz``."""
+    return {**target.to_dict(), "target_met": outcome.target_met, "stopped_because": outcome.stopped_because,
+            "rounds": outcome.round_index + 1, "achieved": None if math.isinf(outcome.precision) else outcome.precision,
+            "cap": int(cap)}
