@@ -34,7 +34,7 @@ def _print(data) -> None:
 
 
 def wait_with_progress(client: Client, job_id: str, quiet: bool = False) -> dict:
-    from shapfleet.workers.engine.progress import ProgressBar
+    from shapfleet.workers.engine.progress import ProgressBar, precision_note
 
     bar: ProgressBar | None = None
 
@@ -45,6 +45,8 @@ def wait_with_progress(client: Client, job_id: str, quiet: bool = False) -> dict
             return
         if bar is None:
             bar = ProgressBar(progress["evaluations_total"], f"job {job_id[:8]} evaluations")
+        if progress.get("precision"):  # a target job: its projected total, and each image's precision
+            bar.retarget(progress["evaluations_total"], ", ".join(precision_note(p) for p in progress["precision"]))
         bar.update(progress["evaluations_done"] - bar.done)
 
     job = client.wait(job_id, on_progress=on_progress)

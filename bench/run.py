@@ -23,6 +23,9 @@ superpixels  error and time at 49 and 196 superpixels (dianna's MNIST model, Eff
           VGG16 notebook's SLIC) against cached high-budget references, beside shap and shapiq's
           OddSHAP, LeverageSHAP and PolySHAP; coverage of the error bars (bench/superpixels.py).
           ``--cases`` picks some of its cases.
+targets   --target-error on the exact M <= 16 cases and the 49/196-superpixel cases over 20 seeds: the
+          largest error against the truth over the target, and the evaluations spent over the fewest a
+          fixed-budget run of the same seed needs (bench/targets.py; ``--cases`` applies too).
 """
 
 from __future__ import annotations
@@ -535,6 +538,10 @@ def markdown(results: dict) -> str:
         from superpixels import markdown as superpixels_markdown
 
         lines += superpixels_markdown(results["superpixels"])
+    if "targets" in results:
+        from targets import markdown as targets_markdown
+
+        lines += targets_markdown(results["targets"])
     return "\n".join(lines) + "\n"
 
 
@@ -544,8 +551,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per budget in the accuracy study (default: 9 on the MNIST cases, 3 on EfficientNet)")
     parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
-    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead,superpixels")
-    parser.add_argument("--cases", default=None, help="the superpixels section's cases (default: all)")
+    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead,superpixels,targets")
+    parser.add_argument("--cases", default=None, help="the superpixels and targets sections' cases (default: all)")
     args = parser.parse_args()
     import onnxruntime
 
@@ -571,10 +578,18 @@ def main() -> None:
 
         measured = measure_superpixels(names=args.cases.split(",") if args.cases else None)
         results["superpixels"] = {**results.get("superpixels", {}), **measured}
+    case_sections = {}
+    if "targets" in parts:
+        from targets import measure_targets
+
+        case_sections["targets"] = measure_targets(names=args.cases.split(",") if args.cases else None)
+        results["targets"] = {**results.get("targets", {}), **case_sections["targets"]}
+    if "superpixels" in parts:
+        case_sections["superpixels"] = measured
     if previous.exists():  # another run may have written since this one began: keep what it measured
         latest = json.loads(previous.read_text())
-        if "superpixels" in parts:  # only the cases this run measured replace the file's
-            results["superpixels"] = {**latest.get("superpixels", {}), **measured}
+        for section, fresh in case_sections.items():  # only the cases this run measured replace the file's
+            results[section] = {**latest.get(section, {}), **fresh}
         results = {**latest, **{part: results[part] for part in parts + ["machine"] if part in results}}
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "README.md").write_text(markdown(results))

@@ -24,7 +24,14 @@ print("dianna files extracted from", wheel)
 PY
 rm -rf "$download"
 .venv/bin/python bench/export_efficientnet.py
-python312=$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -n 1 || true)
+# The first Python 3.12 that runs (a pyenv shim on PATH may exist and still refuse to run).
+python312=""
+for candidate in "$(command -v python3.12 || true)" $(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python /opt/*/versions/3.12*/bin/python 2>/dev/null || true); do
+    if [ -n "$candidate" ] && "$candidate" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; then
+        python312=$candidate
+        break
+    fi
+done
 if [ -n "$python312" ]; then
     [ -x bench/.peers/bin/python ] || "$python312" -m venv bench/.peers
     bench/.peers/bin/python -m pip install -q --disable-pip-version-check "shapiq>=1.6" lightgbm

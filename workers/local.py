@@ -31,6 +31,7 @@ from shapfleet.workers.engine.evaluation import Predict, coalition_predictor, ev
 from shapfleet.workers.engine.images import as_pixel_array, load_image, npy_bytes
 from shapfleet.workers.engine.inspection import read_model_file
 from shapfleet.workers.engine.planning import JobPlan, largest_shards_first, plan_explanation
+from shapfleet.workers.engine.progress import precision_note
 from shapfleet.workers.engine.result import Explanation, explain_to_target, reduce_shards
 from shapfleet.workers.engine.rounds import cap_of
 from shapfleet.workers.engine.settings import ExplainSettings
@@ -182,15 +183,6 @@ def _run_target_rounds(runtime: LocalRuntime, job_id: str, bar) -> None:
         if step.next_round is None:
             return
         round_index = step.next_round
-
-
-def precision_note(precision: dict) -> str:
-    """How far a target run is after its last round, e.g. ``std 0.012 > 0.005`` (std, target)."""
-    kind = "std" if "target_std" in precision else "error"
-    target = precision.get("target_std", precision.get("target_error"))
-    achieved = precision.get("precision")
-    shown = "?" if achieved is None else f"{achieved:.3g}"
-    return f"{kind} {shown} {'<=' if achieved is not None and achieved <= target else '>'} {target:g}"
 
 
 # -- the local process pool (one onnxruntime session per process, created once) -------------------

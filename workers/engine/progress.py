@@ -52,3 +52,12 @@ class ProgressBar:
     def close(self) -> None:
         self.stream.write(("\r" if self._interactive else "") + self.line() + "\n")
         self.stream.flush()
+
+
+def precision_note(precision: dict) -> str:
+    """How far a target run is after its last round, e.g. ``std 0.012 > 0.005`` (std, target)."""
+    kind = "std" if "target_std" in precision else "error"
+    target = precision.get("target_std", precision.get("target_error"))
+    achieved = precision.get("precision")
+    shown = "?" if achieved is None else f"{achieved:.3g}"
+    return f"{kind} {shown} {'<=' if achieved is not None and achieved <= target else '>'} {target:g}"
