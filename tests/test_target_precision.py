@@ -165,7 +165,7 @@ def test_the_progress_bar_follows_the_projection_and_shows_the_precision():
     bar = ProgressBar(1000, stream=io.StringIO())
     bar.update(1000)
     bar.retarget(4000, precision_note({"target_error": 0.02, "precision": 0.04}))
-    assert bar.total == 4000 and "error 0.04 > 0.02" in bar.line() and "(25.0%)" in bar.line()
+    assert bar.total == 4000 and "error 0.04 > 0.02" in bar.line() and "( 25.0%)" in bar.line()
     bar.retarget(10, precision_note({"target_std": 0.5, "precision": 0.25}))
     assert bar.total == 1000 and "std 0.25 <= 0.5" in bar.line()  # never below what is done
     assert precision_note({"target_std": 0.5, "precision": None}) == "std ? > 0.5"
