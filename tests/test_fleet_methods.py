@@ -307,7 +307,8 @@ def target_settings(**changes) -> ExplainSettings:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_target_job_equals_in_process_and_the_fixed_budget_run(services, start_workers, workers):
+def test_a_target_job_equals_in_process_and_the_fixed_budget_run(services, service_settings, start_workers, workers):
+    from shapfleet.api.app import create_app
     from shapfleet.broker.keys import rounds_key
 
     start_workers(workers)
@@ -334,6 +335,9 @@ def test_a_target_job_equals_in_process_and_the_fixed_budget_run(services, start
     assert precision["round_index"] + 1 == fleet.extra["rounds"]
     parts = [k for k in services.store.list(rounds_key(record.id, 0, "")) if "/part-" in k]
     assert len(parts) > fleet.extra["rounds"]  # rounds were split into parts, evaluated by separate tasks
+    client = create_app(service_settings.replace(api_keys="k:t")).test_client()
+    progress = client.get(f"/v1/jobs/{record.id}", headers={"Authorization": "Bearer k"}).get_json()["progress"]
+    assert progress["precision"] == [{"image": 0, **precision}] and progress["evaluations_total"] == fleet.n_evaluations
 
 
 def test_a_redelivered_round_step_adds_nothing(services, start_workers):

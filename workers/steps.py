@@ -381,11 +381,10 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
         history.append((record.budget, target.precision(result.values, result.std)))
         outcome = decide(history, target, _round_cap(runtime, plan.settings), record.design.is_exact)
         decided = runtime.put_record_once(outcome_key, outcome, lambda o: json_bytes(o.to_dict()))
-        spent = stats.n_evaluations
-        projected = outcome.budget if outcome.stopped_because else min(outcome.projected, _round_cap(runtime, plan.settings))
-        jobs.set_shard_progress(job_id, f"{image_index}/0", spent)
-        jobs.set_precision(job_id, image_index, {**outcome.to_dict(), **target.to_dict(), "evaluations": spent},
-                           _evaluations_total(runtime, job_id, image_index, projected * plan.masker.n_backgrounds))
+        precision = {**outcome.to_dict(), **target.to_dict(), "evaluations": stats.n_evaluations}
+        jobs.set_shard_progress(job_id, f"{image_index}/0", stats.n_evaluations)
+        jobs.set_precision(job_id, image_index, precision,
+                           _evaluations_total(runtime, job_id, image_index, precision, _round_cap(runtime, plan.settings)))
     outcome = _outcome(runtime, job_id, image_index, f"outcome-{round_index}.json")
     if outcome.stopped_because is not None:
         runtime.put_record_once(final, outcome, lambda o: json_bytes(o.to_dict()))
@@ -397,21 +396,22 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
     return RoundStep([])
 
 
-def _evaluations_total(runtime: Runtime, job_id: str, image_index: int, projected: int) -> int:
-    """The job's evaluation total with image ``image_index`` now projected at ``projected`` evaluations
-    (beyond planning): the other images at their last projection, or their first round's size."""
+def _evaluations_total(runtime: Runtime, job_id: str, image_index: int, precision: dict, cap: int) -> int:
+    """The job's evaluation total once image ``image_index`` reached ``precision``: per image, what it
+    spent if it stopped, else the evaluations its projection needs (at most the cap's); an image
+    with no round decided yet counts its first round."""
     job = runtime.jobs.get(job_id)
     total = 0
     for index in range(job.n_images):
         plan = runtime.plan(job_id, index)
-        if index == image_index:
-            coalitions = projected
+        known = precision if index == image_index else job.precision.get(index)
+        if known is None:
+            evaluations = plan.design.n_coalitions * plan.masker.n_backgrounds
+        elif known["stopped_because"] is not None:
+            evaluations = known["evaluations"]
         else:
-            known = job.precision.get(index)
-            budget = plan.design.n_coalitions if known is None else \
-                (known["budget"] if known["stopped_because"] else known["projected"])
-            coalitions = budget * plan.masker.n_backgrounds
-        total += plan.planning_evaluations + coalitions
+            evaluations = max(known["evaluations"], min(known["projected"], cap) * plan.masker.n_backgrounds)
+        total += plan.planning_evaluations + evaluations
     return total
 
 
