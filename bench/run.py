@@ -454,7 +454,74 @@ def measure_overhead(repeats: int) -> dict:
                                        "job_with_out": run([*job, "--out", str(Path(tmp) / "out")])}, repeats)
     return {"help_seconds": medians["help"], "job_seconds": medians["job"],
             "job_with_out_seconds": medians["job_with_out"],
-            "artifacts_added": medians["job_with_out"] / medians["job"] - 1, "repeats": repeats}
+            "artifacts_added": medians["job_with_out"] / medians["job"] - 1, "repeats": repeats,
+            "whole_process": measure_whole_process(repeats)}
+
+
+#: The seed cases as ``shapfleet explain`` flags (the same settings as :func:`cases`).
+CASE_FLAGS = {
+    "mnist": ["--n-segments", "200", "--sigma", "0", "--masker", "constant:0", "--labels", "0,1", "--nsamples", "1000",
+              "--preprocess", "unit"],
+    "efficientnet": ["--n-segments", "50", "--compactness", "30", "--sigma", "3", "--masker", "constant:255", "--top-k", "3",
+                     "--nsamples", "1000", "--preprocess", "centered", "--resize", "256", "--center-crop", "224"],
+}
+
+#: A bare script that does nothing but the inference: import numpy and onnxruntime, load the model
+#: and the prepared masked images, run them in batches of 64.
+BARE_SCRIPT = """
+import sys, numpy, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+inputs = numpy.load(sys.argv[2])
+name = session.get_inputs()[0].name
+for start in range(0, len(inputs), 64):
+    session.run(None, {name: inputs[start:start + 64]})
+"""
+
+
+def measure_whole_process(repeats: int) -> dict:
+    """Whole ``shapfleet explain`` processes on the seed cases, with ``--out``, beside what the same
+    evaluations cost without shapfleet: the inference limit (onnxruntime alone in this process on
+    the same masked images at its best batch size, as in the ``limit`` section) and a bare script
+    (a fresh process importing numpy and onnxruntime and running those images), in interleaved rounds."""
+    import subprocess
+
+    from PIL import Image
+
+    command = str(Path(sys.executable).with_name("shapfleet"))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, case in cases().items():
+            model_bytes, classifier, image = load_case(case)
+            inputs, plan = masked_inputs(classifier, image, case["settings"])
+            pixels = np.clip(case["image"], 0, 255).astype(np.uint8)
+            image_path = Path(tmp) / f"{name}.png"
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(image_path)
+            inputs_path = Path(tmp) / f"{name}-inputs.npy"
+            np.save(inputs_path, inputs)
+            session = raw_sessions(model_bytes)["spinning=0"]
+            input_name = classifier.info.input_name
+            batch, _ = best_batch_size(session, input_name, inputs)
+
+            def limit():
+                for start in range(0, len(inputs), batch):
+                    session.run(None, {input_name: inputs[start:start + batch]})
+
+            def run(args: list[str]):
+                return lambda: subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            explain_command = [command, "explain", str(image_path), "--model", str(case["model"]), *CASE_FLAGS[name],
+                               "--quiet", "--out", str(Path(tmp) / f"{name}-out")]
+            limit()  # warm-up
+            medians = interleaved_medians({"limit": limit,
+                                           "bare_script": run([sys.executable, "-c", BARE_SCRIPT, str(case["model"]),
+                                                               str(inputs_path)]),
+                                           "shapfleet_explain_with_out": run(explain_command)}, repeats)
+            results[name] = {"evaluations": int(len(inputs)) + plan.planning_evaluations, "seconds": medians,
+                             "explain_over_limit": medians["shapfleet_explain_with_out"] / medians["limit"],
+                             "explain_over_bare_script": medians["shapfleet_explain_with_out"] / medians["bare_script"],
+                             "repeats": repeats}
+            print(f"[overhead] {name}: {results[name]}", flush=True)
+    return results
 
 
 def plot(accuracy: dict, path: Path) -> None:
@@ -534,6 +601,17 @@ def markdown(results: dict) -> str:
                   f"`shapfleet --help` {r['help_seconds']:.2f} s. 10 images x every class (grid 4x4, 200 evaluations): "
                   f"{r['job_seconds']:.2f} s without `--out`, {r['job_with_out_seconds']:.2f} s with it: writing "
                   f"the artifacts adds **{100 * r['artifacts_added']:.0f}%** (medians of {r['repeats']} rounds)."]
+        if "whole_process" in r:
+            lines += ["\nWhole `shapfleet explain --out` processes on the seed cases, against the inference limit (onnxruntime "
+                      "alone in the bench's process on the same masked images) and a bare script (a fresh process that "
+                      "imports numpy and onnxruntime and runs those images):\n",
+                      "| case | evaluations | limit s | bare script s | shapfleet explain --out s | / limit | / bare script |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, w in r["whole_process"].items():
+                t = w["seconds"]
+                lines.append(f"| {name} | {w['evaluations']} | {t['limit']:.2f} | {t['bare_script']:.2f} | "
+                             f"{t['shapfleet_explain_with_out']:.2f} | {w['explain_over_limit']:.2f}x | "
+                             f"{w['explain_over_bare_script']:.2f}x |")
     if "superpixels" in results:
         from superpixels import markdown as superpixels_markdown
 

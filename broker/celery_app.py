@@ -15,6 +15,7 @@ from .settings import ServiceSettings
 PLAN_TASK = "shapfleet.plan"
 SHARD_TASK = "shapfleet.shard"
 REDUCE_TASK = "shapfleet.reduce"
+RENDER_TASK = "shapfleet.render"
 ROUND_TASK = "shapfleet.partition_round"
 PART_TASK = "shapfleet.partition_part"
 WATCHDOG_TASK = "shapfleet.watchdog"
@@ -49,6 +50,8 @@ def create_celery(settings: ServiceSettings) -> Celery:
             ROUND_TASK: {"queue": settings.queue_plan},
             PART_TASK: {"queue": settings.queue_shards},
             REDUCE_TASK: {"queue": settings.queue_reduce},
+            # A many-image job's images render on the shard workers, the many, in parallel.
+            RENDER_TASK: {"queue": settings.queue_shards},
         },
         task_default_queue=settings.queue_plan,
         worker_hijack_root_logger=False,

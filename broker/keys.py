@@ -24,10 +24,10 @@ def job_prefix(job_id: str) -> str:
 
 
 def working_prefixes(job_id: str) -> list[str]:
-    """The prefixes of a job's working state: shard statistics, partition round records, plans (read
-    only by its steps, deleted once the job is final)."""
+    """The prefixes of a job's working state: shard statistics, round records, the render tasks'
+    listings, plans (read only by its steps, deleted once the job is final)."""
     return [f"jobs/{job_id}/shards/", f"jobs/{job_id}/partition/", f"jobs/{job_id}/rounds/",
-            f"jobs/{job_id}/plans/"]
+            f"jobs/{job_id}/rendered/", f"jobs/{job_id}/plans/"]
 
 
 def input_key(job_id: str, image_index: int) -> str:
@@ -51,6 +51,11 @@ def rounds_key(job_id: str, image_index: int, name: str) -> str:
     round's budget, design and parts), ``round-<r>/part-<p>.npz`` (a part's statistics),
     ``outcome-<r>.json`` (what the round decided) and ``final.json`` (the last outcome)."""
     return f"jobs/{job_id}/rounds/{image_index}/{name}"
+
+
+def rendered_key(job_id: str, image_index: int) -> str:
+    """The artifacts a many-image job's render task stored for one image (names, keys, sizes), JSON."""
+    return f"jobs/{job_id}/rendered/{image_index}.json"
 
 
 def plan_key(job_id: str, image_index: int) -> str:

@@ -89,6 +89,10 @@ class JobRecords(Protocol):
 
     def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]: ...
 
+    def image_rendered(self, job_id: str, image_index: int) -> tuple[bool, int]:
+        """Record a many-image job's image rendered; returns, like :meth:`shard_done`, whether it was
+        new and how many images are rendered now."""
+
     def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
         """A target run's state after a round of image ``image_index`` (rounds done, the achieved
         precision against the target, the projected coalitions) and the job's new evaluation total."""
@@ -114,6 +118,7 @@ class MemoryJobs:
         self._rounds: dict[str, dict[int, int]] = {}
         self._parts: dict[tuple[str, int, int], set[int]] = {}
         self._precision: dict[str, dict[int, dict[str, Any]]] = {}
+        self._rendered: dict[str, set[int]] = {}
 
     def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
                deadline_seconds: float | None = None, job_id: str | None = None) -> JobRecord:
@@ -170,6 +175,12 @@ class MemoryJobs:
 
     def shard_counts(self, job_id: str) -> list[int]:
         return list(self._shard_counts.get(job_id, []))
+
+    def image_rendered(self, job_id: str, image_index: int) -> tuple[bool, int]:
+        rendered = self._rendered.setdefault(job_id, set())
+        added = image_index not in rendered
+        rendered.add(image_index)
+        return added, len(rendered)
 
     def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
         self._precision.setdefault(job_id, {})[int(image_index)] = dict(precision)

@@ -68,6 +68,11 @@ def job_precision(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:precision"
 
 
+def job_rendered(job_id: str) -> str:
+    """Set of the images of a many-image job whose artifacts are rendered and stored."""
+    return f"{PREFIX}:job:{job_id}:rendered"
+
+
 def job_round_parts(job_id: str, image_index: int, round_index: int) -> str:
     """Set of the finished parts of one partition round."""
     return f"{PREFIX}:job:{job_id}:round:{image_index}:{round_index}"

@@ -21,7 +21,8 @@ from __future__ import annotations
 import time
 
 from . import redis_keys
-from .keys import image_key, job_prefix, working_prefixes
+from .keys import image_key, job_prefix, result_prefix, working_prefixes
+from .records import JobStatus
 from .services import Services
 
 #: Jobs (or images) handled per pass at most, so that one pass stays short after a long outage.
@@ -38,13 +39,17 @@ def _working_keys(redis, job_id: str) -> list[str]:
     """The Redis keys of a job's working state. A message delivered after the job became final may
     create its delivery count again, so a job deleted whole deletes these again too."""
     return [redis_keys.job_deliveries(job_id), redis_keys.job_reduce_lock(job_id), redis_keys.job_plan_lock(job_id),
-            *_round_keys(redis, job_id), redis_keys.job_rounds(job_id)]
+            *_round_keys(redis, job_id), redis_keys.job_rounds(job_id), redis_keys.job_rendered(job_id)]
 
 
 def drop_working_state(services: Services, job_id: str) -> None:
-    """Delete a final job's working state (store and Redis); its record, inputs and results stay."""
+    """Delete a final job's working state (store and Redis); its record, inputs and results stay.
+    A job that did not succeed keeps no results: artifacts an image's render task stored before a
+    cancel (or a failure) landed go too."""
     for prefix in working_prefixes(job_id):
         services.store.delete_prefix(prefix)
+    if services.jobs.status(job_id) not in (JobStatus.SUCCEEDED, None):
+        services.store.delete_prefix(result_prefix(job_id))
     services.redis.delete(*_working_keys(services.redis, job_id))
 
 

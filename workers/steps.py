@@ -31,6 +31,7 @@ from shapfleet.broker.keys import (
     partition_key,
     plan_key,
     reference_key,
+    rendered_key,
     result_key,
     result_prefix,
     rounds_key,
@@ -545,12 +546,18 @@ def _record_done(runtime: Runtime, job_id: str, name: str, on_new=None) -> bool:
 def reduce_explanations(runtime: Runtime, job_id: str) -> list[Explanation]:
     """Check that every shard of every image is recorded done and stored, and reduce each image.
     (``combine`` checks again that each index arrived exactly once.)"""
+    job = _reducible(runtime, job_id)
+    settings = ExplainSettings.from_dict(job.settings)
+    return [_reduce_image(runtime, job_id, index, settings.method, settings.has_target) for index in range(job.n_images)]
+
+
+def _reducible(runtime: Runtime, job_id: str) -> JobRecord:
+    """The job's record, once every shard (or round-driven image) is recorded done."""
     job = runtime.jobs.get(job_id)
     missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id)]
     if missing or not job.shards_total:
         raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
-    settings = ExplainSettings.from_dict(job.settings)
-    return [_reduce_image(runtime, job_id, index, settings.method, settings.has_target) for index in range(job.n_images)]
+    return job
 
 
 def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], str]) -> list[tuple[str, bytes, int | None]]:
@@ -566,18 +573,63 @@ def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], st
     return artifacts
 
 
-def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
-    """The fleet's reduce: reduce every image, render, store the artifacts under the job's results
-    (several images: ``<n>/<artifact>``); returns their descriptions."""
-    explanations = reduce_explanations(runtime, job_id)
-    for index, explanation in enumerate(explanations):
-        explanation.extra["image_index"] = index
-    results = []
+def _store_artifact(runtime: Runtime, job_id: str, name: str, data: bytes, image: int | None) -> dict:
+    runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
+    return {"name": name, "key": result_key(job_id, name), "size": len(data), "image": image}
+
+
+def unrendered_images(runtime: Runtime, job_id: str) -> list[int]:
+    """A many-image job's images whose render task has not stored their artifacts yet; [] for a
+    one-image job, which its reduce renders itself."""
+    job = runtime.jobs.get(job_id)
+    if job.n_images == 1:
+        return []
+    return [i for i in range(job.n_images) if not runtime.store.exists(rendered_key(job_id, i))]
+
+
+def render_image(runtime: Runtime, job_id: str, index: int) -> bool:
+    """A many-image job's image reduced and rendered on its own (so the images of a job render on
+    many workers at once): its artifacts under ``<index>/`` in the results, and their listing in the
+    working state, stored once. Returns whether every image of the job is rendered now (then the
+    reduce is due, which adds the stacked ``attributions.npz`` and ``grid.png``)."""
     _check_running(runtime, job_id)
-    for name, data, image in job_artifacts(explanations, lambda index: f"{index}/"):
-        runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
-        results.append({"name": name, "key": result_key(job_id, name), "size": len(data), "image": image})
-    return results
+    job = _reducible(runtime, job_id)
+    listing_key = rendered_key(job_id, index)
+    if not runtime.store.exists(listing_key):
+        settings = ExplainSettings.from_dict(job.settings)
+        explanation = _reduce_image(runtime, job_id, index, settings.method, settings.has_target)
+        explanation.extra["image_index"] = index
+        listing = [_store_artifact(runtime, job_id, f"{index}/{name}", data, index)
+                   for name, data in render_artifacts(explanation).items()]
+        if runtime.jobs.status(job_id) != JobStatus.RUNNING:  # canceled while rendering: keep none of it
+            runtime.store.delete_prefix(result_key(job_id, f"{index}/"))
+            raise Canceled(f"job {job_id} is no longer running")
+        runtime.store.put(listing_key, json_bytes(listing), "application/json")
+    _, done = runtime.jobs.image_rendered(job_id, index)
+    return done == job.n_images
+
+
+def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
+    """The fleet's reduce: one image is reduced, rendered and stored here; a many-image job's images
+    were rendered by their own tasks (:func:`render_image`), and this adds what needs them all, the
+    stacked ``attributions.npz`` and ``grid.png``, from their stored ``attributions.npz``. Returns
+    the descriptions of every artifact of the job (several images: ``<n>/<artifact>`` first)."""
+    job = _reducible(runtime, job_id)
+    if job.n_images == 1:
+        (explanation,) = reduce_explanations(runtime, job_id)
+        explanation.extra["image_index"] = 0
+        _check_running(runtime, job_id)
+        return [_store_artifact(runtime, job_id, name, data, image)
+                for name, data, image in job_artifacts([explanation], lambda index: "")]
+    try:
+        listings = [json.loads(runtime.store.get(rendered_key(job_id, i))) for i in range(job.n_images)]
+        explanations = [Explanation.load(runtime.store.get(result_key(job_id, f"{i}/attributions.npz")))
+                        for i in range(job.n_images)]
+    except ObjectNotFound as e:
+        raise PipelineError(f"stored results {e} are missing from the store") from e
+    _check_running(runtime, job_id)
+    collection = [_store_artifact(runtime, job_id, name, data, None) for name, data in render_collection(explanations).items()]
+    return [entry for listing in listings for entry in listing] + collection
 
 
 def discard_results(runtime: Runtime, job_id: str) -> None:

@@ -6,6 +6,10 @@
   shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
+  A many-image job's reduce first sends ``shapfleet.render(job_id, image)`` per image (on the shards
+  queue, so that the images render on many workers at once); the render task that completes the
+  job's set of rendered images sends the reduce again, which adds the stacked ``attributions.npz``
+  and ``grid.png`` and succeeds the job.
 
 Method partition, and method kernel with a target (``target_std``/``target_error``), replace the
 shards with rounds, per image and in parallel across images (a kernel round evaluates what a larger
@@ -42,6 +46,7 @@ from shapfleet.broker.celery_app import (
     PART_TASK,
     PLAN_TASK,
     REDUCE_TASK,
+    RENDER_TASK,
     ROUND_TASK,
     SHARD_TASK,
     WATCHDOG_TASK,
@@ -232,6 +237,13 @@ def reduce(self, job_id: str) -> int:
     try:
         if jobs.status(job_id) != JobStatus.RUNNING:
             return 0  # canceled or failed meanwhile, or a duplicate reduce after success: write nothing
+        unrendered = steps.unrendered_images(runtime, job_id)
+        if unrendered:
+            # A many-image job: each image renders on its own task first (the one that completes the
+            # set sends this reduce again). Sent again by a redelivered or re-driven reduce, a render
+            # task finds its image stored and only records it.
+            group([render.s(job_id, index) for index in unrendered]).apply_async()
+            return 0
         # One reducer per job, even when the reduce is enqueued twice; the same message redelivered
         # after its worker died keeps the claim (it has the same task id).
         if not claims.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
@@ -246,10 +258,26 @@ def reduce(self, job_id: str) -> int:
                 return 0
         except BaseException:
             claims.release_reduce(job_id)
+            if jobs.status(job_id) != JobStatus.RUNNING:  # canceled (or failed) meanwhile: keep no result
+                steps.discard_results(runtime, job_id)
             raise
         return len(results)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, "reduce")
+
+
+@shared_task(name=RENDER_TASK, bind=True)
+def render(self, job_id: str, image_index: int) -> bool:
+    runtime = runtime_of(self.app)
+    try:
+        if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
+            return False
+        completed = steps.render_image(runtime, job_id, image_index)
+        if completed:
+            reduce.apply_async(args=[job_id])
+        return completed
+    except Exception as error:
+        _handle_failure(self, runtime, job_id, error, f"rendering image {image_index}")
 
 
 @shared_task(name=WATCHDOG_TASK)
