@@ -41,7 +41,7 @@ from shapfleet.workers.engine.rounds import Target, cap_of  # noqa: E402
 #: between about 1,000 and 10,000 coalitions, the budgets people use.
 PLAN = {
     "mnist-M12": (0.01, 20), "mnist-M16": (0.01, 20), "efficientnet-M12": (0.02, 20),
-    "mnist-M49": (0.02, 20), "mnist-M196": (0.05, 20), "efficientnet-M49": (0.2, 20),
+    "mnist-M49": (0.005, 20), "mnist-M196": (0.02, 20), "efficientnet-M49": (0.15, 20),
 }
 
 

@@ -258,3 +258,49 @@ def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers,
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(Image.open(mine))), name
     assert [run.out_dir.name for run in runs] == ["0-triangle", "1-circle"]
     assert sorted(runs[1].artifacts) == sorted(p.name for p in (tmp_path / "local" / "1-circle").iterdir())
+
+
+def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_render_messages(services, start_workers):
+    """A many-image job's reduce sends one render task per image (they run on the shard workers at
+    once); the one completing the set sends the reduce, which adds the stacked npz and grid.png. Here
+    the reduce message is lost and one image is rendered by hand: the watchdog's reduce sends the
+    remaining images' render tasks only, and the job ends with the in-process artifacts."""
+    from PIL import Image
+
+    from shapfleet.broker.keys import rendered_key
+    from shapfleet.broker.redis_keys import job_rendered
+    from shapfleet.broker.watchdog import watchdog_pass
+    from shapfleet.workers import steps
+    from shapfleet.workers.tasks import runtime_of
+
+    start_workers(1, queues="plan,shards")
+    settings = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
+    images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes(), (REPO / "examples" / "square.png").read_bytes()]
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, settings)
+    deadline = time.monotonic() + 60
+    while not (services.jobs.get(record.id).shards_total
+               and services.jobs.get(record.id).shards_done == services.jobs.get(record.id).shards_total):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_reduce)  # the reduce message is lost
+    runtime = runtime_of(services.celery)
+    assert steps.unrendered_images(runtime, record.id) == [0, 1, 2]
+    assert steps.render_image(runtime, record.id, 1) is False
+    first = services.store.get(rendered_key(record.id, 1))
+    assert steps.render_image(runtime, record.id, 1) is False  # again: stored once, counted once
+    assert services.store.get(rendered_key(record.id, 1)) == first and services.redis.scard(job_rendered(record.id)) == 1
+    start_workers(1, queues="reduce")
+    later = time.time() + services.settings.stall_seconds + 1
+    assert watchdog_pass(services, now=later)[record.id].startswith("re-sent the reduce")
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
+    assert services.redis.scard(job_rendered(record.id)) == 3
+    names = [r["name"] for r in final.results]
+    assert names[-2:] == ["grid.png", "attributions.npz"] and sum(n.startswith("1/") for n in names) == 6
+    pixels = [np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images]
+    local = explain(pixels, EXAMPLE_MODEL, settings)
+    with np.load(io.BytesIO(services.store.get(f"{result_prefix(record.id)}attributions.npz"))) as stacked:
+        for n, run in enumerate(local):  # values padded with NaN past each image's superpixels
+            m = run.explanation.values.shape[0]
+            np.testing.assert_allclose(stacked["values"][n, :m], run.explanation.values, rtol=0, atol=1e-10)

@@ -40,6 +40,8 @@ def test_decisions_stop_on_target_exactness_or_cap_and_project_from_the_rate():
     # a rate measured over two rounds replaces 1/2: here error ~ n^-1, so twice the target needs 2x
     fast = decide([(500, 0.04), (1000, 0.02)], target, 100_000, exact=False)
     assert 2000 <= fast.next_budget <= 2200
+    # before two rounds, a fit that models the game (kriging, cubic) is assumed to improve as 1/n
+    assert 2000 <= decide([(1000, 0.02)], target, 100_000, exact=False, initial_rate=1.0).next_budget <= 2200
     assert decide([(1000, 0.0101)], target, 100_000, exact=False).next_budget == math.ceil(MIN_GROWTH * 1000)
     assert decide([(1000, 5.0)], target, 10**9, exact=False).next_budget == MAX_GROWTH * 1000
     assert decide([(1000, 5.0)], target, 3000, exact=False).next_budget == 3000  # never past the cap

@@ -19,7 +19,7 @@ import numpy as np
 from .design import CoalitionDesign, WorkUnit
 from .estimation import Estimate, ShardStatistics, combine, estimate, restrict
 from .planning import JobPlan
-from .rounds import RoundOutcome, Target, decide
+from .rounds import INITIAL_RATES, RoundOutcome, Target, decide
 
 
 @dataclass
@@ -237,7 +237,7 @@ def explain_to_target(plan: JobPlan, evaluate: Callable[[CoalitionDesign, tuple[
         total = restrict(combine(parts, len(parts)), design)
         result = estimate(design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
         history.append((design.n_coalitions, target.precision(result.values, result.std)))
-        outcome = decide(history, target, cap, design.is_exact)
+        outcome = decide(history, target, cap, design.is_exact, INITIAL_RATES[result.estimator])
         if on_round is not None:
             on_round(outcome, total.n_evaluations)
         if outcome.stopped_because is not None:
