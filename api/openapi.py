@@ -155,7 +155,17 @@ def openapi_document() -> dict:
                     "progress": {"type": "object", "properties": {
                         "shards_done": {"type": "integer"}, "shards_total": {"type": "integer"},
                         "evaluations_done": {"type": "integer"}, "evaluations_total": {"type": "integer"},
-                        "fraction": {"type": "number"}}},
+                        "fraction": {"type": "number"},
+                        "precision": {"type": "array", "description": "target_std/target_error jobs: each image's "
+                                      "state after its last round", "items": {"type": "object", "properties": {
+                                          "image": {"type": "integer"}, "round_index": {"type": "integer"},
+                                          "budget": {"type": "integer"}, "precision": {"type": ["number", "null"]},
+                                          "target_std": {"type": "number"}, "target_error": {"type": "number"},
+                                          "stopped_because": {"type": ["string", "null"],
+                                                              "enum": ["target", "cap", "exact", None]},
+                                          "next_budget": {"type": ["integer", "null"]},
+                                          "projected": {"type": "integer"}, "evaluations": {"type": "integer"}}}},
+                        "eta_seconds": {"type": ["number", "null"]}}},
                     "model_id": {"type": "string"}, "images": {"type": "integer"},
                     "settings": {"type": "object"},
                     "error": {"oneOf": [PROBLEM, {"type": "null"}]},
