@@ -343,6 +343,7 @@ def _stack(tmp: Path, workers: int):
     env = {**os.environ, **settings.environment()}
     api = ApiServer.start(env, tmp / "api.log")
     started = [WorkerProcess.start(env, tmp / f"worker{n}.log", name=f"bench{n}") for n in range(workers)]
+    _stack.settings = settings  # the last stack's, for a bench that reads its records itself
     return [redis_server, seaweed, api, *started], api.url
 
 
@@ -455,7 +456,7 @@ def measure_overhead(repeats: int) -> dict:
     return {"help_seconds": medians["help"], "job_seconds": medians["job"],
             "job_with_out_seconds": medians["job_with_out"],
             "artifacts_added": medians["job_with_out"] / medians["job"] - 1, "repeats": repeats,
-            "whole_process": measure_whole_process(repeats)}
+            "whole_process": measure_whole_process(repeats), "fleet_rendering": measure_fleet_rendering(repeats)}
 
 
 #: The seed cases as ``shapfleet explain`` flags (the same settings as :func:`cases`).
@@ -522,6 +523,67 @@ def measure_whole_process(repeats: int) -> dict:
                              "repeats": repeats}
             print(f"[overhead] {name}: {results[name]}", flush=True)
     return results
+
+
+def measure_fleet_rendering(repeats: int) -> dict:
+    """A 10-image x 10-class job on a 2-worker stack (a 10-class conv model, grid 4x4, 200 coalitions):
+    its wall time from submission, and the part after its last shard (the reduce: each image's
+    render task on the shard workers, then the stacked npz and grid.png), polled by the client every
+    20 ms; then, in this process against the stored job, the reduce without rendering (every image
+    solved from its shards) and the rendering of all its artifacts one after the other (what one
+    reducer did before the render tasks)."""
+    from PIL import Image
+
+    from shapfleet.api.client import Client
+    from shapfleet.broker.services import Services
+    from shapfleet.workers import steps
+    from shapfleet.workers.runtime import ServiceRuntime
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from onnx_models import conv_model
+
+    settings = ExplainSettings(segmenter="grid", grid="4x4", all_classes=True, nsamples=200, masker="constant:0")
+    shapes = [np.asarray(Image.open(REPO / "examples" / f"{name}.png").convert("RGB")) for name in ("triangle", "circle", "square")]
+    pngs = []
+    for n in range(10):
+        buffer = io.BytesIO()
+        Image.fromarray(np.roll(shapes[n % 3], n, axis=1)).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        parts, url = _stack(Path(tmp), workers=2)
+        try:
+            client = Client(url, "bench")
+            model_id = client.upload_model(conv_model(32, 32, classes=10, seed=4))["id"]
+            client.wait(client.submit(pngs[:2], model_id=model_id, settings=settings.to_dict())["id"])  # warm-up
+            walls, reduces, job_id = [], [], None
+            for _ in range(repeats):
+                started = time.perf_counter()
+                job_id = client.submit(pngs, model_id=model_id, settings=settings.to_dict())["id"]
+                shards_done = None
+                while True:
+                    job = client.get(job_id)
+                    now = time.perf_counter()
+                    progress = job["progress"]
+                    if shards_done is None and progress["shards_total"] and progress["shards_done"] == progress["shards_total"]:
+                        shards_done = now
+                    if job["status"] in ("succeeded", "failed", "canceled"):
+                        break
+                    time.sleep(0.02)
+                assert job["status"] == "succeeded", job
+                walls.append(now - started)
+                reduces.append(now - (shards_done or now))
+            runtime = ServiceRuntime(Services.from_settings(_stack.settings))
+            values = median_time(lambda: steps.reduce_explanations(runtime, job_id), repeats)
+            explanations = steps.reduce_explanations(runtime, job_id)
+            render = median_time(lambda: steps.job_artifacts(explanations, lambda index: f"{index}/"), repeats)
+        finally:
+            for part in reversed(parts):
+                part.stop()
+    wall, reduce_phase = statistics.median(walls), statistics.median(reduces)
+    rendering = max(0.0, reduce_phase - values)
+    return {"wall_seconds": wall, "after_last_shard_seconds": reduce_phase, "reduce_without_rendering_seconds": values,
+            "rendering_in_one_process_seconds": render, "artifacts_added": rendering / max(1e-9, wall - rendering),
+            "repeats": repeats}
 
 
 def plot(accuracy: dict, path: Path) -> None:
@@ -601,6 +663,14 @@ def markdown(results: dict) -> str:
                   f"`shapfleet --help` {r['help_seconds']:.2f} s. 10 images x every class (grid 4x4, 200 evaluations): "
                   f"{r['job_seconds']:.2f} s without `--out`, {r['job_with_out_seconds']:.2f} s with it: writing "
                   f"the artifacts adds **{100 * r['artifacts_added']:.0f}%** (medians of {r['repeats']} rounds)."]
+        if "fleet_rendering" in r:
+            f = r["fleet_rendering"]
+            lines.append(f"\nOn a 2-worker stack, a 10-image x 10-class job took {f['wall_seconds']:.2f} s, "
+                         f"{f['after_last_shard_seconds']:.2f} s of it after its last shard (the reduce, its images "
+                         f"rendered by render tasks on both workers); solving the images alone takes "
+                         f"{f['reduce_without_rendering_seconds']:.2f} s and rendering every artifact in one process "
+                         f"{f['rendering_in_one_process_seconds']:.2f} s: writing the artifacts adds "
+                         f"**{100 * f['artifacts_added']:.0f}%** to the job's wall time (medians of {f['repeats']} rounds).")
         if "whole_process" in r:
             lines += ["\nWhole `shapfleet explain --out` processes on the seed cases, against the inference limit (onnxruntime "
                       "alone in the bench's process on the same masked images) and a bare script (a fresh process that "

@@ -182,6 +182,11 @@ def test_pictures_are_drawn_as_arrays_in_image_plots_convention(tmp_path):
     assert first == again
     with Image.open(io.BytesIO(first["summary.png"])) as summary:
         assert summary.size[0] > 4 * 200 and summary.mode == "RGB"  # image + 3 classes, upscaled
+    # the pages' own PNG writer: what a decoder reads back is the array, pixel for pixel
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    pixels[10:20] = pixels[10]  # repeated rows, as upscaled panels have
+    with Image.open(io.BytesIO(rendering.png_bytes(pixels))) as decoded:
+        assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), pixels)
     probe = subprocess.run([sys.executable, "-c", "import sys; from shapfleet.workers.engine import rendering; "
                             "print('matplotlib' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "False", probe.stderr

@@ -12,6 +12,8 @@ return PNG bytes; nothing here solves or stores anything.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from functools import lru_cache
 
 import numpy as np
@@ -43,10 +45,6 @@ def _scale(values: np.ndarray) -> float:
     finite = np.abs(values[np.isfinite(values)]) if values.size else values
     limit = float(np.percentile(finite, 99.9)) if finite.size else 0.0
     return limit if limit > 0 else 1e-12
-
-
-def _upscale(pixels: np.ndarray, factor: int) -> np.ndarray:
-    return np.repeat(np.repeat(pixels, factor, axis=0), factor, axis=1)
 
 
 def _factor(shape: tuple[int, ...], target: int = PANEL_PIXELS) -> int:
@@ -91,8 +89,15 @@ class _Canvas:
         self.pixels = np.full((height, width, 3), 255, np.uint8)
         self.texts: list[tuple[tuple[int, int], str, int, str]] = []
 
-    def panel(self, left: int, top: int, rgb: np.ndarray) -> None:
-        self.pixels[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
+    def panel(self, left: int, top: int, rgb: np.ndarray, factor: int = 1) -> None:
+        """Place ``rgb`` with its top-left corner at (left, top), each pixel a ``factor`` x ``factor``
+        block (nearest-neighbour upscaling): each row widened once, then written ``factor`` times
+        straight into the page."""
+        wide = np.repeat(rgb, factor, axis=1) if factor > 1 else rgb
+        rows = self.pixels[top:top + rgb.shape[0] * factor, left:left + wide.shape[1]]
+        target = rows.reshape(rgb.shape[0], factor, wide.shape[1], 3)
+        assert np.shares_memory(target, self.pixels)  # a view of the page, never a copy
+        target[:] = wide[:, None]
 
     def text(self, centre_x: int, top: int, text: str, size: int) -> None:
         self.texts.append(((centre_x, top), text, size, "ma"))
@@ -106,15 +111,55 @@ class _Canvas:
         self.text(left + width // 2, top + _BAR_HEIGHT + 5 + size + 4, "SHAP value", size + 1)
 
     def png(self) -> bytes:
-        image = Image.fromarray(self.pixels)
-        draw = ImageDraw.Draw(image)
         for (x, y), text, size, anchor in self.texts:
-            draw.text((x, y), text, fill=(0, 0, 0), font=_font(size), anchor=anchor)
-        buffer = io.BytesIO()
-        # Level 1: these pages are mostly flat colour, which zlib's fastest setting already packs
-        # well; the default level spends several times as long for a few per cent.
-        image.save(buffer, format="PNG", compress_level=1)
-        return buffer.getvalue()
+            self._ink(x, y, *_text_mask(text, size, anchor))
+        return png_bytes(self.pixels)
+
+    def _ink(self, x: int, y: int, mask: np.ndarray, left: int, top: int) -> None:
+        """Black text: each pixel darkened by the glyph mask's coverage (clipped to the page)."""
+        x0, y0 = x + left, y + top
+        y1, x1 = min(self.pixels.shape[0], y0 + mask.shape[0]), min(self.pixels.shape[1], x0 + mask.shape[1])
+        cy, cx = max(0, -y0), max(0, -x0)
+        if y1 <= y0 + cy or x1 <= x0 + cx:
+            return
+        coverage = mask[cy:y1 - y0, cx:x1 - x0, None].astype(np.uint16)
+        region = self.pixels[y0 + cy:y1, x0 + cx:x1]
+        region[:] = ((region.astype(np.uint16) * (255 - coverage) + 127) // 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=1024)
+def _text_mask(text: str, size: int, anchor: str) -> tuple[np.ndarray, int, int]:
+    """A text's glyph coverage (uint8) and its offset from the anchor point, drawn once: titles,
+    ticks and labels repeat across a job's pages."""
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    mask = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=font, anchor=anchor)
+    coverage = np.asarray(mask).copy()
+    coverage.flags.writeable = False
+    return coverage, left, top
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``H x W x 3`` uint8 as a PNG whose every row after the first is stored with the Up filter
+    (the difference from the row above). The pages are upscaled panels, nearest-neighbour, on flat
+    colour: most rows repeat the one above and filter to zeros, which zlib's fastest level packs
+    almost for free; Pillow's encoder tries every filter on every row, which took 2.6 times as long
+    for a page 13% smaller (a 10-class summary, 2608 x 325)."""
+    height, width, channels = pixels.shape
+    rows = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), np.uint8)
+    filtered[:, 0] = 2  # Up
+    filtered[0, 0] = 0  # None: the first row has no row above
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's filters are
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
+            + chunk(b"IEND", b""))
 
 
 _TITLE = 16  # title line height above a panel
@@ -139,7 +184,7 @@ def _panels_page(rows: list[list[tuple[np.ndarray, str] | None]], limit: float, 
             rgb, title = cell
             left = _MARGIN + c * (cell_w + _MARGIN)
             canvas.text(left + cell_w // 2, top, title, title_size)
-            canvas.panel(left, top + _TITLE, _upscale(rgb, factor))
+            canvas.panel(left, top + _TITLE, rgb, factor)
     bar_left = _MARGIN + (cell_w + _MARGIN if columns > 1 else 0)
     bar_width = width - bar_left - _MARGIN
     canvas.colour_bar(bar_left, height - _BAR_BLOCK, bar_width, limit)
