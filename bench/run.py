@@ -127,7 +127,7 @@ def masked_inputs(classifier, image, settings) -> tuple[np.ndarray, object]:
     for shard in plan.shard_units:
         for unit in shard:
             z, _ = plan.design.coalitions(unit)
-            composites = plan.masker.compose(image, z[:, plan.segments])
+            composites = plan.masker.compose(image, z[:, plan.game_segments])  # z is over the players
             batches.append(classifier.to_model_input(composites))
     return np.concatenate(batches), plan
 
