@@ -261,10 +261,11 @@ def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers,
 
 
 def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_render_messages(services, start_workers):
-    """A many-image job's reduce sends one render task per image (they run on the shard workers at
-    once); the one completing the set sends the reduce, which adds the stacked npz and grid.png. Here
-    the reduce message is lost and one image is rendered by hand: the watchdog's reduce sends the
-    remaining images' render tasks only, and the job ends with the in-process artifacts."""
+    """A many-image job's last shard sends one render task per image (they run on the shard workers
+    at once); the one completing the set adds the stacked npz and grid.png and succeeds the job.
+    Here the shards run outside any task (so no render is sent), one image is rendered by hand, and
+    the watchdog's reduce sends the remaining images' renders only; the job ends with the in-process
+    artifacts."""
     from PIL import Image
 
     from shapfleet.broker.keys import rendered_key
@@ -273,24 +274,26 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
     from shapfleet.workers import steps
     from shapfleet.workers.tasks import runtime_of
 
-    start_workers(1, queues="plan,shards")
+    start_workers(1, queues="plan")
     settings = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
     images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes(), (REPO / "examples" / "square.png").read_bytes()]
     record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, settings)
     deadline = time.monotonic() + 60
-    while not (services.jobs.get(record.id).shards_total
-               and services.jobs.get(record.id).shards_done == services.jobs.get(record.id).shards_total):
+    while not services.jobs.get(record.id).shards_total:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.3)
-    services.redis.delete(services.settings.queue_reduce)  # the reduce message is lost
+    services.redis.delete(services.settings.queue_shards)  # the shard messages: run here instead
     runtime = runtime_of(services.celery)
+    for image, count in enumerate(services.jobs.shard_counts(record.id)):
+        for shard in range(count):
+            steps.run_shard(runtime, record.id, image, shard)
     assert steps.unrendered_images(runtime, record.id) == [0, 1, 2]
     assert steps.render_image(runtime, record.id, 1) is False
     first = services.store.get(rendered_key(record.id, 1))
     assert steps.render_image(runtime, record.id, 1) is False  # again: stored once, counted once
     assert services.store.get(rendered_key(record.id, 1)) == first and services.redis.scard(job_rendered(record.id)) == 1
-    start_workers(1, queues="reduce")
+    start_workers(1, queues="shards,reduce")
     later = time.time() + services.settings.stall_seconds + 1
     assert watchdog_pass(services, now=later)[record.id].startswith("re-sent the reduce")
     final = wait_final(services, record.id)

@@ -6,10 +6,10 @@
   shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
-  A many-image job's reduce first sends ``shapfleet.render(job_id, image)`` per image (on the shards
-  queue, so that the images render on many workers at once); the render task that completes the
-  job's set of rendered images sends the reduce again, which adds the stacked ``attributions.npz``
-  and ``grid.png`` and succeeds the job.
+  A many-image job gets ``shapfleet.render(job_id, image)`` per image instead (on the shards queue,
+  so that the images render on many workers at once), sent by the step that completes its shards
+  or by a reduce that finds images unrendered; the render task that completes the job's set of
+  rendered images adds the stacked ``attributions.npz`` and ``grid.png`` and succeeds the job itself.
 
 Method partition, and method kernel with a target (``target_std``/``target_error``), replace the
 shards with rounds, per image and in parallel across images (a kernel round evaluates what a larger
@@ -192,7 +192,7 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
             return None
         key, completed = steps.run_shard(runtime, job_id, image_index, shard_index)
         if completed:
-            reduce.apply_async(args=[job_id])
+            _send_reduce(runtime, job_id)
         return key
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"shard {image_index}/{shard_index}")
@@ -208,7 +208,7 @@ def partition_round(self, job_id: str, image_index: int, round_index: int) -> in
         elif step.next_round is not None:
             partition_round.apply_async(args=[job_id, image_index, step.next_round])
         elif step.completed:
-            reduce.apply_async(args=[job_id])
+            _send_reduce(runtime, job_id)
         return len(step.parts)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"partition round {image_index}/{round_index}")
@@ -233,37 +233,54 @@ def partition_part(self, job_id: str, image_index: int, round_index: int, part: 
 @shared_task(name=REDUCE_TASK, bind=True)
 def reduce(self, job_id: str) -> int:
     runtime = runtime_of(self.app)
-    jobs, claims = runtime.services.jobs, runtime.services.claims
     try:
-        if jobs.status(job_id) != JobStatus.RUNNING:
+        if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
             return 0  # canceled or failed meanwhile, or a duplicate reduce after success: write nothing
-        unrendered = steps.unrendered_images(runtime, job_id)
-        if unrendered:
-            # A many-image job: each image renders on its own task first (the one that completes the
-            # set sends this reduce again). Sent again by a redelivered or re-driven reduce, a render
-            # task finds its image stored and only records it.
-            group([render.s(job_id, index) for index in unrendered]).apply_async()
+        if _send_renders(runtime, job_id):
             return 0
-        # One reducer per job, even when the reduce is enqueued twice; the same message redelivered
-        # after its worker died keeps the claim (it has the same task id).
-        if not claims.claim_reduce(job_id, self.request.id or "", runtime.services.settings.visibility_timeout):
-            return 0
-        jobs.touch(job_id)  # activity: the watchdog leaves a job alone while its reducer works
-        try:
-            results = steps.reduce_job(runtime, job_id)
-            if jobs.succeed(job_id, results):
-                claims.count_reduction(job_id)
-            else:  # canceled (or failed) while reducing: no result of it is kept
-                steps.discard_results(runtime, job_id)
-                return 0
-        except BaseException:
-            claims.release_reduce(job_id)
-            if jobs.status(job_id) != JobStatus.RUNNING:  # canceled (or failed) meanwhile: keep no result
-                steps.discard_results(runtime, job_id)
-            raise
-        return len(results)
+        return _finish(runtime, job_id, self.request.id or "")
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, "reduce")
+
+
+def _send_renders(runtime: ServiceRuntime, job_id: str) -> bool:
+    """A many-image job's images not rendered yet each get a render task (the one that completes the
+    set finishes the job); returns whether any was sent. Sent again by a redelivered or re-driven
+    reduce, a render task finds its image stored and only records it."""
+    unrendered = steps.unrendered_images(runtime, job_id)
+    if unrendered:
+        group([render.s(job_id, index) for index in unrendered]).apply_async()
+    return bool(unrendered)
+
+
+def _send_reduce(runtime: ServiceRuntime, job_id: str) -> None:
+    """What the step that completes a job's set of shards (or images) sends: the renders of a
+    many-image job, else the reduce (one message hop fewer than a reduce that sends the renders)."""
+    if not _send_renders(runtime, job_id):
+        reduce.apply_async(args=[job_id])
+
+
+def _finish(runtime: ServiceRuntime, job_id: str, holder: str) -> int:
+    """Reduce (what is left of it), store the results and succeed the job, once: one reducer per
+    job, even when the reduce is enqueued twice; the same message redelivered after its worker died
+    keeps the claim (it has the same task id). Returns the number of results."""
+    jobs, claims = runtime.services.jobs, runtime.services.claims
+    if not claims.claim_reduce(job_id, holder, runtime.services.settings.visibility_timeout):
+        return 0
+    jobs.touch(job_id)  # activity: the watchdog leaves a job alone while its reducer works
+    try:
+        results = steps.reduce_job(runtime, job_id)
+        if jobs.succeed(job_id, results):
+            claims.count_reduction(job_id)
+        else:  # canceled (or failed) while reducing: no result of it is kept
+            steps.discard_results(runtime, job_id)
+            return 0
+    except BaseException:
+        claims.release_reduce(job_id)
+        if jobs.status(job_id) != JobStatus.RUNNING:  # canceled (or failed) meanwhile: keep no result
+            steps.discard_results(runtime, job_id)
+        raise
+    return len(results)
 
 
 @shared_task(name=RENDER_TASK, bind=True)
@@ -273,8 +290,8 @@ def render(self, job_id: str, image_index: int) -> bool:
         if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
             return False
         completed = steps.render_image(runtime, job_id, image_index)
-        if completed:
-            reduce.apply_async(args=[job_id])
+        if completed:  # the last image rendered: this task adds the collection and finishes the job
+            _finish(runtime, job_id, self.request.id or "")
         return completed
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"rendering image {image_index}")
