@@ -574,9 +574,25 @@ def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], st
     return artifacts
 
 
-def _store_artifact(runtime: Runtime, job_id: str, name: str, data: bytes, image: int | None) -> dict:
-    runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
-    return {"name": name, "key": result_key(job_id, name), "size": len(data), "image": image}
+#: Artifacts are stored this many at a time: each is a round trip to the store (one PUT), and an
+#: image's handful of small objects would otherwise wait on each other.
+STORE_CONCURRENCY = 8
+
+
+def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, bytes, int | None]]) -> list[dict]:
+    """Store ``(name, bytes, image)`` artifacts under the job's results, concurrently; returns their
+    descriptions in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def put(artifact: tuple[str, bytes, int | None]) -> dict:
+        name, data, image = artifact
+        runtime.store.put(result_key(job_id, name), data, CONTENT_TYPES.get(name[name.rfind("."):], ""))
+        return {"name": name, "key": result_key(job_id, name), "size": len(data), "image": image}
+
+    if len(artifacts) <= 1:
+        return [put(a) for a in artifacts]
+    with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(artifacts))) as pool:
+        return list(pool.map(put, artifacts))
 
 
 def unrendered_images(runtime: Runtime, job_id: str) -> list[int]:
@@ -600,8 +616,8 @@ def render_image(runtime: Runtime, job_id: str, index: int) -> bool:
         settings = ExplainSettings.from_dict(job.settings)
         explanation = _reduce_image(runtime, job_id, index, settings.method, settings.has_target)
         explanation.extra["image_index"] = index
-        listing = [_store_artifact(runtime, job_id, f"{index}/{name}", data, index)
-                   for name, data in render_artifacts(explanation).items()]
+        listing = _store_artifacts(runtime, job_id, [(f"{index}/{name}", data, index)
+                                                     for name, data in render_artifacts(explanation).items()])
         if runtime.jobs.status(job_id) != JobStatus.RUNNING:  # canceled while rendering: keep none of it
             runtime.store.delete_prefix(result_key(job_id, f"{index}/"))
             raise Canceled(f"job {job_id} is no longer running")
@@ -620,8 +636,7 @@ def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
         (explanation,) = reduce_explanations(runtime, job_id)
         explanation.extra["image_index"] = 0
         _check_running(runtime, job_id)
-        return [_store_artifact(runtime, job_id, name, data, image)
-                for name, data, image in job_artifacts([explanation], lambda index: "")]
+        return _store_artifacts(runtime, job_id, job_artifacts([explanation], lambda index: ""))
     try:
         listings = [json.loads(runtime.store.get(rendered_key(job_id, i))) for i in range(job.n_images)]
         explanations = [Explanation.load(runtime.store.get(result_key(job_id, f"{i}/attributions.npz")))
@@ -629,7 +644,7 @@ def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
     except ObjectNotFound as e:
         raise PipelineError(f"stored results {e} are missing from the store") from e
     _check_running(runtime, job_id)
-    collection = [_store_artifact(runtime, job_id, name, data, None) for name, data in render_collection(explanations).items()]
+    collection = _store_artifacts(runtime, job_id, [(name, data, None) for name, data in render_collection(explanations).items()])
     return [entry for listing in listings for entry in listing] + collection
 
 
