@@ -96,6 +96,24 @@ def test_the_cap_stops_a_run_that_cannot_meet_its_target(tmp_path):
     assert json.loads((tmp_path / "explanation.json").read_text())["summary"]["target_met"] is False
 
 
+def test_a_cap_its_design_cannot_fill_still_stops_the_run():
+    """Sampled pairs round down: nsamples=701 holds 700 coalitions. The run stops there with
+    stopped_because cap, in the round steps (explain) and in memory (explain_array) alike, instead
+    of asking again and again for the one coalition no design adds."""
+    from PIL import Image
+
+    from shapfleet.workers.engine.model import OnnxClassifier
+    from shapfleet.workers.local import explain_array
+
+    model = conv_model(32, 32, seed=2)
+    settings = _settings(target_std=1e-9, nsamples=701)
+    (run,) = explain([TRIANGLE], model, settings)
+    pixels = np.asarray(Image.open(TRIANGLE).convert("RGB"), dtype=np.float32)
+    alone = explain_array(pixels, OnnxClassifier(model, settings).predict, settings)
+    for e in (run.explanation, alone):
+        assert e.extra["stopped_because"] == "cap" and e.extra["cap"] == 701 and e.n_coalitions == 700
+
+
 def test_a_small_game_is_enumerated_when_the_target_asks_for_it():
     model = conv_model(32, 32, seed=2)
     (run,) = explain([TRIANGLE], model, _settings(grid="2x4", target_std=1e-12))

@@ -56,7 +56,7 @@ from shapfleet.workers.engine.partition import (
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
 from shapfleet.workers.engine.rendering import render_artifacts, render_collection
 from shapfleet.workers.engine.result import Explanation, reduce_shards, target_extra
-from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_of, decide
+from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
 from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
 from shapfleet.workers.runtime import Runtime, load_statistics, npz_bytes
@@ -380,8 +380,8 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
         history = [(o.budget, o.precision) for o in
                    (_outcome(runtime, job_id, image_index, f"outcome-{r}.json") for r in range(round_index))]
         history.append((record.budget, target.precision(result.values, result.std)))
-        outcome = decide(history, target, _round_cap(runtime, plan.settings), record.design.is_exact,
-                         INITIAL_RATES[result.estimator])
+        largest = cap_coalitions(plan.n_players, _round_cap(runtime, plan.settings), plan.design.seed)
+        outcome = decide(history, target, largest, record.design.is_exact, INITIAL_RATES[result.estimator])
         decided = runtime.put_record_once(outcome_key, outcome, lambda o: json_bytes(o.to_dict()))
         precision = {**outcome.to_dict(), **target.to_dict(), "evaluations": stats.n_evaluations}
         jobs.set_shard_progress(job_id, f"{image_index}/0", stats.n_evaluations)

@@ -19,7 +19,7 @@ import numpy as np
 from .design import CoalitionDesign, WorkUnit
 from .estimation import Estimate, ShardStatistics, combine, estimate, restrict
 from .planning import JobPlan
-from .rounds import INITIAL_RATES, RoundOutcome, Target, decide
+from .rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, decide
 
 
 @dataclass
@@ -227,6 +227,7 @@ def explain_to_target(plan: JobPlan, evaluate: Callable[[CoalitionDesign, tuple[
     hears of every round decided. The fleet's round steps (:mod:`shapfleet.workers.steps`) make the
     same decisions from stored records; both end with the fixed-budget answer of the last design."""
     target = Target.of(plan.settings)
+    largest = cap_coalitions(plan.n_players, cap, plan.design.seed)
     design, earlier = plan.design, None
     parts: list[ShardStatistics] = []
     history: list[tuple[int, float]] = []
@@ -237,7 +238,7 @@ def explain_to_target(plan: JobPlan, evaluate: Callable[[CoalitionDesign, tuple[
         total = restrict(combine(parts, len(parts)), design)
         result = estimate(design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
         history.append((design.n_coalitions, target.precision(result.values, result.std)))
-        outcome = decide(history, target, cap, design.is_exact, INITIAL_RATES[result.estimator])
+        outcome = decide(history, target, largest, design.is_exact, INITIAL_RATES[result.estimator])
         if on_round is not None:
             on_round(outcome, total.n_evaluations)
         if outcome.stopped_because is not None:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .design import minimum_nsamples
+from .design import CoalitionDesign, minimum_nsamples
 from .settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
 
 #: The first round's budget: enough pairs for every jackknife group and a pilot fit.
@@ -88,6 +88,13 @@ def cap_of(settings: ExplainSettings, default_cap: int = DEFAULT_MAX_NSAMPLES) -
     return int(settings.nsamples) if settings.nsamples is not None else int(default_cap)
 
 
+def cap_coalitions(n_players: int, cap: int, seed: int) -> int:
+    """The coalitions the cap's design holds, which is what :func:`decide` compares a round's with:
+    a budget's sampled pairs round down, so a design can hold one coalition fewer than its budget,
+    and a run whose design holds as many as the cap's has nothing left to grow into."""
+    return CoalitionDesign.create(n_players, cap, seed).n_coalitions
+
+
 def first_budget(n_players: int, cap: int) -> int:
     """Round 0's budget: 4 coalitions per player, at least 256, at most the cap (and never below
     the regression's minimum: a cap under it is refused by the design)."""
@@ -124,8 +131,9 @@ class RoundOutcome:
 
 def decide(history: list[tuple[int, float]], target: Target, cap: int, exact: bool,
            initial_rate: float = 0.5) -> RoundOutcome:
-    """After a round: ``history`` holds every round's (budget, precision) so far, the last one just
-    finished; ``exact`` says whether its design enumerates every coalition; ``initial_rate`` is the
+    """After a round: ``history`` holds every round's (budget: its design's coalitions, precision)
+    so far, the last one just finished; ``cap`` is :func:`cap_coalitions`; ``exact`` says whether its
+    design enumerates every coalition; ``initial_rate`` is the
     rate assumed until two rounds measure one (:data:`INITIAL_RATES` of the fit used)."""
     round_index = len(history) - 1
     budget, precision = history[-1]
