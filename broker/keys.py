@@ -48,7 +48,7 @@ def partition_key(job_id: str, image_index: int, name: str) -> str:
 
 def rounds_key(job_id: str, image_index: int, name: str) -> str:
     """A ``target_std``/``target_error`` run's round records for one image: ``round-<r>.json`` (the
-    round's budget, design and parts), ``round-<r>/part-<p>.npz`` (a part's statistics),
+    design of the round's budget, and its parts), ``round-<r>/part-<p>.npz`` (a part's statistics),
     ``outcome-<r>.json`` (what the round decided) and ``final.json`` (the last outcome)."""
     return f"jobs/{job_id}/rounds/{image_index}/{name}"
 

@@ -68,20 +68,29 @@ def test_partition_job_spreads_rounds_over_workers_and_equals_in_process(service
     assert result(services, record.id, "grid.png")[:4] == b"\x89PNG"
 
 
-def partition_job_stopped_at_round_0(services, start_workers, image_name: str):
-    """A one-image partition job whose round 0 was chosen and whose part messages were lost (no
-    worker consumed the shards queue); returns the model, image, settings and job record."""
+def job_stopped_at_round_0(services, start_workers, image_name: str, settings: ExplainSettings, round_key):
+    """A one-image round-driven job whose round 0 was chosen (``round_key(job_id)`` is stored) and
+    whose part messages were lost (no worker consumed the shards queue); returns the model, image
+    and job record."""
     start_workers(1, queues="plan,reduce")
     model = (REPO / "examples" / "shapes.onnx").read_bytes()
     image = (REPO / "examples" / f"{image_name}.png").read_bytes()
-    settings = partition_settings(max_evals=300)
     record = submit_job(services, "t", store_model(services, model), [image], settings)
     deadline = time.monotonic() + 60
-    while not services.store.exists(partition_key(record.id, 0, "round-0.json")):
+    while not services.store.exists(round_key(record.id)):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     time.sleep(0.3)
     services.redis.delete(services.settings.queue_shards)
+    return model, image, record
+
+
+def partition_job_stopped_at_round_0(services, start_workers, image_name: str):
+    """A partition job stopped so (see :func:`job_stopped_at_round_0`); returns the model, image,
+    settings and job record."""
+    settings = partition_settings(max_evals=300)
+    model, image, record = job_stopped_at_round_0(services, start_workers, image_name, settings,
+                                                  lambda job_id: partition_key(job_id, 0, "round-0.json"))
     return model, image, settings, record
 
 
@@ -347,17 +356,9 @@ def test_a_redelivered_round_step_adds_nothing(services, start_workers):
     from shapfleet.workers import steps
     from shapfleet.workers.tasks import runtime_of
 
-    start_workers(1, queues="plan,reduce")
-    model = (REPO / "examples" / "shapes.onnx").read_bytes()
-    image = (REPO / "examples" / "square.png").read_bytes()
     settings = target_settings()
-    record = submit_job(services, "t", store_model(services, model), [image], settings)
-    deadline = time.monotonic() + 60
-    while not services.store.exists(rounds_key(record.id, 0, "round-0.json")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)
-    services.redis.delete(services.settings.queue_shards)  # round 0's part messages are lost
+    model, image, record = job_stopped_at_round_0(services, start_workers, "square", settings,
+                                                  lambda job_id: rounds_key(job_id, 0, "round-0.json"))
     runtime = runtime_of(services.celery)
     n_parts = len(steps._kernel_round(runtime, record.id, 0, 0).parts)
     assert [steps.kernel_round_part(runtime, record.id, 0, 0, p) for p in range(n_parts)][-1] is True

@@ -307,21 +307,20 @@ def partition_part(runtime: Runtime, job_id: str, image_index: int, round_index:
 # -- method kernel with a target: rounds of growing budgets ----------------------------------------
 @dataclass
 class KernelRound:
-    """A target run's round as planned: its budget, the design of that budget, and its parts (each
-    a run of the work units this design adds to the previous round's)."""
+    """A target run's round as planned: the design of its budget (its budget is the design's
+    coalitions) and its parts (each a run of the work units this design adds to the previous round's)."""
 
-    budget: int
     design: CoalitionDesign
     parts: list[tuple[WorkUnit, ...]]
 
     def encode(self) -> bytes:
-        return json_bytes({"budget": self.budget, "design": self.design.to_dict(),
+        return json_bytes({"design": self.design.to_dict(),
                            "parts": [[dataclasses.asdict(u) for u in part] for part in self.parts]})
 
     @classmethod
     def decode(cls, data: bytes) -> "KernelRound":
         document = json.loads(data)
-        return cls(int(document["budget"]), CoalitionDesign.from_dict(document["design"]),
+        return cls(CoalitionDesign.from_dict(document["design"]),
                    [tuple(WorkUnit(**u) for u in part) for part in document["parts"]])
 
 
@@ -365,7 +364,7 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
         policy = runtime.policy
         n_parts = policy.fixed_shards or max(1, min(policy.max_shards, -(-evaluations // max(1, policy.shard_evaluations))))
         parts = [p for p in design.shard_units(n_parts, units) if p] if units else []
-        runtime.put_record_once(round_key, KernelRound(design.n_coalitions, design, parts), KernelRound.encode)
+        runtime.put_record_once(round_key, KernelRound(design, parts), KernelRound.encode)
     record = _kernel_round(runtime, job_id, image_index, round_index)
     missing = [p for p in range(len(record.parts))
                if not runtime.store.exists(rounds_key(job_id, image_index, f"round-{round_index}/part-{p}.npz"))]
@@ -379,7 +378,7 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
         target = Target.of(plan.settings)
         history = [(o.budget, o.precision) for o in
                    (_outcome(runtime, job_id, image_index, f"outcome-{r}.json") for r in range(round_index))]
-        history.append((record.budget, target.precision(result.values, result.std)))
+        history.append((record.design.n_coalitions, target.precision(result.values, result.std)))
         largest = cap_coalitions(plan.n_players, _round_cap(runtime, plan.settings), plan.design.seed)
         outcome = decide(history, target, largest, record.design.is_exact, INITIAL_RATES[result.estimator])
         decided = runtime.put_record_once(outcome_key, outcome, lambda o: json_bytes(o.to_dict()))
