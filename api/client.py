@@ -14,17 +14,20 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import requests
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from shapfleet.errors import ApiError, ServerUnreachable
+
+if TYPE_CHECKING:
+    import requests
 
 FINAL = ("succeeded", "failed", "canceled")
 
 
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        import requests  # here, not at the top: the command line's start and `explain` need no HTTP
+
         self.base_url = base_url.rstrip("/")
         self.session = requests.Session()
         if api_key:
@@ -32,6 +35,8 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        import requests
+
         try:
             response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout) as e:

@@ -35,6 +35,16 @@ from shapfleet.errors import ModelOutputError, ShapfleetError
 
 from .bounds import run_bounded
 from .inspection import ModelInfo
+from .onnx_wire import (
+    ELEMENT_BOOL,
+    ELEMENT_INT64,
+    dimension,
+    dimensions,
+    node,
+    prepend_to_graph,
+    read_model,
+    tensor_input,
+)
 from .sessions import run_in_fixed_batches, session_device
 
 PREFIX = "shapfleet_"
@@ -42,44 +52,36 @@ MIN_OPSET = 7  # Mul and Add with numpy-style broadcasting
 
 
 def fuse_masking(model_bytes: bytes, info: ModelInfo) -> bytes | None:
-    """The fused model's bytes, or None when the model's opset predates broadcasting ``Mul``/``Add``."""
-    import onnx
-    from onnx import TensorProto, helper
+    """The fused model's bytes, or None when the model's opset predates broadcasting ``Mul``/``Add``.
 
-    model = onnx.load_model_from_string(model_bytes)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < MIN_OPSET:
+    The rewrite is done on the protobuf bytes (:mod:`.onnx_wire`): the masking nodes and the five
+    inputs go in front of the graph's own, the image input is removed, and every other byte of the
+    model (weights included) is copied as it is."""
+    model = read_model(model_bytes)
+    if model.opset < MIN_OPSET:
         return None
-    graph = model.graph
-    original = next(i for i in graph.input if i.name == info.input_name)
-    element = original.type.tensor_type.elem_type
-    image_shape = [1] + [d.dim_value if d.HasField("dim_value") else d.dim_param or None
-                         for d in original.type.tensor_type.shape.dim][1:]
+    original = next(i for i in model.inputs if i.name == info.input_name)
+    element = original.elem_type
+    image_dims = [dimension(1), *dimensions(original)[1:]]
     inputs = [
-        helper.make_tensor_value_info(f"{PREFIX}coalitions", TensorProto.BOOL, ["players", "batch"]),
-        helper.make_tensor_value_info(f"{PREFIX}segments", TensorProto.INT64, ["pixels"]),
-        helper.make_tensor_value_info(f"{PREFIX}mask_shape", TensorProto.INT64, [len(image_shape)]),
-        helper.make_tensor_value_info(f"{PREFIX}image", element, image_shape),
-        helper.make_tensor_value_info(f"{PREFIX}background", element, image_shape),
+        tensor_input(f"{PREFIX}coalitions", ELEMENT_BOOL, [dimension("players"), dimension("batch")]),
+        tensor_input(f"{PREFIX}segments", ELEMENT_INT64, [dimension("pixels")]),
+        tensor_input(f"{PREFIX}mask_shape", ELEMENT_INT64, [dimension(len(image_dims))]),
+        tensor_input(f"{PREFIX}image", element, image_dims),
+        tensor_input(f"{PREFIX}background", element, image_dims),
     ]
     nodes = [
-        helper.make_node("Gather", [f"{PREFIX}coalitions", f"{PREFIX}segments"], [f"{PREFIX}pixel_mask_t"], axis=0),
-        helper.make_node("Transpose", [f"{PREFIX}pixel_mask_t"], [f"{PREFIX}pixel_mask"], perm=[1, 0]),
-        helper.make_node("Reshape", [f"{PREFIX}pixel_mask", f"{PREFIX}mask_shape"], [f"{PREFIX}keep"]),
-        helper.make_node("Not", [f"{PREFIX}keep"], [f"{PREFIX}drop"]),
-        helper.make_node("Cast", [f"{PREFIX}keep"], [f"{PREFIX}keep_weight"], to=element),
-        helper.make_node("Cast", [f"{PREFIX}drop"], [f"{PREFIX}drop_weight"], to=element),
-        helper.make_node("Mul", [f"{PREFIX}keep_weight", f"{PREFIX}image"], [f"{PREFIX}kept_pixels"]),
-        helper.make_node("Mul", [f"{PREFIX}drop_weight", f"{PREFIX}background"], [f"{PREFIX}background_pixels"]),
-        helper.make_node("Add", [f"{PREFIX}kept_pixels", f"{PREFIX}background_pixels"], [info.input_name]),
+        node("Gather", [f"{PREFIX}coalitions", f"{PREFIX}segments"], [f"{PREFIX}pixel_mask_t"], axis=0),
+        node("Transpose", [f"{PREFIX}pixel_mask_t"], [f"{PREFIX}pixel_mask"], perm=[1, 0]),
+        node("Reshape", [f"{PREFIX}pixel_mask", f"{PREFIX}mask_shape"], [f"{PREFIX}keep"]),
+        node("Not", [f"{PREFIX}keep"], [f"{PREFIX}drop"]),
+        node("Cast", [f"{PREFIX}keep"], [f"{PREFIX}keep_weight"], to=element),
+        node("Cast", [f"{PREFIX}drop"], [f"{PREFIX}drop_weight"], to=element),
+        node("Mul", [f"{PREFIX}keep_weight", f"{PREFIX}image"], [f"{PREFIX}kept_pixels"]),
+        node("Mul", [f"{PREFIX}drop_weight", f"{PREFIX}background"], [f"{PREFIX}background_pixels"]),
+        node("Add", [f"{PREFIX}kept_pixels", f"{PREFIX}background_pixels"], [info.input_name]),
     ]
-    kept = [i for i in graph.input if i.name != info.input_name]
-    del graph.input[:]
-    graph.input.extend(inputs + kept)
-    existing = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + existing)
-    return model.SerializeToString()
+    return prepend_to_graph(model_bytes, nodes, inputs, drop_input=info.input_name)
 
 
 def selection_is_exact(image: np.ndarray, background: np.ndarray) -> bool:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from shapfleet.errors import ModelError
+
+from .onnx_wire import ELEMENT_TYPE_NAMES, WireError, read_model, uses_external_data
 
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 _ONNX_FLOAT_ELEM = {1: "tensor(float)", 11: "tensor(double)", 10: "tensor(float16)"}
@@ -47,69 +49,40 @@ def read_model_file(path: str | os.PathLike[str]) -> bytes:
         raise ModelError(f"cannot read the model file {path}: {e.strerror or e}") from e
 
 
-def _graphs(graph) -> Iterator:
-    """The graph and every subgraph (If/Loop/Scan bodies) inside it."""
-    import onnx
-
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for sub in attribute.graphs:
-                    yield from _graphs(sub)
-
-
-def _uses_external_data(model) -> bool:
-    import onnx
-
-    for graph in _graphs(model.graph):
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    tensors.append(attribute.t)
-                elif attribute.type == onnx.AttributeProto.TENSORS:
-                    tensors.extend(attribute.tensors)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
-            return True
-    return False
-
-
 def _dim(value) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
 def inspect_model(model_bytes: bytes, layout: str = "auto") -> ModelInfo:
-    """Validate a model's bytes and describe its image input. Raises :class:`ModelError`."""
-    import onnx
+    """Validate a model's bytes and describe its image input. Raises :class:`ModelError`.
 
+    The bytes are read at the protobuf wire level (:mod:`.onnx_wire`), as onnxruntime's parser
+    reads them, without importing ``onnx``."""
     try:
-        model = onnx.load_model_from_string(model_bytes)
-    except Exception as e:  # onnx raises DecodeError and others from protobuf
-        raise ModelError(f"the file is not an ONNX model ({type(e).__name__}: {e})") from e
-    if not model.graph.node and not model.graph.output:
+        model = read_model(model_bytes)
+        external = uses_external_data(model_bytes)
+    except WireError as e:
+        raise ModelError(f"the file is not an ONNX model (malformed protobuf: {e})") from e
+    if not model.has_nodes and not model.outputs:
         raise ModelError("the file is not an ONNX model (it has no graph)")
-    if _uses_external_data(model):
+    if external:
         raise ModelError("the model references external data files; upload a self-contained model "
                          "(onnx.save_model(..., save_as_external_data=False))")
-    initializer_names = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    inputs = model.inputs
     if len(inputs) != 1:
         raise ModelError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs) or 'none'}); "
                          "shapfleet explains models with exactly one image input")
-    if not model.graph.output:
+    if not model.outputs:
         raise ModelError("the model has no outputs")
-    tensor = inputs[0].type.tensor_type
-    input_type = _ONNX_FLOAT_ELEM.get(tensor.elem_type)
+    input_type = _ONNX_FLOAT_ELEM.get(inputs[0].elem_type)
     if input_type is None:
-        name = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "non-tensor"
+        elem_type = inputs[0].elem_type
+        name = ELEMENT_TYPE_NAMES.get(elem_type, f"element type {elem_type}") if elem_type else "non-tensor"
         raise ModelError(f"the model's input {inputs[0].name!r} is {name}; image inputs must be float, double or float16")
-    dims: list[int | None] = [(_dim(d.dim_value) if d.HasField("dim_value") else None) for d in tensor.shape.dim]
+    dims = [_dim(d) for d in inputs[0].dims]
     info = _image_layout(inputs[0].name, dims, layout)
-    output = model.graph.output[0]
-    out_dims = [(_dim(d.dim_value) if d.HasField("dim_value") else None) for d in output.type.tensor_type.shape.dim]
+    output = model.outputs[0]
+    out_dims = [_dim(d) for d in output.dims]
     n_classes = out_dims[1] if len(out_dims) >= 2 else None
     return ModelInfo(hashlib.sha256(model_bytes).hexdigest(), inputs[0].name, input_type, *info,
                      output_name=output.name, n_classes=n_classes)

@@ -40,7 +40,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import scipy.linalg
 
 from .design import CoalitionDesign
 
@@ -117,6 +116,8 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
 
     Its caller, :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread: at these
     sizes (p <= 696) more threads make the fit slower, not faster."""
+    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
+
     m = design.n_players
     enumerated_weight = design.kernel_probability(z_enumerated.sum(axis=1))
     n_sampled = len(z_sampled)
@@ -164,6 +165,8 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
 
     Every product with H^-1 goes through U = H^-1 X_S^T and ``h_inv_1`` = H^-1 1: since
     r_g = (s_g - s) X_S^T e - s_g X_g^T e_g, with e the residuals, H^-1 r_g = (s_g - s) U e - s_g U_g e_g."""
+    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
+
     m, k = t.shape[0], coefficients.shape[1]
     n_sampled = len(x_sampled)
     if n_sampled == 0:

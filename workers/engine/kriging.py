@@ -74,7 +74,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import scipy.linalg
 
 from . import interactions
 from .design import CoalitionDesign
@@ -352,6 +351,8 @@ def _product_prior(weights: np.ndarray, log_divisor: float) -> np.ndarray:
 def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> dict | None:
     """Generalised least squares and the interpolating residual for kernel matrix ``k`` (changed
     in place); ``shapley_map`` and ``prior`` (callables) are computed only when asked for."""
+    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
+
     n, m = x.shape
     k[np.diag_indices(n)] += JITTER * float(np.max(np.diag(k)))
     try:
@@ -398,6 +399,8 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     covariance of phi_i with h(x_j), per unit s^2) and c_i phi_i's prior variance (``prior``:
     sum_{T odd, i in T} (2 / |T|)^2 w_T). S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1
     (P = K^-1, Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
+    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
+
     m = n_players
     if not sampled:
         return np.zeros((m, fitted["beta"].shape[1]))
