@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from shapfleet.errors import StackError
 
@@ -227,9 +228,11 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, env: dict[str, str], log_path: Path, queues: str = "plan,shards,reduce", concurrency: int = 1,
-              name: str = "w", beat: bool = False) -> "WorkerProcess":
-        """A worker for ``queues``; with ``beat`` it also runs the watchdog every interval."""
-        args = [sys.executable, "-m", "shapfleet.api.cli", "worker", "--queues", queues, "--concurrency", str(concurrency),
+              name: str = "w", beat: bool = False, program: Sequence[str] | None = None) -> "WorkerProcess":
+        """A worker for ``queues``; with ``beat`` it also runs the watchdog every interval. ``program``
+        is what takes ``shapfleet worker``'s arguments (default: ``python -m shapfleet.api.cli worker``)."""
+        program = list(program or [sys.executable, "-m", "shapfleet.api.cli", "worker"])
+        args = [*program, "--queues", queues, "--concurrency", str(concurrency),
                 "--hostname", f"{name}-{secrets.token_hex(3)}@%h", *(["--beat"] if beat else [])]
         process = _spawn(args, log_path, env=env, cwd=REPO)
 

@@ -331,7 +331,7 @@ def time_to_error(rows: list[dict]) -> dict:
 
 
 # -- 3. service against in-process, and scale-out ---------------------------------------------------------
-def _stack(tmp: Path, workers: int):
+def _stack(tmp: Path, workers: int, worker_program: list[str] | None = None):
     from shapfleet.api.stack import ApiServer, RedisServer, SeaweedServer, WorkerProcess
     from shapfleet.broker.settings import ServiceSettings
 
@@ -342,7 +342,8 @@ def _stack(tmp: Path, workers: int):
                                shard_evaluations=128)
     env = {**os.environ, **settings.environment()}
     api = ApiServer.start(env, tmp / "api.log")
-    started = [WorkerProcess.start(env, tmp / f"worker{n}.log", name=f"bench{n}") for n in range(workers)]
+    started = [WorkerProcess.start(env, tmp / f"worker{n}.log", name=f"bench{n}", program=worker_program)
+               for n in range(workers)]
     _stack.settings = settings  # the last stack's, for a bench that reads its records itself
     return [redis_server, seaweed, api, *started], api.url
 
@@ -526,12 +527,13 @@ def measure_whole_process(repeats: int) -> dict:
 
 
 def measure_fleet_rendering(repeats: int) -> dict:
-    """A 10-image x 10-class job on a 2-worker stack (a 10-class conv model, grid 4x4, 200 coalitions):
-    its wall time from submission, and the part after its last shard (the reduce: each image's
-    render task on the shard workers, then the stacked npz and grid.png), polled by the client every
-    20 ms; then, in this process against the stored job, the reduce without rendering (every image
-    solved from its shards) and the rendering of all its artifacts one after the other (what one
-    reducer did before the render tasks)."""
+    """A 10-image x 10-class job (a 10-class conv model, grid 4x4, 200 coalitions) on two 2-worker
+    stacks side by side, in interleaved rounds: plain workers, and workers that store the arrays
+    only (``bench/arrays_only_worker.py``: each image's ``attributions.npz`` and the stacked one, no
+    picture, no ``explanation.json``). Each job's wall time from submission and the part after its
+    last shard, polled by the client every 20 ms; what the artifacts add is the ratio of the two
+    wall times. Also, in this process against a stored job: rendering every artifact one after the
+    other (what one reducer did before images were rendered apart)."""
     from PIL import Image
 
     from shapfleet.api.client import Client
@@ -549,41 +551,56 @@ def measure_fleet_rendering(repeats: int) -> dict:
         buffer = io.BytesIO()
         Image.fromarray(np.roll(shapes[n % 3], n, axis=1)).save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
+    model = conv_model(32, 32, classes=10, seed=4)
+
+    def job(client: Client, model_id: str) -> tuple[float, float, str]:
+        started = time.perf_counter()
+        job_id = client.submit(pngs, model_id=model_id, settings=settings.to_dict())["id"]
+        shards_done = None
+        while True:
+            job = client.get(job_id)
+            now = time.perf_counter()
+            progress = job["progress"]
+            if shards_done is None and progress["shards_total"] and progress["shards_done"] == progress["shards_total"]:
+                shards_done = now
+            if job["status"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.02)
+        assert job["status"] == "succeeded", job
+        return now - started, now - (shards_done or now), job_id
+
     with tempfile.TemporaryDirectory() as tmp:
-        parts, url = _stack(Path(tmp), workers=2)
+        parts, stacks = [], {}
         try:
-            client = Client(url, "bench")
-            model_id = client.upload_model(conv_model(32, 32, classes=10, seed=4))["id"]
-            client.wait(client.submit(pngs[:2], model_id=model_id, settings=settings.to_dict())["id"])  # warm-up
-            walls, reduces, job_id = [], [], None
+            for name, program in (("arrays_only", [sys.executable, str(REPO / "bench" / "arrays_only_worker.py")]),
+                                  ("with_artifacts", None)):
+                started, url = _stack(Path(tmp) / name, workers=2, worker_program=program)
+                parts += started
+                client = Client(url, "bench")
+                model_id = client.upload_model(model)["id"]
+                client.wait(client.submit(pngs[:2], model_id=model_id, settings=settings.to_dict())["id"])  # warm-up
+                stacks[name] = (client, model_id)
+            settings_of_plain = _stack.settings  # the last stack started: the plain one
+            walls = {name: [] for name in stacks}
+            after = {name: [] for name in stacks}
+            job_id = None
             for _ in range(repeats):
-                started = time.perf_counter()
-                job_id = client.submit(pngs, model_id=model_id, settings=settings.to_dict())["id"]
-                shards_done = None
-                while True:
-                    job = client.get(job_id)
-                    now = time.perf_counter()
-                    progress = job["progress"]
-                    if shards_done is None and progress["shards_total"] and progress["shards_done"] == progress["shards_total"]:
-                        shards_done = now
-                    if job["status"] in ("succeeded", "failed", "canceled"):
-                        break
-                    time.sleep(0.02)
-                assert job["status"] == "succeeded", job
-                walls.append(now - started)
-                reduces.append(now - (shards_done or now))
-            runtime = ServiceRuntime(Services.from_settings(_stack.settings))
-            values = median_time(lambda: steps.reduce_explanations(runtime, job_id), repeats)
+                for name, (client, model_id) in stacks.items():
+                    wall, reduce_phase, job_id = job(client, model_id)
+                    walls[name].append(wall)
+                    after[name].append(reduce_phase)
+            runtime = ServiceRuntime(Services.from_settings(settings_of_plain))
             explanations = steps.reduce_explanations(runtime, job_id)
             render = median_time(lambda: steps.job_artifacts(explanations, lambda index: f"{index}/"), repeats)
         finally:
             for part in reversed(parts):
                 part.stop()
-    wall, reduce_phase = statistics.median(walls), statistics.median(reduces)
-    rendering = max(0.0, reduce_phase - values)
-    return {"wall_seconds": wall, "after_last_shard_seconds": reduce_phase, "reduce_without_rendering_seconds": values,
-            "rendering_in_one_process_seconds": render, "artifacts_added": rendering / max(1e-9, wall - rendering),
-            "repeats": repeats}
+    wall = {name: statistics.median(v) for name, v in walls.items()}
+    return {"wall_seconds": wall["with_artifacts"], "arrays_only_wall_seconds": wall["arrays_only"],
+            "after_last_shard_seconds": statistics.median(after["with_artifacts"]),
+            "arrays_only_after_last_shard_seconds": statistics.median(after["arrays_only"]),
+            "rendering_in_one_process_seconds": render,
+            "artifacts_added": wall["with_artifacts"] / wall["arrays_only"] - 1, "repeats": repeats}
 
 
 def plot(accuracy: dict, path: Path) -> None:
@@ -665,12 +682,13 @@ def markdown(results: dict) -> str:
                   f"the artifacts adds **{100 * r['artifacts_added']:.0f}%** (medians of {r['repeats']} rounds)."]
         if "fleet_rendering" in r:
             f = r["fleet_rendering"]
-            lines.append(f"\nOn a 2-worker stack, a 10-image x 10-class job took {f['wall_seconds']:.2f} s, "
-                         f"{f['after_last_shard_seconds']:.2f} s of it after its last shard (the reduce, its images "
-                         f"rendered by render tasks on both workers); solving the images alone takes "
-                         f"{f['reduce_without_rendering_seconds']:.2f} s and rendering every artifact in one process "
-                         f"{f['rendering_in_one_process_seconds']:.2f} s: writing the artifacts adds "
-                         f"**{100 * f['artifacts_added']:.0f}%** to the job's wall time (medians of {f['repeats']} rounds).")
+            lines.append(f"\nOn a 2-worker stack, a 10-image x 10-class job took {f['wall_seconds']:.2f} s "
+                         f"({f['after_last_shard_seconds']:.2f} s of it after its last shard), against "
+                         f"{f['arrays_only_wall_seconds']:.2f} s ({f['arrays_only_after_last_shard_seconds']:.2f} s) on a "
+                         f"stack beside it whose workers store the arrays only: writing the artifacts adds "
+                         f"**{100 * f['artifacts_added']:.0f}%** to the job's wall time (medians of {f['repeats']} "
+                         f"interleaved rounds). Rendering every artifact in one process takes "
+                         f"{f['rendering_in_one_process_seconds']:.2f} s.")
         if "whole_process" in r:
             lines += ["\nWhole `shapfleet explain --out` processes on the seed cases, against the inference limit (onnxruntime "
                       "alone in the bench's process on the same masked images) and a bare script (a fresh process that "

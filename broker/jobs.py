@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from shapfleet.errors import JobNotFound
 
@@ -199,10 +199,19 @@ class JobStore:
         pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
         pipe.execute()
 
-    def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]:
-        """Record a finished shard, atomically returning whether it was new and how many shards are
-        now done: of shards finishing concurrently, exactly one sees itself complete the set."""
-        return self._add_counted(job_id, self.shards_key(job_id), shard_name)
+    def shard_done(self, job_id: str, shard_name: str, image_shards: Sequence[str] = ()) -> tuple[bool, int, bool]:
+        """Record a finished shard, atomically returning whether it was new, how many shards are
+        now done, and whether every shard in ``image_shards`` (its image's) is done: of shards
+        finishing concurrently, exactly one sees itself complete the set, and one its image."""
+        key = self.shards_key(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(key, shard_name)
+        pipe.scard(key)
+        if image_shards:
+            pipe.smismember(key, list(image_shards))
+        pipe.hset(self.key(job_id), "updated_at", repr(time.time()))
+        replies = pipe.execute()
+        return bool(replies[0]), int(replies[1]), bool(image_shards) and all(replies[2])
 
     def _add_counted(self, job_id: str, set_key: str, member: str | int,
                      expire_seconds: int | None = None) -> tuple[bool, int]:

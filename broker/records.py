@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from shapfleet.errors import JobNotFound
 
@@ -79,7 +79,9 @@ class JobRecords(Protocol):
 
     def set_shard_progress(self, job_id: str, shard_name: str, evaluations: int) -> None: ...
 
-    def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]: ...
+    def shard_done(self, job_id: str, shard_name: str, image_shards: Sequence[str] = ()) -> tuple[bool, int, bool]:
+        """Record a finished shard; returns whether it was new, how many shards of the job are done,
+        and whether all of ``image_shards`` are (atomically: one caller sees each completion)."""
 
     def missing_shards(self, job_id: str) -> list[tuple[int, int]]: ...
 
@@ -189,11 +191,11 @@ class MemoryJobs:
     def set_shard_progress(self, job_id: str, shard_name: str, evaluations: int) -> None:
         self._progress[job_id][shard_name] = int(evaluations)
 
-    def shard_done(self, job_id: str, shard_name: str) -> tuple[bool, int]:
+    def shard_done(self, job_id: str, shard_name: str, image_shards: Sequence[str] = ()) -> tuple[bool, int, bool]:
         done = self._done[job_id]
         added = shard_name not in done
         done.add(shard_name)
-        return added, len(done)
+        return added, len(done), bool(image_shards) and all(name in done for name in image_shards)
 
     def missing_shards(self, job_id: str) -> list[tuple[int, int]]:
         done = self._done[job_id]

@@ -86,9 +86,11 @@ def test_progress_counts_each_shard_once(jobs):
     assert jobs.shard_counts(job_id) == [2, 1] and jobs.get(job_id).shards_total == 3
     jobs.set_shard_progress(job_id, "0/0", 50)
     jobs.set_shard_progress(job_id, "0/0", 98)  # the same shard later (or rerun): overwritten, not added
-    assert jobs.shard_done(job_id, "0/0") == (True, 1)
-    assert jobs.shard_done(job_id, "0/0") == (False, 1)  # a redelivered shard is not counted again
-    assert jobs.shard_done(job_id, "0/1") == (True, 2)
+    image_0 = ["0/0", "0/1"]
+    assert jobs.shard_done(job_id, "0/0", image_0) == (True, 1, False)
+    assert jobs.shard_done(job_id, "0/0", image_0) == (False, 1, False)  # a redelivered shard is not counted again
+    assert jobs.shard_done(job_id, "0/1", image_0) == (True, 2, True)  # its image's shards are all done
+    assert jobs.shard_done(job_id, "0/1", image_0) == (False, 2, True)  # and stay so for a redelivery
     record = jobs.get(job_id)
     assert (record.shards_done, record.evaluations_done) == (2, 100)
     assert jobs.missing_shards(job_id) == [(1, 0)]

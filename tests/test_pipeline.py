@@ -260,12 +260,47 @@ def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers,
     assert sorted(runs[1].artifacts) == sorted(p.name for p in (tmp_path / "local" / "1-circle").iterdir())
 
 
+def test_each_image_is_rendered_by_the_shard_that_finishes_it_and_the_last_finishes_the_job(services, start_workers):
+    """The step that finishes an image's shards solves and renders it there (tasks._after_image, what
+    the shard task calls), while the next image is still unevaluated; the image that completes the
+    job's set renders last and finishes the job with every artifact."""
+    from shapfleet.broker.keys import rendered_key
+    from shapfleet.workers import steps
+    from shapfleet.workers.tasks import _after_image, runtime_of
+
+    start_workers(1, queues="plan")
+    settings = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
+    images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes()]
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, settings)
+    deadline = time.monotonic() + 60
+    while not services.jobs.get(record.id).shards_total:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_shards)  # the shard messages: run here instead
+    runtime = runtime_of(services.celery)
+    counts = services.jobs.shard_counts(record.id)
+    assert counts[0] > 1  # the image completes on its last shard, not its first
+    for image in range(2):
+        for shard in range(counts[image]):
+            _, recorded = steps.run_shard(runtime, record.id, image, shard)
+            assert recorded.image_complete == (shard == counts[image] - 1)
+            assert recorded.job_complete == (image == 1 and shard == counts[1] - 1)
+            if recorded.image_complete:
+                _after_image(runtime, record.id, image, recorded.job_complete, "test")
+        assert services.store.exists(rendered_key(record.id, image))
+        assert services.jobs.status(record.id) == (JobStatus.RUNNING if image == 0 else JobStatus.SUCCEEDED)
+    final = services.jobs.get(record.id)
+    names = [r["name"] for r in final.results]
+    assert names[-2:] == ["grid.png", "attributions.npz"] and {n.split("/")[0] for n in names[:-2]} == {"0", "1"}
+
+
 def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_render_messages(services, start_workers):
-    """A many-image job's last shard sends one render task per image (they run on the shard workers
-    at once); the one completing the set adds the stacked npz and grid.png and succeeds the job.
-    Here the shards run outside any task (so no render is sent), one image is rendered by hand, and
-    the watchdog's reduce sends the remaining images' renders only; the job ends with the in-process
-    artifacts."""
+    """A many-image job's images are rendered by the steps that finish them; when those are lost, a
+    reduce sends one render task per image not rendered yet, and the one completing the set adds
+    the stacked npz and grid.png and succeeds the job. Here the shards run outside any task (so
+    nothing is rendered), one image is rendered by hand, and the watchdog's reduce sends the
+    remaining images' renders only; the job ends with the in-process artifacts."""
     from PIL import Image
 
     from shapfleet.broker.keys import rendered_key

@@ -223,12 +223,28 @@ def round_parts(n_masks: int, target: int, max_parts: int) -> list[tuple[int, in
 @dataclass
 class RoundStep:
     """What a round step did: ``parts`` to evaluate (indices), or the next round to run, or the image
-    finished and ``completed`` the job's set (then the reduce is due); nothing when another step
-    already moved on."""
+    finished (``finished``; ``completed`` when it completed the job's set, and the reduce is due);
+    nothing when another step already moved on."""
 
     parts: list[int]
     next_round: int | None = None
     completed: bool = False
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a shard (or a round-driven image) done found: the job's set complete (the
+    reduce is due), and its image's (the image can be solved and rendered)."""
+
+    job_complete: bool
+    image_complete: bool
+
+
+def _image_finished(runtime: Runtime, job_id: str, image_index: int) -> RoundStep:
+    """Record a round-driven image finished (its one unit, ``<image>/0``)."""
+    recorded = _record_done(runtime, job_id, f"{image_index}/0")
+    return RoundStep([], completed=recorded.job_complete, finished=recorded.image_complete)
 
 
 def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index: int) -> RoundStep:
@@ -242,7 +258,7 @@ def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index
     jobs.set_round(job_id, image_index, round_index)
     final = partition_key(job_id, image_index, "final.json")
     if runtime.has_record(final):
-        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+        return _image_finished(runtime, job_id, image_index)
     round_key = partition_key(job_id, image_index, f"round-{round_index}.json")
     if not runtime.has_record(round_key):
         plan = runtime.partition_plan(job_id, image_index)
@@ -251,7 +267,7 @@ def partition_round(runtime: Runtime, job_id: str, image_index: int, round_index
         if not expansions:
             _put_state_once(runtime, final, state)
             jobs.set_shard_progress(job_id, f"{image_index}/0", state.eval_count)
-            return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+            return _image_finished(runtime, job_id, image_index)
         policy = runtime.policy
         parts = round_parts(2 * len(expansions), max(1, policy.shard_evaluations // plan.masker.n_backgrounds),
                             policy.max_shards)
@@ -349,7 +365,7 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
     jobs.set_round(job_id, image_index, round_index)
     final = rounds_key(job_id, image_index, "final.json")
     if runtime.has_record(final):
-        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+        return _image_finished(runtime, job_id, image_index)
     plan = runtime.plan(job_id, image_index)
     round_key = rounds_key(job_id, image_index, f"round-{round_index}.json")
     if not runtime.has_record(round_key):
@@ -389,7 +405,7 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
     outcome = _outcome(runtime, job_id, image_index, f"outcome-{round_index}.json")
     if outcome.stopped_because is not None:
         runtime.put_record_once(final, outcome, lambda o: json_bytes(o.to_dict()))
-        return RoundStep([], completed=_record_done(runtime, job_id, f"{image_index}/0"))
+        return _image_finished(runtime, job_id, image_index)
     # Send the next round unless another step already decided this round and started the next (a
     # re-driven step must not start a second chain; one whose decider died still continues).
     if decided or jobs.current_round(job_id, image_index) <= round_index:
@@ -493,9 +509,9 @@ def evaluate_job_shard(runtime: Runtime, job_id: str, image_index: int, shard_in
 
 
 def store_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int, stats: ShardStatistics,
-                seconds: float) -> bool:
-    """Store a shard's statistics at its deterministic key and record it done; returns whether the
-    job's set of shards is complete now (then the reduce is due)."""
+                seconds: float) -> Recorded:
+    """Store a shard's statistics at its deterministic key and record it done; returns whether that
+    completed the job's set of shards (the reduce is due) and its image's."""
     name = f"{image_index}/{shard_index}"
     runtime.store.put(shard_key(job_id, image_index, shard_index), npz_bytes(stats.to_arrays()))
     runtime.jobs.set_shard_progress(job_id, name, stats.n_evaluations)
@@ -503,9 +519,9 @@ def store_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: in
                         on_new=lambda: runtime.record_shard_metrics(seconds, stats.n_evaluations))
 
 
-def run_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int) -> tuple[str, bool]:
+def run_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int) -> tuple[str, Recorded]:
     """Evaluate one shard and store its statistics (:func:`evaluate_job_shard`, :func:`store_shard`),
-    writing its progress as it goes. Returns the key and whether the job's set of shards is complete.
+    writing its progress as it goes. Returns the key and what recording it found complete.
 
     A shard whose statistics already exist (a redelivery after the work was done) is not evaluated
     again: the stored object is the same one a rerun would write.
@@ -530,17 +546,21 @@ def run_shard(runtime: Runtime, job_id: str, image_index: int, shard_index: int)
     return key, store_shard(runtime, job_id, image_index, shard_index, stats, time.monotonic() - started)
 
 
-def _record_done(runtime: Runtime, job_id: str, name: str, on_new=None) -> bool:
-    """Record shard ``name`` done; true when the job's set is complete.
+def _record_done(runtime: Runtime, job_id: str, name: str, on_new=None) -> Recorded:
+    """Record shard ``name`` (``<image>/<shard>``) done.
 
-    Of shards finishing concurrently, exactly one sees the set complete. A redelivered shard of a
-    complete set sees it complete too: the worker that completed it may have been killed between
-    recording it and enqueuing the reduce, and without a watchdog nothing else would enqueue it.
-    A second reduce is harmless (one reducer claims the job; success is recorded once)."""
-    added, done = runtime.jobs.shard_done(job_id, name)
+    Of shards finishing concurrently, exactly one sees the set complete, and one its image's. A
+    redelivered shard of a complete set sees it complete too: the worker that completed it may have
+    been killed between recording it and sending what was due, and without a watchdog nothing else
+    would send it. What it sends again is harmless (one reducer claims the job, an image's
+    artifacts are stored once, success is recorded once)."""
+    counts = runtime.jobs.shard_counts(job_id)
+    image = int(name.split("/")[0])
+    image_shards = [f"{image}/{i}" for i in range(counts[image])] if image < len(counts) else []
+    added, done, image_done = runtime.jobs.shard_done(job_id, name, image_shards)
     if added and on_new is not None:
         on_new()
-    return done == sum(runtime.jobs.shard_counts(job_id))
+    return Recorded(job_complete=done == sum(counts), image_complete=image_done)
 
 
 def reduce_explanations(runtime: Runtime, job_id: str) -> list[Explanation]:
@@ -594,9 +614,14 @@ def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, b
         return list(pool.map(put, artifacts))
 
 
+def renders_images_apart(runtime: Runtime, job_id: str) -> bool:
+    """Whether the job's images are each solved and rendered on their own (:func:`render_image`), by
+    the step that finishes the image: jobs of several images. A one-image job's reduce renders it."""
+    return runtime.jobs.get(job_id).n_images > 1
+
+
 def unrendered_images(runtime: Runtime, job_id: str) -> list[int]:
-    """A many-image job's images whose render task has not stored their artifacts yet; [] for a
-    one-image job, which its reduce renders itself."""
+    """A many-image job's images whose artifacts are not stored yet; [] for a one-image job."""
     job = runtime.jobs.get(job_id)
     if job.n_images == 1:
         return []
@@ -604,12 +629,16 @@ def unrendered_images(runtime: Runtime, job_id: str) -> list[int]:
 
 
 def render_image(runtime: Runtime, job_id: str, index: int) -> bool:
-    """A many-image job's image reduced and rendered on its own (so the images of a job render on
-    many workers at once): its artifacts under ``<index>/`` in the results, and their listing in the
-    working state, stored once. Returns whether every image of the job is rendered now (then the
-    reduce is due, which adds the stacked ``attributions.npz`` and ``grid.png``)."""
+    """A many-image job's image solved and rendered on its own, once its shards (or rounds) are
+    done, while other images may still be evaluated: its artifacts under ``<index>/`` in the
+    results, and their listing in the working state, stored once. Returns whether every image of
+    the job is rendered now (then the job is due to finish: the stacked ``attributions.npz`` and
+    ``grid.png``)."""
     _check_running(runtime, job_id)
-    job = _reducible(runtime, job_id)
+    job = runtime.jobs.get(job_id)
+    missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id) if n == index]
+    if missing or not job.shards_total:
+        raise PipelineError(f"cannot render image {index} of job {job_id}: shards {missing or 'all'} are not done")
     listing_key = rendered_key(job_id, index)
     if not runtime.store.exists(listing_key):
         settings = ExplainSettings.from_dict(job.settings)

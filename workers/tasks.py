@@ -190,9 +190,9 @@ def shard(self, job_id: str, image_index: int, shard_index: int) -> str | None:
     try:
         if _crashed_too_often(self, runtime.services, job_id, f"{image_index}/{shard_index}", limit):
             return None
-        key, completed = steps.run_shard(runtime, job_id, image_index, shard_index)
-        if completed:
-            _send_reduce(runtime, job_id)
+        key, recorded = steps.run_shard(runtime, job_id, image_index, shard_index)
+        if recorded.image_complete:
+            _after_image(runtime, job_id, image_index, recorded.job_complete, self.request.id or "")
         return key
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"shard {image_index}/{shard_index}")
@@ -207,8 +207,8 @@ def partition_round(self, job_id: str, image_index: int, round_index: int) -> in
             group([partition_part.s(job_id, image_index, round_index, p) for p in step.parts]).apply_async()
         elif step.next_round is not None:
             partition_round.apply_async(args=[job_id, image_index, step.next_round])
-        elif step.completed:
-            _send_reduce(runtime, job_id)
+        elif step.finished:
+            _after_image(runtime, job_id, image_index, step.completed, self.request.id or "")
         return len(step.parts)
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"partition round {image_index}/{round_index}")
@@ -253,10 +253,15 @@ def _send_renders(runtime: ServiceRuntime, job_id: str) -> bool:
     return bool(unrendered)
 
 
-def _send_reduce(runtime: ServiceRuntime, job_id: str) -> None:
-    """What the step that completes a job's set of shards (or images) sends: the renders of a
-    many-image job, else the reduce (one message hop fewer than a reduce that sends the renders)."""
-    if not _send_renders(runtime, job_id):
+def _after_image(runtime: ServiceRuntime, job_id: str, image_index: int, job_complete: bool, holder: str) -> None:
+    """What the step that finishes an image does. In a many-image job it solves and renders that
+    image itself, on the worker that is free now and while other images' shards may still run, and
+    the step that renders the last image finishes the job (a redelivered step does it again; what
+    is stored already is kept). A one-image job's last step sends the reduce."""
+    if steps.renders_images_apart(runtime, job_id):
+        if steps.render_image(runtime, job_id, image_index):
+            _finish(runtime, job_id, holder)
+    elif job_complete:
         reduce.apply_async(args=[job_id])
 
 

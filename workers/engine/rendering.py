@@ -69,10 +69,12 @@ def _image_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[:, :, :3]
 
 
-def _colour_bar(width: int, limit: float) -> np.ndarray:
-    """``_BAR_HEIGHT x width x 3``: the colour scale from -limit to +limit over white."""
-    values = np.linspace(-limit, limit, width)[None].repeat(_BAR_HEIGHT, axis=0)
-    bar = attribution_rgb(np.ones((_BAR_HEIGHT, width, 1)), values, limit)
+def _colour_bar(width: int) -> np.ndarray:
+    """``_BAR_HEIGHT x width x 3``: the colour scale from -1 to +1 (of the limit) over white. It is
+    drawn on the unit scale, not from -limit to +limit, so that its pixels do not depend on the
+    limit's last bits (two runs whose values agree to round-off draw the same bar)."""
+    values = np.linspace(-1.0, 1.0, width)[None].repeat(_BAR_HEIGHT, axis=0)
+    bar = attribution_rgb(np.ones((_BAR_HEIGHT, width, 1)), values, 1.0)
     bar[[0, -1], :] = 0
     bar[:, [0, -1]] = 0
     return bar
@@ -103,7 +105,7 @@ class _Canvas:
         self.texts.append(((centre_x, top), text, size, "ma"))
 
     def colour_bar(self, left: int, top: int, width: int, limit: float, size: int = 11) -> None:
-        self.panel(left, top, _colour_bar(width, limit))
+        self.panel(left, top, _colour_bar(width))
         for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
             x = left + round(fraction * (width - 1))
             self.pixels[top + _BAR_HEIGHT:top + _BAR_HEIGHT + 4, x] = 0
