@@ -160,6 +160,34 @@ def test_s3_bucket_is_created_and_presigned_urls_work_and_expire(service_setting
     assert fetch(short)[0] == 403
 
 
+def test_signed_puts_store_any_key_the_store_accepts_and_a_wrong_secret_is_refused(service_settings):
+    """S3Store.put signs its own requests (broker/s3_put.py): the server checks the signature, so the
+    bytes and content type read back by boto3 prove the canonical request right, keys with spaces,
+    non-ASCII and reserved characters included; a wrong secret gets the server's 403 as a StoreError."""
+    store = S3Store(service_settings)
+    data = bytes(range(256)) * 10
+    for key in ("jobs/s/results/a b/ü+x=1&y.png", "jobs/s/results/~tilde_(1)!*'.png", "jobs/s/results/plain.npz"):
+        store.put(key, data, "image/png")
+        assert store.get(key) == data, key
+    head = store.client.head_object(Bucket=store.bucket, Key="jobs/s/results/plain.npz")
+    assert head["ContentType"] == "image/png" and head["ContentLength"] == len(data)
+    wrong = S3Store(service_settings.replace(s3_secret_key="not-the-secret"))
+    wrong._bucket_ready = True  # the bucket exists; only the signed PUT is tried
+    with pytest.raises(StoreError, match="403"):
+        wrong.put("jobs/s/results/x", b"x")
+    assert not store.exists("jobs/s/results/x")
+
+
+def test_a_put_to_an_unreachable_store_is_a_transient_error(service_settings):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = S3Store(service_settings.replace(s3_endpoint=f"http://127.0.0.1:{port}"))
+    store._bucket_ready = True  # past the bucket check: the signed PUT itself meets the closed port
+    with pytest.raises(TransientStoreError, match="unreachable during put"):
+        store.put("jobs/x", b"x")
+
+
 def test_presigned_urls_use_the_public_endpoint(service_settings):
     public = service_settings.replace(s3_public_endpoint="http://files.example.test:9000")
     url = S3Store(public).presigned_url("jobs/j/results/a.png", 60)
