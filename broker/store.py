@@ -234,8 +234,14 @@ class S3Store:
             token = page["NextContinuationToken"]
 
     def delete_prefix(self, prefix: str) -> None:
-        for key in self.list(prefix):
-            self._call("delete_object", Bucket=self.bucket, Key=key)
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys a request
+            batch = [{"Key": key} for key in keys[start:start + 1000]]
+            reply = self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if reply.get("Errors"):
+                first = reply["Errors"][0]
+                raise TransientStoreError(f"object store could not delete {len(reply['Errors'])} objects under "
+                                          f"{prefix!r} ({first.get('Code')}: {first.get('Key')}); retry later")
 
     def presigned_url(self, key: str, expires: int) -> str | None:
         return self.public_client.generate_presigned_url(

@@ -281,9 +281,11 @@ def _finish(runtime: ServiceRuntime, job_id: str, holder: str) -> int:
             steps.discard_results(runtime, job_id)
             return 0
     except BaseException:
-        claims.release_reduce(job_id)
-        if jobs.status(job_id) != JobStatus.RUNNING:  # canceled (or failed) meanwhile: keep no result
-            steps.discard_results(runtime, job_id)
+        try:
+            if jobs.status(job_id) != JobStatus.RUNNING:  # canceled (or failed) meanwhile: keep no result
+                steps.discard_results(runtime, job_id)
+        finally:  # let go only once nothing of it is left (a waiting reducer would find a half-deleted job)
+            claims.release_reduce(job_id)
         raise
     return len(results)
 
