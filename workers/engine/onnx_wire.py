@@ -10,7 +10,7 @@ The protobuf wire format: a message is a sequence of fields, each a varint key
 many bytes (2), or 4 bytes (5); types 3 and 4 (groups) do not occur in ONNX and are refused. The
 reading follows protobuf's own rules, so that it sees what onnxruntime's parser will:
 
-- a repeated field is every occurrence in order (packed or not, for scalars);
+- a repeated field is every occurrence, in order;
 - a singular scalar is its last occurrence;
 - a singular message that occurs more than once is the merge of its occurrences, which is the
   parse of their bytes concatenated;
@@ -157,26 +157,10 @@ class Message:
         values = [v for t, v in self._by_number.get(number, ()) if t == LENGTH]
         return str(values[-1], "utf-8", "surrogateescape") if values else ""
 
-    def strings(self, number: int) -> list[str]:
-        return [str(v, "utf-8", "surrogateescape") for t, v in self._by_number.get(number, ()) if t == LENGTH]
-
     def integer(self, number: int, default: int = 0) -> int:
         """A singular int32/int64/enum field, as a signed 64-bit value (its last occurrence)."""
         values = [v for t, v in self._by_number.get(number, ()) if t == VARINT]
         return _signed(values[-1]) if values else default
-
-    def integers(self, number: int) -> list[int]:
-        """A repeated int64 field, packed or not."""
-        out: list[int] = []
-        for wire_type, value in self._by_number.get(number, ()):
-            if wire_type == VARINT:
-                out.append(_signed(value))
-            elif wire_type == LENGTH:
-                position = 0
-                while position < len(value):
-                    item, position = _varint(value, position)
-                    out.append(_signed(item))
-        return out
 
     def without(self, number: int, keep=lambda raw: False) -> bytes:
         """This message's bytes with field ``number`` left out, except the occurrences whose bytes
@@ -198,21 +182,19 @@ def _signed(value: int) -> int:
 @dataclass(frozen=True)
 class ValueInfo:
     """A graph input or output: its name, element type (0: not a tensor) and dimensions (an int
-    for a fixed one, None for a symbolic or unset one); ``has_shape`` is false when no shape is set."""
+    for a fixed one, None for a symbolic or unset one), and its message as stored."""
 
     name: str
     elem_type: int
     dims: tuple[int | None, ...]
-    has_shape: bool
-    raw: bytes
+    raw: memoryview
 
 
 def value_info(message: Message) -> ValueInfo:
     tensor = message.message(VALUE_TYPE).message(TYPE_TENSOR)
     shape = tensor.message(TENSOR_TYPE_SHAPE)
     dims = tuple(d.integer(DIM_VALUE) if d.has(DIM_VALUE, VARINT) else None for d in shape.messages(SHAPE_DIM))
-    return ValueInfo(message.string(VALUE_NAME), tensor.integer(TENSOR_TYPE_ELEM_TYPE), dims,
-                     tensor.has(TENSOR_TYPE_SHAPE, LENGTH), message.raw)
+    return ValueInfo(message.string(VALUE_NAME), tensor.integer(TENSOR_TYPE_ELEM_TYPE), dims, message.raw)
 
 
 @dataclass(frozen=True)
