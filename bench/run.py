@@ -553,7 +553,8 @@ def measure_fleet_rendering(repeats: int) -> dict:
         pngs.append(buffer.getvalue())
     model = conv_model(32, 32, classes=10, seed=4)
 
-    def job(client: Client, model_id: str) -> tuple[float, float, str]:
+    def run_job(client: Client, model_id: str) -> tuple[float, float, str]:
+        """One job: (wall seconds, seconds after its last shard, its id)."""
         started = time.perf_counter()
         job_id = client.submit(pngs, model_id=model_id, settings=settings.to_dict())["id"]
         shards_done = None
@@ -586,7 +587,7 @@ def measure_fleet_rendering(repeats: int) -> dict:
             job_id = None
             for _ in range(repeats):
                 for name, (client, model_id) in stacks.items():
-                    wall, reduce_phase, job_id = job(client, model_id)
+                    wall, reduce_phase, job_id = run_job(client, model_id)
                     walls[name].append(wall)
                     after[name].append(reduce_phase)
             runtime = ServiceRuntime(Services.from_settings(settings_of_plain))
