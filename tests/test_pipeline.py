@@ -260,25 +260,36 @@ def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers,
     assert sorted(runs[1].artifacts) == sorted(p.name for p in (tmp_path / "local" / "1-circle").iterdir())
 
 
+#: The settings of the many-image rendering tests: a few shards per image.
+MANY_IMAGE_SETTINGS = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
+
+
+def _planned_with_shards_held(services, start_workers, images: list[bytes]):
+    """A job of ``images`` planned by a plan-only worker, its shard messages deleted from the
+    broker (the test runs the shards itself); returns its record and the runtime the tasks use."""
+    from shapfleet.workers.tasks import runtime_of
+
+    start_workers(1, queues="plan")
+    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, MANY_IMAGE_SETTINGS)
+    deadline = time.monotonic() + 60
+    while not services.jobs.get(record.id).shards_total:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    services.redis.delete(services.settings.queue_shards)
+    return record, runtime_of(services.celery)
+
+
 def test_each_image_is_rendered_by_the_shard_that_finishes_it_and_the_last_finishes_the_job(services, start_workers):
     """The step that finishes an image's shards solves and renders it there (tasks._after_image, what
     the shard task calls), while the next image is still unevaluated; the image that completes the
     job's set renders last and finishes the job with every artifact."""
     from shapfleet.broker.keys import rendered_key
     from shapfleet.workers import steps
-    from shapfleet.workers.tasks import _after_image, runtime_of
+    from shapfleet.workers.tasks import _after_image
 
-    start_workers(1, queues="plan")
-    settings = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
     images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes()]
-    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, settings)
-    deadline = time.monotonic() + 60
-    while not services.jobs.get(record.id).shards_total:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)
-    services.redis.delete(services.settings.queue_shards)  # the shard messages: run here instead
-    runtime = runtime_of(services.celery)
+    record, runtime = _planned_with_shards_held(services, start_workers, images)
     counts = services.jobs.shard_counts(record.id)
     assert counts[0] > 1  # the image completes on its last shard, not its first
     for image in range(2):
@@ -307,19 +318,9 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
     from shapfleet.broker.redis_keys import job_rendered
     from shapfleet.broker.watchdog import watchdog_pass
     from shapfleet.workers import steps
-    from shapfleet.workers.tasks import runtime_of
 
-    start_workers(1, queues="plan")
-    settings = SETTINGS.replace(nsamples=300, all_classes=False, top_k=2)
     images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes(), (REPO / "examples" / "square.png").read_bytes()]
-    record = submit_job(services, "t", store_model(services, EXAMPLE_MODEL), images, settings)
-    deadline = time.monotonic() + 60
-    while not services.jobs.get(record.id).shards_total:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.3)
-    services.redis.delete(services.settings.queue_shards)  # the shard messages: run here instead
-    runtime = runtime_of(services.celery)
+    record, runtime = _planned_with_shards_held(services, start_workers, images)
     for image, count in enumerate(services.jobs.shard_counts(record.id)):
         for shard in range(count):
             steps.run_shard(runtime, record.id, image, shard)
@@ -337,7 +338,7 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
     names = [r["name"] for r in final.results]
     assert names[-2:] == ["grid.png", "attributions.npz"] and sum(n.startswith("1/") for n in names) == 6
     pixels = [np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images]
-    local = explain(pixels, EXAMPLE_MODEL, settings)
+    local = explain(pixels, EXAMPLE_MODEL, MANY_IMAGE_SETTINGS)
     with np.load(io.BytesIO(services.store.get(f"{result_prefix(record.id)}attributions.npz"))) as stacked:
         for n, run in enumerate(local):  # values padded with NaN past each image's superpixels
             m = run.explanation.values.shape[0]

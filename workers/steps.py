@@ -571,12 +571,14 @@ def reduce_explanations(runtime: Runtime, job_id: str) -> list[Explanation]:
     return [_reduce_image(runtime, job_id, index, settings.method, settings.has_target) for index in range(job.n_images)]
 
 
-def _reducible(runtime: Runtime, job_id: str) -> JobRecord:
-    """The job's record, once every shard (or round-driven image) is recorded done."""
+def _reducible(runtime: Runtime, job_id: str, image: int | None = None) -> JobRecord:
+    """The job's record, once every shard (or round-driven image) is recorded done; with ``image``,
+    every one of that image's."""
     job = runtime.jobs.get(job_id)
-    missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id)]
+    missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id) if image is None or n == image]
     if missing or not job.shards_total:
-        raise PipelineError(f"cannot reduce job {job_id}: shards {missing or 'all'} are not done")
+        what = f"job {job_id}" if image is None else f"image {image} of job {job_id}"
+        raise PipelineError(f"cannot reduce {what}: shards {missing or 'all'} are not done")
     return job
 
 
@@ -635,10 +637,7 @@ def render_image(runtime: Runtime, job_id: str, index: int) -> bool:
     the job is rendered now (then the job is due to finish: the stacked ``attributions.npz`` and
     ``grid.png``)."""
     _check_running(runtime, job_id)
-    job = runtime.jobs.get(job_id)
-    missing = [f"{n}/{i}" for n, i in runtime.jobs.missing_shards(job_id) if n == index]
-    if missing or not job.shards_total:
-        raise PipelineError(f"cannot render image {index} of job {job_id}: shards {missing or 'all'} are not done")
+    job = _reducible(runtime, job_id, index)
     listing_key = rendered_key(job_id, index)
     if not runtime.store.exists(listing_key):
         settings = ExplainSettings.from_dict(job.settings)
