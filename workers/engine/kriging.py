@@ -76,6 +76,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import interactions
+from .cholesky import Cholesky
 from .design import CoalitionDesign
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
@@ -351,28 +352,26 @@ def _product_prior(weights: np.ndarray, log_divisor: float) -> np.ndarray:
 def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> dict | None:
     """Generalised least squares and the interpolating residual for kernel matrix ``k`` (changed
     in place); ``shapley_map`` and ``prior`` (callables) are computed only when asked for."""
-    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
-
     n, m = x.shape
     k[np.diag_indices(n)] += JITTER * float(np.max(np.diag(k)))
     try:
-        factor = scipy.linalg.cho_factor(k, lower=True, check_finite=False)
+        factor = Cholesky(k)
     except np.linalg.LinAlgError:
         return None
-    k_inv_x = scipy.linalg.cho_solve(factor, x, check_finite=False)
-    k_inv_odd = scipy.linalg.cho_solve(factor, odd, check_finite=False)
+    k_inv_x = factor.solve(x)
+    k_inv_odd = factor.solve(odd)
     normal = x.T @ k_inv_x
     try:
-        normal_factor = scipy.linalg.cho_factor(normal, lower=True, check_finite=False)
+        normal_factor = Cholesky(normal)
     except np.linalg.LinAlgError:
         return None
-    beta = scipy.linalg.cho_solve(normal_factor, x.T @ k_inv_odd, check_finite=False)
+    beta = normal_factor.solve(x.T @ k_inv_odd)
     alpha = k_inv_odd - k_inv_x @ beta
     # REML with each class's scale s^2 profiled out: (n - M) sum_k log(r_k^T K^-1 r_k) + K log|K| |X^T K^-1 X|.
     quadratic = np.einsum("nk,nk->k", odd - x @ beta, alpha)
     if np.any(quadratic <= 0):  # the odd parts are exactly linear: any kernel interpolates them
         quadratic = np.maximum(quadratic, np.finfo(float).tiny)
-    log_det = 2.0 * (np.log(np.diag(factor[0])).sum() + np.log(np.diag(normal_factor[0])).sum())
+    log_det = factor.log_det() + normal_factor.log_det()
     objective = (n - m) * np.log(quadratic).sum() + odd.shape[1] * log_det
     return _Fit(beta=beta, alpha=alpha, objective=objective, quadratic=quadratic, factor=factor, k_inv_x=k_inv_x,
                 normal_factor=normal_factor, _map=shapley_map, _prior=prior)
@@ -399,7 +398,6 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     covariance of phi_i with h(x_j), per unit s^2) and c_i phi_i's prior variance (``prior``:
     sum_{T odd, i in T} (2 / |T|)^2 w_T). S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1
     (P = K^-1, Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
-    import scipy.linalg  # here: the additive fit needs no scipy, and its import is 0.3 s of start-up
 
     m = n_players
     if not sampled:
@@ -407,8 +405,8 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     n = len(x)
     shapley_map = fitted["map"]
     factor, k_inv_x = fitted["factor"], fitted["k_inv_x"]
-    k_inv_map = scipy.linalg.cho_solve(factor, shapley_map, check_finite=False)  # P A
-    q_inv = scipy.linalg.cho_solve(fitted["normal_factor"], np.eye(m), check_finite=False)
+    k_inv_map = factor.solve(shapley_map)  # P A
+    q_inv = fitted["normal_factor"].solve(np.eye(m))
     # g^T S^-1 g for g = (A e_i, 2 e_i), column by column:
     #   A^T P A - (X^T P A)^T Q^-1 (X^T P A) + 4 (Q^-1 X^T P A)_ii - 4 Q^-1_ii
     xpa = k_inv_x.T @ shapley_map  # X^T P A (M x M)

@@ -29,10 +29,6 @@ def segment(image: np.ndarray, settings: ExplainSettings) -> np.ndarray:
     SLIC, quickshift and Felzenszwalb see the image as uint8, so that scikit-image scales it to
     [0, 1] (and to Lab for colour SLIC) the same way whatever the model's preprocessing is.
     """
-    from skimage import (
-        segmentation as sk,  # imported here: scikit-image is slow to import
-    )
-
     height, width, channels = image.shape
     if settings.segmenter == "grid":
         rows, cols = settings.grid_shape
@@ -47,15 +43,13 @@ def segment(image: np.ndarray, settings: ExplainSettings) -> np.ndarray:
         )
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     if settings.segmenter == "slic":
-        labels = sk.slic(
-            pixels if channels == 3 else pixels[:, :, 0],
-            n_segments=settings.n_segments,
-            compactness=settings.compactness,
-            sigma=settings.sigma,
-            channel_axis=-1 if channels == 3 else None,
-            start_label=0,
-        )
-    elif settings.segmenter == "quickshift":
+        from .slic import slic
+
+        return renumber(slic(pixels if channels == 3 else pixels[:, :, 0], settings.n_segments,
+                             settings.compactness, settings.sigma))
+    from skimage import segmentation as sk  # imported here: scikit-image's segmentation is slow to import
+
+    if settings.segmenter == "quickshift":
         rgb = pixels if channels == 3 else np.repeat(pixels, 3, axis=2)
         labels = sk.quickshift(
             rgb,
