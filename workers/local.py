@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +32,7 @@ from shapfleet.workers.engine.images import as_pixel_array, load_image, npy_byte
 from shapfleet.workers.engine.inspection import read_model_file
 from shapfleet.workers.engine.planning import JobPlan, largest_shards_first, plan_explanation
 from shapfleet.workers.engine.progress import precision_note
+from shapfleet.workers.engine.rendering import render_artifacts
 from shapfleet.workers.engine.result import Explanation, explain_to_target, reduce_shards
 from shapfleet.workers.engine.rounds import cap_of
 from shapfleet.workers.engine.settings import ExplainSettings
@@ -96,56 +97,78 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
     channels = runtime.classifier(sha256, settings).channels  # the session, made once for every image
     segments_data = _segments_bytes(segments)
 
-    runs, explanations = [], []
-    for index, source in enumerate(images):
-        name = str(source) if not isinstance(source, np.ndarray) else f"image {index}"
-        started = time.perf_counter()
-        pixels = load_image(source, channels) if not isinstance(source, np.ndarray) \
-            else as_pixel_array(source, channels, name)
-        job = runtime.jobs.create("local", settings.to_dict(), sha256, [name])
-        runtime.names[input_key(job.id, 0)] = name
-        runtime.store.put(input_key(job.id, 0), npy_bytes(pixels))
-        if segments_data is not None:
-            runtime.names[segments_key(job.id, 0)] = str(segments) if not isinstance(segments, np.ndarray) else "segments"
-            runtime.store.put(segments_key(job.id, 0), segments_data)
-        runtime.jobs.start(job.id)
-        (plan,) = steps.plan_job(runtime, job.id)
-        bar = progress(plan.total_evaluations, _label(index, len(images))) if progress is not None else None
-        if bar is not None:
-            bar.update(plan.planning_evaluations)
-        update = bar.update if bar is not None else None
-        if settings.method == "partition":
-            _run_rounds(runtime, job.id, update)
-        elif settings.has_target:
-            _run_target_rounds(runtime, job.id, bar)
-        elif workers > 1 and plan.n_shards > 1:
-            _run_shards_in_pool(runtime, job.id, plan, min(workers, plan.n_shards), update)
-        else:
-            for _, shard in largest_shards_first([plan]):
-                shard_started = time.monotonic()
-                stats = steps.evaluate_job_shard(runtime, job.id, 0, shard, update)
-                steps.store_shard(runtime, job.id, 0, shard, stats, time.monotonic() - shard_started)
-        (explanation,) = steps.reduce_explanations(runtime, job.id)
-        runtime.jobs.succeed(job.id, [])
-        runtime.forget(job.id)
-        if bar is not None:
-            bar.close()
-        wall = time.perf_counter() - started
-        explanation.extra["wall_seconds"] = round(wall, 3)
-        explanations.append(explanation)
-        runs.append(ExplainRun(name, explanation, wall, {}))
+    runs: list[ExplainRun] = []
+    # Each image's artifacts are rendered on a thread while the next image is explained: PNG
+    # compression and numpy's larger operations let go of the GIL.
+    renderer = ThreadPoolExecutor(1, thread_name_prefix="render") if out_dir is not None else None
+    rendering: list[Future[dict[str, bytes]]] = []
+    try:
+        for index, source in enumerate(images):
+            runs.append(_explain_image(runtime, settings, sha256, channels, index, len(images), source,
+                                       segments, segments_data, workers, progress))
+            if renderer is not None:
+                rendering.append(renderer.submit(render_artifacts, runs[-1].explanation))
+        if out_dir is not None:
+            _write_artifacts(Path(out_dir), images, runs, [future.result() for future in rendering])
+        return runs
+    finally:
+        if renderer is not None:
+            renderer.shutdown(cancel_futures=True)
 
-    if out_dir is not None:
-        folders = [f"{index}-{_stem(source, index)}/" for index, source in enumerate(images)]
-        for name, data, index in steps.job_artifacts(explanations, folders.__getitem__):
-            path = Path(out_dir) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            if index is not None:
-                runs[index].artifacts[name.removeprefix(folders[index]) if len(runs) > 1 else name] = data
-        for index, run in enumerate(runs):
-            run.out_dir = Path(out_dir) if len(runs) == 1 else Path(out_dir) / folders[index].rstrip("/")
-    return runs
+
+def _explain_image(runtime: LocalRuntime, settings: ExplainSettings, sha256: str, channels: int, index: int,
+                   count: int, source, segments, segments_data: bytes | None, workers: int,
+                   progress: ProgressFactory | None) -> ExplainRun:
+    """One image as a one-image job, through the fleet's steps."""
+    name = str(source) if not isinstance(source, np.ndarray) else f"image {index}"
+    started = time.perf_counter()
+    pixels = load_image(source, channels) if not isinstance(source, np.ndarray) \
+        else as_pixel_array(source, channels, name)
+    job = runtime.jobs.create("local", settings.to_dict(), sha256, [name])
+    runtime.names[input_key(job.id, 0)] = name
+    runtime.store.put(input_key(job.id, 0), npy_bytes(pixels))
+    if segments_data is not None:
+        runtime.names[segments_key(job.id, 0)] = str(segments) if not isinstance(segments, np.ndarray) else "segments"
+        runtime.store.put(segments_key(job.id, 0), segments_data)
+    runtime.jobs.start(job.id)
+    (plan,) = steps.plan_job(runtime, job.id)
+    bar = progress(plan.total_evaluations, _label(index, count)) if progress is not None else None
+    if bar is not None:
+        bar.update(plan.planning_evaluations)
+    update = bar.update if bar is not None else None
+    if settings.method == "partition":
+        _run_rounds(runtime, job.id, update)
+    elif settings.has_target:
+        _run_target_rounds(runtime, job.id, bar)
+    elif workers > 1 and plan.n_shards > 1:
+        _run_shards_in_pool(runtime, job.id, plan, min(workers, plan.n_shards), update)
+    else:
+        for _, shard in largest_shards_first([plan]):
+            shard_started = time.monotonic()
+            stats = steps.evaluate_job_shard(runtime, job.id, 0, shard, update)
+            steps.store_shard(runtime, job.id, 0, shard, stats, time.monotonic() - shard_started)
+    (explanation,) = steps.reduce_explanations(runtime, job.id)
+    runtime.jobs.succeed(job.id, [])
+    runtime.forget(job.id)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - started
+    explanation.extra["wall_seconds"] = round(wall, 3)
+    return ExplainRun(name, explanation, wall, {})
+
+
+def _write_artifacts(out_dir: Path, images: Sequence, runs: list[ExplainRun], rendered: list[dict[str, bytes]]) -> None:
+    """The job's artifacts as files (one image: into ``out_dir``; several: into ``out_dir/<n>-<stem>/``,
+    plus the collection's at the top), and each run's own in ``run.artifacts``."""
+    folders = [f"{index}-{_stem(source, index)}/" for index, source in enumerate(images)]
+    for name, data, index in steps.job_artifacts([run.explanation for run in runs], folders.__getitem__, rendered):
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if index is not None:
+            runs[index].artifacts[name.removeprefix(folders[index]) if len(runs) > 1 else name] = data
+    for index, run in enumerate(runs):
+        run.out_dir = out_dir if len(runs) == 1 else out_dir / folders[index].rstrip("/")
 
 
 def _run_rounds(runtime: LocalRuntime, job_id: str, on_progress: Callable[[int], None] | None) -> None:

@@ -582,14 +582,17 @@ def _reducible(runtime: Runtime, job_id: str, image: int | None = None) -> JobRe
     return job
 
 
-def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], str]) -> list[tuple[str, bytes, int | None]]:
+def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], str],
+                  rendered: list[dict[str, bytes]] | None = None) -> list[tuple[str, bytes, int | None]]:
     """Every artifact of a job as ``(name, bytes, image index)``: each image's own (attributions.npz,
-    the PNGs, explanation.json) under ``folder_of(index)`` (a prefix ending in ``/``; one image's go
-    at the top), and with several images the stacked ``attributions.npz`` and ``grid.png`` (index None)."""
+    the PNGs, explanation.json; ``rendered[i]`` when given, else rendered here) under
+    ``folder_of(index)`` (a prefix ending in ``/``; one image's go at the top), and with several
+    images the stacked ``attributions.npz`` and ``grid.png`` (index None)."""
     single = len(explanations) == 1
+    if rendered is None:
+        rendered = [render_artifacts(explanation) for explanation in explanations]
     artifacts = [(name if single else f"{folder_of(index)}{name}", data, index)
-                 for index, explanation in enumerate(explanations)
-                 for name, data in render_artifacts(explanation).items()]
+                 for index, images in enumerate(rendered) for name, data in images.items()]
     if not single:
         artifacts += [(name, data, None) for name, data in render_collection(explanations).items()]
     return artifacts

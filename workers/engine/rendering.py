@@ -69,14 +69,17 @@ def _image_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[:, :, :3]
 
 
+@lru_cache(maxsize=16)
 def _colour_bar(width: int) -> np.ndarray:
     """``_BAR_HEIGHT x width x 3``: the colour scale from -1 to +1 (of the limit) over white. It is
     drawn on the unit scale, not from -limit to +limit, so that its pixels do not depend on the
-    limit's last bits (two runs whose values agree to round-off draw the same bar)."""
+    limit's last bits (two runs whose values agree to round-off draw the same bar), and so once per
+    width: a job's pages share a few widths."""
     values = np.linspace(-1.0, 1.0, width)[None].repeat(_BAR_HEIGHT, axis=0)
     bar = attribution_rgb(np.ones((_BAR_HEIGHT, width, 1)), values, 1.0)
     bar[[0, -1], :] = 0
     bar[:, [0, -1]] = 0
+    bar.flags.writeable = False
     return bar
 
 
@@ -200,8 +203,9 @@ def _class_title(explanation: Explanation, k: int, digits: int = 3) -> str:
 def class_overlay_png(explanation: Explanation, k: int) -> bytes:
     """The overlay for the k-th explained class, with its own symmetric scale and a colour bar."""
     pixel_values = explanation.pixel_values[:, :, k]
-    rgb = attribution_rgb(explanation.image, pixel_values, _scale(pixel_values))
-    return _panels_page([[(rgb, _class_title(explanation, k))]], _scale(pixel_values), 13)
+    limit = _scale(pixel_values)
+    rgb = attribution_rgb(explanation.image, pixel_values, limit)
+    return _panels_page([[(rgb, _class_title(explanation, k))]], limit, 13)
 
 
 def summary_png(explanation: Explanation) -> bytes:
