@@ -8,7 +8,8 @@ error is estimated from four independent quarters of its evaluations (the spread
 around the whole run's, over sqrt(4)) and reported beside the errors it judges.
 
 Tools, side by side at each budget, round s running every tool with seed s: shapfleet as shipped
-(``auto``) and with KernelSHAP's additive fit (``linear``), shap's KernelExplainer, and shapiq's
+(``auto``), with KernelSHAP's additive fit (``linear``) and on its previous design (sizes drawn by
+the kernel, ``shapfleet_kernel_sizes``), shap's KernelExplainer, and shapiq's
 OddSHAP, LeverageSHAP and PolySHAP in their own interpreter (bench/.peers, made by bench/setup.sh;
 see bench/peers.py), each class with the full budget (the model runs once for the coalitions every class asks for); their clock starts once that interpreter has
 imported shapiq, as shap's starts with shap imported. Figures: the median relative L2 error and
@@ -20,6 +21,7 @@ within 1.96 std of the reference, over ``coverage_seeds`` seeds; values it knows
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import statistics
@@ -49,7 +51,7 @@ from shapfleet.workers.local import explain_array  # noqa: E402
 MODELS = HERE / "models"
 REFERENCES = MODELS / "references"
 PEERS_PYTHON = HERE / ".peers" / "bin" / "python"
-SHAPFLEET_TOOLS = {"shapfleet": "auto", "shapfleet_linear": "linear"}
+SHAPFLEET_TOOLS = {"shapfleet": "auto", "shapfleet_linear": "linear", "shapfleet_kernel_sizes": "auto"}
 PEER_TOOLS = ("shapiq_oddshap", "shapiq_leverageshap", "shapiq_polyshap")
 TOOLS = (*SHAPFLEET_TOOLS, "shap", *PEER_TOOLS)
 
@@ -159,6 +161,29 @@ def run_peer(process: subprocess.Popen, tool: str, game: Game, budget: int, seed
     return values
 
 
+@contextlib.contextmanager
+def kernel_sized_design():
+    """shapfleet's previous coalition design, for ``shapfleet_kernel_sizes``: sampled sizes drawn
+    by the Shapley kernel q (inverting its distribution function) instead of uniformly, with flat
+    weights q_R / N_S instead of importance weights. Patched into the design for the duration."""
+    from shapfleet.workers.engine import design as module
+
+    def kernel_stream(self, block: int):
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(block,)))
+        cdf = np.cumsum(self.q[1:self.n_players])
+        sizes = 1 + np.searchsorted(cdf / cdf[-1], rng.random(module.RAW_PAIRS_PER_BLOCK), side="right")
+        return np.minimum(sizes, self.n_players - 1), rng
+
+    saved = module.CoalitionDesign._block_stream, module._sampling_weight_table, module.CoalitionDesign.sampled_share
+    module.CoalitionDesign._block_stream = kernel_stream
+    module._sampling_weight_table = lambda m: np.ones(m + 1)
+    module.CoalitionDesign.sampled_share = property(lambda self: self.sampled_mass)
+    try:
+        yield
+    finally:
+        module.CoalitionDesign._block_stream, module._sampling_weight_table, module.CoalitionDesign.sampled_share = saved
+
+
 def run_tool(tool: str, game: Game, budget: int, seed: int) -> tuple[np.ndarray, float, float | None]:
     """One tool's values, seconds, and (shapfleet's) seconds of the fit alone."""
     from run import shap_kernel
@@ -169,12 +194,13 @@ def run_tool(tool: str, game: Game, budget: int, seed: int) -> tuple[np.ndarray,
     if tool in SHAPFLEET_TOOLS:
         # explain_array's steps, with the reduce (the fit) timed on its own.
         settings = game.settings.replace(nsamples=budget, seed=seed, estimator=SHAPFLEET_TOOLS[tool])
-        plan = plan_explanation(game.image, game.classifier.predict, settings)
-        shards = [evaluate_shard(plan, 0, game.classifier.predict,
-                                 predict_coalitions=coalition_predictor(game.classifier, plan))]
-        fitting = time.perf_counter()
-        result = reduce_shards(plan, shards)
-        fit_seconds = time.perf_counter() - fitting
+        with kernel_sized_design() if tool == "shapfleet_kernel_sizes" else contextlib.nullcontext():
+            plan = plan_explanation(game.image, game.classifier.predict, settings)
+            shards = [evaluate_shard(plan, 0, game.classifier.predict,
+                                     predict_coalitions=coalition_predictor(game.classifier, plan))]
+            fitting = time.perf_counter()
+            result = reduce_shards(plan, shards)
+            fit_seconds = time.perf_counter() - fitting
         values = result.values
     elif tool == "shap":
         values = shap_kernel(game.classifier, game.image, game.segments, game.fill, game.classes, budget, True, seed)
@@ -258,7 +284,8 @@ def time_to_error(rows: list[dict]) -> dict:
 def markdown(results: dict) -> list[str]:
     lines = ["\n## Error at 49 and 196 superpixels, against high-budget references\n",
              "Median relative L2 error (and seconds) per budget; shapiq's tools spend the budget on each class. "
-             "`auto` is shapfleet as shipped.\n"]
+             "`auto` is shapfleet as shipped; `shapfleet_kernel_sizes` is `auto` on the previous design, which "
+             "drew sampled sizes by the Shapley kernel instead of uniformly.\n"]
     for name, r in results.items():
         tools = list(dict.fromkeys(row["tool"] for row in r["rows"]))
         budgets = sorted({row["nsamples"] for row in r["rows"]})

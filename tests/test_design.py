@@ -11,6 +11,7 @@ from shapfleet.errors import EstimationError, InvalidSettingsError
 from shapfleet.workers.engine.design import (
     CoalitionDesign,
     default_nsamples,
+    sampling_weights,
     size_distribution,
 )
 from shapfleet.workers.engine.estimation import (
@@ -64,26 +65,36 @@ def test_coalitions_do_not_depend_on_the_shard_count():
         np.testing.assert_array_equal(np.concatenate([z for _, z, _ in all_rows(design, n)]), reference)
 
 
-def test_sampled_sizes_follow_the_kernel():
+def test_sampled_sizes_are_uniform_and_weigh_back_to_the_kernel():
+    """Sizes are drawn uniformly; the importance weights w(s) share / N_S give each size the
+    kernel's mass q(s), outside the enumerated sizes (here 1 and 9)."""
     design = CoalitionDesign(10, 3, (), 0, 20_000, 20_000)  # nothing enumerated: every size is sampled
     sizes = np.concatenate([z.sum(axis=1) for _, z, _ in all_rows(design)])
-    observed = np.bincount(sizes, minlength=11) / len(sizes)
-    np.testing.assert_allclose(observed, size_distribution(10), atol=0.01)
+    np.testing.assert_allclose(np.bincount(sizes, minlength=11)[1:10] / len(sizes), 1 / 9, atol=0.01)
+    mass = np.bincount(sizes, weights=sampling_weights(10, sizes), minlength=11) * design.sampled_share / len(sizes)
+    np.testing.assert_allclose(mass, size_distribution(10), atol=0.01)
+    outer = (1, 9)  # enumerated, as a budget of 20 + 2 * 20,000 would not: the outer pair alone
+    raw = CoalitionDesign(10, 2, outer, 20, 20_000, 0)._raw_pairs_needed()
+    partial = CoalitionDesign(10, 2, outer, 20, 20_000, raw)
+    sizes = np.concatenate([z.sum(axis=1) for kind, z, _ in all_rows(partial) if kind == "sampled"])
+    mass = np.bincount(sizes, weights=sampling_weights(10, sizes), minlength=11) * partial.sampled_share / len(sizes)
+    expected = size_distribution(10).copy()
+    expected[[1, 9]] = 0
+    np.testing.assert_allclose(mass, expected, atol=0.015)
+    assert mass.sum() == pytest.approx(partial.sampled_mass, abs=0.02)
 
 
 def test_sample_blocks_are_the_documented_random_stream():
-    """Raw block j is drawn from default_rng(SeedSequence(seed, spawn_key=(j,))): its 64 sizes as
-    Generator.choice draws them with p = q over 1..M-1, then a uniform subset of each size (the
-    smallest random keys); pairs of enumerated sizes are skipped. A seeded job's coalitions are
-    fixed by this."""
+    """Raw block j is drawn from default_rng(SeedSequence(seed, spawn_key=(j,))): its 64 sizes
+    uniform over 1..M-1 (Generator.integers), then a uniform subset of each size (the smallest
+    random keys); pairs of enumerated sizes are skipped. A seeded job's coalitions are fixed by this."""
     design = CoalitionDesign.create(12, 600, seed=5)
-    q = design.q[1:12]
     kept_total = 0
     for unit in design.units:
         if unit.kind != "sampled":
             continue
         rng = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(unit.block,)))
-        sizes = rng.choice(np.arange(1, 12), size=64, p=q / q.sum())
+        sizes = rng.integers(1, 12, size=64)
         ranks = np.argsort(np.argsort(rng.random((64, 12)), axis=1), axis=1)
         rows = np.arange(unit.start, unit.stop) - 64 * unit.block
         rows = rows[~np.isin(sizes[rows], design.enumerated_sizes)]

@@ -12,14 +12,22 @@ remaining budget would, in expectation, draw each of its coalitions at least onc
 covers all 2^M - 2 coalitions, everything is enumerated and the answer is exact.
 
 **Sampling.** The remaining sizes R (closed under s -> M - s) carry mass q_R = sum_{s in R} q(s). Pairs
-(z, 1 - z) are drawn with |z| ~ q(s) / q_R over R and z uniform among coalitions of that size; since
-p is symmetric, both members have the law p restricted to R. Each sampled coalition gets weight
-q_R / N_S (N_S = number of sampled coalitions), so the weighted sums are unbiased for the
-restricted expectations.
+(z, 1 - z) are drawn with |z| uniform over R and z uniform among coalitions of that size (the
+leverage-score law of the Shapley regression, as LeverageSHAP samples): the middle sizes, which the
+kernel q makes rare, hold most of the coalitions and so most of what is unknown about the game, and
+a design that reaches them leaves less of the Shapley values undetermined (bench/results, "Error at
+49 and 196 superpixels", has the figures). Since the law is symmetric, both members of a pair have it. A sampled coalition of size s stands for the
+kernel's restricted law with the importance weight p(z) / r_R(z) = q(s) |R|, and gets
+
+    q(s) |R| / N_S = w(s) * share / N_S,    w(s) = (M - 1) q(s),    share = |R| / (M - 1)
+
+(N_S = number of sampled coalitions), so the weighted sums are unbiased for the restricted
+expectations. Shards sum w(s)-weighted rows (w depends on M alone), the reducer applies
+share / N_S.
 
 **One stream, nested designs.** Sampled pairs come from one infinite stream of *raw* pairs: raw pair
-i draws |z| ~ q over every size 1..M-1 and a uniform subset of that size; a raw pair whose size is
-enumerated is skipped (rejection sampling, which leaves exactly the law q / q_R over R). A design
+i draws |z| uniformly from every size 1..M-1 and a uniform subset of that size; a raw pair whose size
+is enumerated is skipped (rejection sampling, which leaves exactly the uniform law over R). A design
 takes the first ``n_pairs`` kept pairs, that is the raw pairs before position ``raw_pairs``. The
 stream does not depend on the budget, and the enumerated sizes only grow with it, so the design for
 a budget n contains, after dropping the raw pairs of newly enumerated sizes, every coalition of the
@@ -41,7 +49,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -69,6 +77,20 @@ def size_distribution(n_players: int) -> np.ndarray:
     sizes = np.arange(1, m)
     q[1:m] = (m - 1) / (sizes * (m - sizes))
     return q / q.sum()
+
+
+@lru_cache(maxsize=64)
+def _sampling_weight_table(n_players: int) -> np.ndarray:
+    table = (n_players - 1) * size_distribution(n_players)
+    table.flags.writeable = False
+    return table
+
+
+def sampling_weights(n_players: int, sizes: np.ndarray) -> np.ndarray:
+    """w(s) = (M - 1) q(s) for sampled coalitions of the given sizes: the kernel's probability of
+    the size over the sampling law's (uniform over 1..M-1). Its mean over sizes drawn uniformly from
+    R is (M - 1) q_R / |R|, which :attr:`CoalitionDesign.sampled_share` / N_S turns into q_R."""
+    return _sampling_weight_table(int(n_players))[np.asarray(sizes)]
 
 
 @dataclass(frozen=True)
@@ -135,16 +157,16 @@ class CoalitionDesign:
         enumerated[list(self.enumerated_sizes)] = True
         return enumerated
 
-    @cached_property
-    def _size_cdf(self) -> np.ndarray:
-        """The distribution function of q over sizes 1..M-1, which every raw pair draws from."""
-        cdf = np.cumsum(self.q[1:self.n_players])
-        return cdf / cdf[-1]
-
     @property
     def sampled_mass(self) -> float:
         """q_R: the kernel probability of the sizes that are sampled rather than enumerated."""
         return float(self.q[self.sampled_sizes].sum()) if self.n_pairs else 0.0
+
+    @property
+    def sampled_share(self) -> float:
+        """|R| / (M - 1): the share of sizes that are sampled, which times the mean of w(s) over
+        the sampled coalitions is q_R (the scale, over N_S, of the w-weighted sampled sums)."""
+        return len(self.sampled_sizes) / (self.n_players - 1) if self.n_pairs else 0.0
 
     @property
     def n_sampled(self) -> int:
@@ -189,10 +211,7 @@ class CoalitionDesign:
     def _block_stream(self, block: int) -> tuple[np.ndarray, np.random.Generator]:
         """Block ``block``'s raw sizes, and its generator positioned at the subsets' keys."""
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(block,)))
-        # |z| ~ q over 1..M-1 by inverting its distribution function (what Generator.choice does,
-        # without its per-call checks of p, which cost more than the rest of a block).
-        sizes = 1 + np.searchsorted(self._size_cdf, rng.random(RAW_PAIRS_PER_BLOCK), side="right")
-        return np.minimum(sizes, self.n_players - 1), rng
+        return rng.integers(1, self.n_players, RAW_PAIRS_PER_BLOCK), rng  # |z| uniform over 1..M-1
 
     def _raw_pairs_needed(self) -> int:
         """The raw positions needed to keep ``n_pairs`` pairs (only the blocks' sizes are drawn)."""
@@ -278,8 +297,9 @@ class CoalitionDesign:
     # -- coalitions ----------------------------------------------------------------------------
     def coalitions(self, unit: WorkUnit) -> tuple[np.ndarray, np.ndarray]:
         """The unit's coalitions as a bool ``n x M`` matrix, and for enumerated ones their weights
-        p(z); for sampled ones, each row's raw pair position (the estimator applies q_R / N_S when
-        it reduces, so that shards need not know N_S's split)."""
+        p(z); for sampled ones, each row's raw pair position (the statistics weight a sampled row
+        by w(|z|), and the estimator applies share / N_S when it reduces, so that shards need not
+        know N_S's split)."""
         if unit.kind == "enumerated":
             return self._enumerated(unit.start, unit.stop)
         return self._sample_block(unit)

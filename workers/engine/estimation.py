@@ -7,7 +7,8 @@ With A = E_p[z z^T] and b = E_p[z (v(z) - v(0))] (one column per class), the Sha
     phi = A^-1 (b - 1 (1^T A^-1 b - (v(1) - v(0))) / (1^T A^-1 1)).
 
 A and b are expectations, so shards return sums: exactly weighted sums over enumerated coalitions
-(weights p(z)) and plain sums over sampled ones (the reducer scales them by q_R / N_S). Summing the
+(weights p(z)) and w(|z|)-weighted sums over sampled ones (the importance weight of the sampling
+law, :func:`~shapfleet.workers.engine.design.sampling_weights`; the reducer scales them by share / N_S). Summing the
 shards in index order gives the single-process statistics, hence the same phi. Sampled rows are also
 kept (as packed bits and their centred values) so that the reducer can form per-group statistics for
 the delete-a-group jackknife: with G groups of sampled pairs,
@@ -29,7 +30,7 @@ import numpy as np
 from shapfleet.errors import EstimationError
 
 from . import interactions, kriging
-from .design import CoalitionDesign
+from .design import CoalitionDesign, sampling_weights
 from .threads import one_blas_thread
 
 #: Above this condition number the regression is treated as singular.
@@ -45,8 +46,8 @@ class ShardStatistics:
     n_evaluations: int
     enumerated_zz: np.ndarray  # M x M, sum of p(z) z z^T over enumerated coalitions
     enumerated_zy: np.ndarray  # M x K, sum of p(z) z (v(z) - v(0))
-    sampled_zz: np.ndarray  # M x M, sum of z z^T over sampled coalitions
-    sampled_zy: np.ndarray  # M x K, sum of z (v(z) - v(0))
+    sampled_zz: np.ndarray  # M x M, sum of w(|z|) z z^T over sampled coalitions
+    sampled_zy: np.ndarray  # M x K, sum of w(|z|) z (v(z) - v(0))
     sampled_count: int
     sampled_pair: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # n_s, each row's raw pair position
     sampled_bits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # n_s x ceil(M/8)
@@ -73,8 +74,9 @@ class ShardStatistics:
 
     def add_sampled(self, z: np.ndarray, pairs: np.ndarray, y: np.ndarray) -> None:
         zf = z.astype(np.float64)
-        self.sampled_zz += zf.T @ zf
-        self.sampled_zy += zf.T @ y
+        weighted = zf * sampling_weights(z.shape[1], z.sum(axis=1))[:, None]
+        self.sampled_zz += weighted.T @ zf
+        self.sampled_zy += weighted.T @ y
         self.sampled_count += len(z)
         self.n_coalitions += len(z)
         self._pending.append((np.asarray(pairs, np.int64), np.packbits(z, axis=1), y))
@@ -184,7 +186,7 @@ def solve_constrained(a: np.ndarray, b: np.ndarray, total: np.ndarray, check: bo
 
 def _regression(design: CoalitionDesign, stats: ShardStatistics, sampled_zz: np.ndarray,
                 sampled_zy: np.ndarray, n_sampled: int) -> tuple[np.ndarray, np.ndarray]:
-    scale = design.sampled_mass / n_sampled if n_sampled else 0.0
+    scale = design.sampled_share / n_sampled if n_sampled else 0.0
     return stats.enumerated_zz + scale * sampled_zz, stats.enumerated_zy + scale * sampled_zy
 
 
@@ -245,12 +247,13 @@ def _jackknife_std(design: CoalitionDesign, stats: ShardStatistics, total: np.nd
     if groups < 2:
         return np.full((m, k), np.nan)
     z = np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(np.float64)
+    weighted = z * sampling_weights(m, z.sum(axis=1).astype(np.int64))[:, None]
     membership = design.groups_of(stats.sampled_pair)
     replicates = []
     for g in range(groups):
         rows = membership == g
-        zg = z[rows]
-        a, b = _regression(design, stats, stats.sampled_zz - zg.T @ zg, stats.sampled_zy - zg.T @ stats.sampled_y[rows],
+        zg, wg = z[rows], weighted[rows]
+        a, b = _regression(design, stats, stats.sampled_zz - wg.T @ zg, stats.sampled_zy - wg.T @ stats.sampled_y[rows],
                            stats.sampled_count - int(rows.sum()))
         replicates.append(solve_constrained(a, b, total, check=False))
     replicates = np.stack(replicates)

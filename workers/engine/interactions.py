@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .design import CoalitionDesign
+from .design import CoalitionDesign, sampling_weights
 
 #: The ridge strength on triple terms relative to the mean diagonal of the players' block, per unit
 #: of p / n (chosen on the benchmark's exact cases; 0.003 to 0.03 all beat the additive fit there).
@@ -110,7 +110,7 @@ def shapley_map(n_players: int) -> np.ndarray:
 def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndarray, z_sampled: np.ndarray,
         y_sampled: np.ndarray, sampled_group: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Shapley values (M x K) and jackknife standard errors of the third-order surrogate fitted to
-    the enumerated rows (weights p(z)) and the sampled rows (weights q_R / N_S each), with
+    the enumerated rows (weights p(z)) and the sampled rows (weights w(|z|) share / N_S each), with
     ``y = v(z) - v(0)``. None when the penalised normal matrix is singular or too ill-conditioned
     (the caller then uses the additive fit).
 
@@ -121,9 +121,10 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     m = design.n_players
     enumerated_weight = design.kernel_probability(z_enumerated.sum(axis=1))
     n_sampled = len(z_sampled)
-    sampled_weight = design.sampled_mass / n_sampled if n_sampled else 0.0
+    importance = sampling_weights(m, z_sampled.sum(axis=1))  # w(|z|) of each sampled row
+    sampled_weight = importance * (design.sampled_share / n_sampled if n_sampled else 0.0)
     x = features(np.concatenate([z_enumerated, z_sampled]))
-    weights = np.concatenate([enumerated_weight, np.full(n_sampled, sampled_weight)])
+    weights = np.concatenate([enumerated_weight, sampled_weight])
     root_weighted = x * np.sqrt(weights)[:, None]
     h = root_weighted.T @ root_weighted  # X^T W X, as one symmetric product
     b = (x * weights[:, None]).T @ np.concatenate([y_enumerated, y_sampled])
@@ -144,8 +145,11 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     coefficients = _constrain(solved[:, :-1], solved[:, -1], np.asarray(total, dtype=np.float64))
     t = shapley_map(m)
     values = t @ coefficients
-    x_sampled = x[len(z_enumerated):]
-    std = _jackknife_std(design, factor, solved[:, -1], x_sampled, y_sampled, sampled_group, coefficients, t)
+    # The jackknife takes the sampled rows with their importance folded in (sqrt(w) x, sqrt(w) y),
+    # so that every row's weight is the common scale share / N_S it assumes.
+    root = np.sqrt(importance)[:, None]
+    x_sampled = x[len(z_enumerated):] * root
+    std = _jackknife_std(design, factor, solved[:, -1], x_sampled, y_sampled * root, sampled_group, coefficients, t)
     return values, std
 
 
@@ -159,7 +163,8 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
                    t: np.ndarray) -> np.ndarray:
     """Delete-a-group jackknife of the sampled rows without refitting: replicate g's coefficients
     are c + dc_g with H_g dc_g = r_g - 1 dmu exactly, where r_g is the change of the weighted
-    residual sums X^T W (y - X c) when group g is dropped (and the others reweighted to q_R / (N_S - n_g)),
+    residual sums X^T W (y - X c) when group g is dropped (and the others reweighted to share / (N_S - n_g);
+    ``x_sampled`` and ``y_sampled`` carry each row's sqrt(w(|z|)), so one scale serves every row),
     and H_g^-1 = (H - s_g X_g^T X_g)^-1 comes from H's factorisation by the Woodbury identity.
     (It neglects only the reweighting's effect on H, a relative change of n_g / N_S.)
 
@@ -175,7 +180,7 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
     if groups < 2:
         return np.full((m, k), np.nan)
     residual = y_sampled - x_sampled @ coefficients  # n x K
-    scale = design.sampled_mass / n_sampled
+    scale = design.sampled_share / n_sampled
     # U = H^-1 X_S^T from H^-1's lower triangle (all that dpotri fills) by a symmetric product: on
     # one BLAS thread about twice as fast as two triangular solves with N_S right-hand sides.
     h_inv, info = scipy.linalg.lapack.dpotri(factor[0], lower=1)
@@ -192,7 +197,7 @@ def _jackknife_std(design: CoalitionDesign, factor, h_inv_1: np.ndarray, x_sampl
     x_groups = np.vstack([x_sampled, np.zeros((1, p))])[index]  # G x n x p
     u = np.hstack([u_all, np.zeros((p, 1))])[:, index].transpose(1, 0, 2)  # G x p x n: U_g = H^-1 X_g^T
     residual_groups = np.vstack([residual, np.zeros((1, k))])[index]  # G x n x K
-    scale_without = design.sampled_mass / (n_sampled - np.array([len(rows) for rows in members]))  # G
+    scale_without = design.sampled_share / (n_sampled - np.array([len(rows) for rows in members]))  # G
     # r_g = (s_g - s) X_S^T e - s_g X_g^T e_g: the other rows' weight goes from s to s_g, the group's to 0.
     dropped, kept = scale_without[:, None, None], (scale_without - scale)[:, None, None]
     change = kept * (x_sampled.T @ residual)[None] - dropped * (x_groups.transpose(0, 2, 1) @ residual_groups)
