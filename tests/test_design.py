@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from shapfleet.errors import EstimationError, InvalidSettingsError
+from shapfleet.errors import EstimationError, InvalidSettingsError, PipelineError
 from shapfleet.workers.engine.design import (
     CoalitionDesign,
     default_nsamples,
@@ -82,6 +82,17 @@ def test_sampled_sizes_are_uniform_and_weigh_back_to_the_kernel():
     expected[[1, 9]] = 0
     np.testing.assert_allclose(mass, expected, atol=0.015)
     assert mass.sum() == pytest.approx(partial.sampled_mass, abs=0.02)
+
+
+def test_a_design_stored_with_another_size_law_is_refused():
+    """A plan made before sizes were drawn uniformly (its design has no ``size_law``) would be
+    finished with other coalitions and weights than it started with: it is refused instead."""
+    design = CoalitionDesign.create(12, 600, seed=5)
+    stored = design.to_dict()
+    assert stored["size_law"] == "uniform" and CoalitionDesign.from_dict(stored) == design
+    earlier = {key: value for key, value in stored.items() if key != "size_law"}
+    with pytest.raises(PipelineError, match="submit the job again"):
+        CoalitionDesign.from_dict(earlier)
 
 
 def test_sample_blocks_are_the_documented_random_stream():

@@ -16,8 +16,9 @@ covers all 2^M - 2 coalitions, everything is enumerated and the answer is exact.
 leverage-score law of the Shapley regression, as LeverageSHAP samples): the middle sizes, which the
 kernel q makes rare, hold most of the coalitions and so most of what is unknown about the game, and
 a design that reaches them leaves less of the Shapley values undetermined (bench/results, "Error at
-49 and 196 superpixels", has the figures). Since the law is symmetric, both members of a pair have it. A sampled coalition of size s stands for the
-kernel's restricted law with the importance weight p(z) / r_R(z) = q(s) |R|, and gets
+49 and 196 superpixels", has the figures). Since the law is symmetric, both members of a pair have
+it. A sampled coalition of size s stands for the kernel's restricted law with the importance weight
+p(z) / r_R(z) = q(s) |R|, and gets
 
     q(s) |R| / N_S = w(s) * share / N_S,    w(s) = (M - 1) q(s),    share = |R| / (M - 1)
 
@@ -53,9 +54,13 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from shapfleet.errors import InvalidSettingsError
+from shapfleet.errors import InvalidSettingsError, PipelineError
 
 ENUMERATION_CHUNK = 256
+#: The sampling law of sizes, stored with every design: a plan made by a shapfleet that drew sizes
+#: otherwise (earlier ones drew them by the kernel, with flat weights) is refused, never finished
+#: with this law's coalitions and weights.
+SIZE_LAW = "uniform"
 RAW_PAIRS_PER_BLOCK = 64
 MAX_GROUPS = 32
 
@@ -119,6 +124,7 @@ class CoalitionDesign:
     n_enumerated: int
     n_pairs: int
     raw_pairs: int  # the raw pair positions [0, raw_pairs) whose kept pairs are the design's samples
+    size_law: str = SIZE_LAW
 
     @classmethod
     def create(cls, n_players: int, nsamples: int | None, seed: int) -> "CoalitionDesign":
@@ -205,6 +211,10 @@ class CoalitionDesign:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CoalitionDesign":
+        law = data.get("size_law", "kernel")
+        if law != SIZE_LAW:
+            raise PipelineError(f"this job's coalitions were planned with sizes drawn by law {law!r}, which this "
+                                f"shapfleet no longer evaluates (it draws them by {SIZE_LAW!r}): submit the job again")
         return cls(**{**data, "enumerated_sizes": tuple(data["enumerated_sizes"])})
 
     # -- the raw stream ------------------------------------------------------------------------
