@@ -592,7 +592,7 @@ def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], st
     if rendered is None:
         rendered = [render_artifacts(explanation) for explanation in explanations]
     artifacts = [(name if single else f"{folder_of(index)}{name}", data, index)
-                 for index, images in enumerate(rendered) for name, data in images.items()]
+                 for index, own in enumerate(rendered) for name, data in own.items()]
     if not single:
         artifacts += [(name, data, None) for name, data in render_collection(explanations).items()]
     return artifacts

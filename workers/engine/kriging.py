@@ -398,7 +398,6 @@ def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -
     covariance of phi_i with h(x_j), per unit s^2) and c_i phi_i's prior variance (``prior``:
     sum_{T odd, i in T} (2 / |T|)^2 w_T). S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1
     (P = K^-1, Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
-
     m = n_players
     if not sampled:
         return np.zeros((m, fitted["beta"].shape[1]))
