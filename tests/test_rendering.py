@@ -27,3 +27,17 @@ def test_png_bytes_decode_to_the_pixels_grey_and_rgb(shape):
     with Image.open(io.BytesIO(rendering.png_bytes(pixels))) as decoded:
         assert decoded.mode == ("L" if shape[2] == 1 else "RGB")
         assert np.array_equal(np.asarray(decoded).reshape(shape), pixels)
+
+
+def test_pages_are_deflated_by_isal_and_zlib_decodes_them_as_without_it(monkeypatch):
+    """The engine depends on ``isal``; where it is missing, zlib writes the same pixels."""
+    import zlib
+
+    assert rendering._deflate.__module__.startswith("isal")
+    pixels = np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8).repeat(7, axis=0)
+    with_isal = rendering.png_bytes(pixels)
+    monkeypatch.setattr(rendering, "_deflate", zlib.compress)
+    with_zlib = rendering.png_bytes(pixels)
+    for data in (with_isal, with_zlib):
+        with Image.open(io.BytesIO(data)) as decoded:
+            assert np.array_equal(np.asarray(decoded), pixels)
