@@ -196,6 +196,7 @@ CASES = {
                            400, "nests JSON too deeply"),
     "negative seed": (job({"seed": -1}), 422, "seed must be an integer"),
     "quickshift kernel size 0": (job({"segmenter": "quickshift", "quickshift_kernel_size": 0}), 422, "must be positive"),
+    "sigma whose smoothing kernel outgrows any image": (job({"sigma": 1e9}), 422, "sigma must be at most 32 pixels"),
     "mean of nan": (job({"mean": [float("nan")], "std": [1.0]}), 422, "finite"),
     "odd job id": (lambda url, m: requests.get(f"{url}/v1/jobs/abc:shards", headers=auth()), 404, "no such job"),
     # settings a worker would reject, refused at submission

@@ -27,6 +27,9 @@ DEFAULT_MAX_EVALS = 500
 #: The cap on coalitions a ``target_std``/``target_error`` run may spend when ``nsamples`` is not
 #: given (the fleet's default ``SHAPFLEET_MAX_NSAMPLES`` too).
 DEFAULT_MAX_NSAMPLES = 100_000
+#: SLIC's smoothing, in pixels: its kernel reaches 4 sigma to each side, and each axis is padded by
+#: that much and summed tap by tap, so sigma is what bounds the smoothing's memory and time.
+MAX_SIGMA = 32.0
 
 #: ``(pixel - mean) / std`` per channel, on 0..255 pixels.
 PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -192,6 +195,7 @@ class ExplainSettings:
         require(self.n_segments > 0, f"n_segments must be a positive integer, got {self.n_segments}")
         require(self.compactness > 0, f"compactness must be positive, got {self.compactness}")
         require(self.sigma >= 0, f"sigma must be >= 0, got {self.sigma}")
+        require(self.sigma <= MAX_SIGMA, f"sigma must be at most {MAX_SIGMA:g} pixels, got {self.sigma}")
         for name in ("compactness", "sigma", "quickshift_kernel_size", "quickshift_max_dist", "quickshift_ratio",
                      "felzenszwalb_scale"):
             require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
