@@ -44,7 +44,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--compactness", type=float, default=10.0, help="slic: colour versus space (higher: squarer)")
     seg.add_argument("--sigma", type=float, default=1.0, help="slic: Gaussian smoothing before segmenting, in pixels (0 to 32)")
     seg.add_argument("--grid", default="8x8", metavar="ROWSxCOLS", help="grid: cells")
-    seg.add_argument("--kernel-size", type=float, default=4.0, help="quickshift: kernel size")
+    seg.add_argument("--kernel-size", type=float, default=4.0, help="quickshift: Gaussian kernel size, in pixels (1 to 10; its cost grows with the square)")
     seg.add_argument("--max-dist", type=float, default=10.0, help="quickshift: cut-off distance")
     seg.add_argument("--ratio", type=float, default=0.5, help="quickshift: colour versus space")
     seg.add_argument("--scale", type=float, default=100.0, help="felzenszwalb: scale (higher: larger segments)")

@@ -31,6 +31,12 @@ DEFAULT_MAX_NSAMPLES = 100_000
 #: that much and summed tap by tap, so sigma is what bounds the smoothing's memory and time.
 MAX_SIGMA = 32.0
 
+#: quickshift's Gaussian kernel, in pixels (scikit-image refuses below 1). Its density and parent
+#: searches visit a window of (2 ceil(3 k) + 1)^2 pixels around every pixel, so the cost grows with
+#: the kernel's square: 6 s for a 512 x 512 image (the service's segmenter limit) at 10 on this
+#: project's 2-core machine, and minutes beyond.
+MAX_QUICKSHIFT_KERNEL = 10.0
+
 #: ``(pixel - mean) / std`` per channel, on 0..255 pixels.
 PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "unit": ((0.0,), (255.0,)),
@@ -199,7 +205,8 @@ class ExplainSettings:
         for name in ("compactness", "sigma", "quickshift_kernel_size", "quickshift_max_dist", "quickshift_ratio",
                      "felzenszwalb_scale"):
             require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
-        require(self.quickshift_kernel_size > 0, f"quickshift_kernel_size must be positive, got {self.quickshift_kernel_size}")
+        require(1 <= self.quickshift_kernel_size <= MAX_QUICKSHIFT_KERNEL,
+                f"quickshift_kernel_size must be in 1..{MAX_QUICKSHIFT_KERNEL:g} pixels, got {self.quickshift_kernel_size}")
         require(self.quickshift_max_dist > 0, f"quickshift_max_dist must be positive, got {self.quickshift_max_dist}")
         require(0 <= self.quickshift_ratio <= 1, f"quickshift_ratio must be in 0..1, got {self.quickshift_ratio}")
         require(self.felzenszwalb_scale > 0, f"felzenszwalb_scale must be positive, got {self.felzenszwalb_scale}")
