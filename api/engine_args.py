@@ -79,8 +79,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                           "up to 256 superpixels (up to about 4096 coalitions at M <= 16, 32768 above), else "
                           "cubic when M <= 16 and nsamples covers its terms, else linear")
     est.add_argument("--seed", type=int, default=0)
-    est.add_argument("--batch-size", type=int, default=64,
-                     help="images per model call; partition: also masked images per refinement round")
+    est.add_argument("--batch-size", type=int, default=None,
+                     help="images per model call (default: 64 composed at a time, on the CPU run at most 8 MiB of "
+                          "model input at a time); partition: also masked images per refinement round (default 64)")
     mod = parser.add_argument_group("model input")
     mod.add_argument("--layout", choices=LAYOUTS, default="auto")
     mod.add_argument("--channel-order", choices=CHANNEL_ORDERS, default="rgb")

@@ -164,7 +164,7 @@ def _check_limits(settings: ExplainSettings, n_images: int, limits: Limits,
         raise LimitExceeded(f"nsamples={settings.nsamples}; the limit is {limits.max_nsamples}")
     if settings.max_evals is not None and settings.max_evals > limits.max_evals:
         raise LimitExceeded(f"max_evals={settings.max_evals}; the limit is {limits.max_evals}")
-    if settings.batch_size > limits.max_batch_size:
+    if settings.batch_size is not None and settings.batch_size > limits.max_batch_size:
         raise LimitExceeded(f"batch_size={settings.batch_size}; the limit is {limits.max_batch_size}")
     segments = None if settings.method != "kernel" else settings.n_segments if settings.segmenter == "slic" else \
         (settings.grid_shape[0] * settings.grid_shape[1] if settings.segmenter == "grid" else None)

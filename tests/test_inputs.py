@@ -291,6 +291,38 @@ def test_on_a_gpu_every_batch_runs_at_the_batch_size(rng):
     np.testing.assert_allclose(padded.values, expected.values, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_on_the_cpu_an_unset_batch_size_runs_small_runs_and_a_given_one_runs_whole(rng, monkeypatch, fuse):
+    """Unset, ``batch_size`` composes 64 masked images at a time and onnxruntime runs at most
+    ``CPU_RUN_INPUT_BYTES`` of model input at once, in runs as even as they divide; given, each
+    batch is one run of that many images. The values are the same to the last bit."""
+    from shapfleet.workers.engine import model as model_module
+    from shapfleet.workers.engine.fused import CoalitionPredictor
+
+    runs: list[int] = []
+    for cls in (OnnxClassifier, CoalitionPredictor):
+        def recording(self, batch, _original=cls._run):
+            runs.append(len(batch))
+            return _original(self, batch)
+        monkeypatch.setattr(cls, "_run", recording)
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    monkeypatch.setattr(model_module, "CPU_RUN_INPUT_BYTES", 5 * 3 * 12 * 12 * 4 + 100)  # 5 float32 3x12x12 images
+    unset = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300)
+    given = unset.replace(batch_size=64)
+    values = {}
+    for name, settings in (("unset", unset), ("given", given)):
+        runs.clear()
+        classifier = OnnxClassifier(conv_model(12, 12, channels=3, layout="nchw"), settings)
+        values[name] = explain_array(image, classifier.predict, settings, fuse=fuse).values
+        recorded = list(runs)
+        if name == "unset":
+            assert max(recorded) == 5 and recorded.count(4) + recorded.count(5) >= len(recorded) - 3
+        else:
+            assert max(recorded) == 64 and recorded.count(64) >= 3
+    assert unset.images_per_batch == 64 and given.images_per_batch == 64
+    np.testing.assert_array_equal(values["unset"], values["given"])
+
+
 def test_inpainting_is_not_fused(colour_image):
     from shapfleet.workers.engine.evaluation import coalition_predictor
     from shapfleet.workers.engine.planning import plan_explanation

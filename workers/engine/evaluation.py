@@ -52,7 +52,7 @@ def masked_values(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) ->
 
     The masks are composed and run ``batch_size // n_backgrounds`` at a time (at least one), so a
     background set never makes one batch of ``B x N`` images."""
-    per_call = max(1, plan.settings.batch_size // plan.masker.n_backgrounds)
+    per_call = max(1, plan.settings.images_per_batch // plan.masker.n_backgrounds)
     return np.concatenate([_masked_chunk(plan, predict, pixel_masks[start:start + per_call])
                            for start in range(0, len(pixel_masks), per_call)]) if len(pixel_masks) else \
         np.zeros((0, len(plan.classes)))

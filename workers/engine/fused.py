@@ -97,16 +97,19 @@ class CoalitionPredictor:
     device, and every batch binds only Z (as M x B booleans) from host memory: on a GPU nothing else
     crosses the bus per batch. ``mask_shape`` stays in host memory because onnxruntime reads a
     ``Reshape``'s shape there whatever the device. Batches are run at ``fixed_batch`` rows when it
-    is set (see :attr:`OnnxClassifier.fixed_batch`)."""
+    is set (see :attr:`OnnxClassifier.fixed_batch`), and at most ``run_rows`` at a time when that is
+    (see :meth:`OnnxClassifier.run_rows`)."""
 
     def __init__(self, session, info: ModelInfo, image: np.ndarray, background: np.ndarray, segments: np.ndarray,
-                 transform: Callable[[np.ndarray], np.ndarray], fixed_batch: int | None = None) -> None:
+                 transform: Callable[[np.ndarray], np.ndarray], fixed_batch: int | None = None,
+                 run_rows: int | None = None) -> None:
         import onnxruntime as ort
 
         self.session = session
         self.info = info
         self.transform = transform
         self.fixed_batch = fixed_batch
+        self.run_rows = run_rows
         height, width = segments.shape
         shape = {"nchw": [-1, 1, height, width], "nhwc": [-1, height, width, 1], "nhw": [-1, height, width]}[info.layout]
         self.mask_shape = np.asarray(shape, dtype=np.int64)
@@ -138,5 +141,5 @@ class CoalitionPredictor:
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
         coalitions = np.ascontiguousarray(coalitions, dtype=bool)
-        out = run_in_fixed_batches(self._run, coalitions, self.fixed_batch)
+        out = run_in_fixed_batches(self._run, coalitions, self.fixed_batch, self.run_rows)
         return self.transform(out.astype(np.float64))

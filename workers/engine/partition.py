@@ -160,7 +160,7 @@ class PartitionState:
     @classmethod
     def start(cls, plan: PartitionPlan) -> "PartitionState":
         h, w, c = plan.image.shape
-        state = cls((h, w, c), plan.settings.partition_budget - 2, plan.settings.batch_size)
+        state = cls((h, w, c), plan.settings.partition_budget - 2, plan.settings.images_per_batch)
         state._push(0.0, Entry((0, h, 0, w, 0, c), (), plan.v_empty.copy(), plan.v_full.copy(), 1.0))
         return state
 

@@ -131,7 +131,7 @@ class JobPlan(ImagePlan):
 
     @property
     def batch_size(self) -> int:
-        return self.settings.batch_size
+        return self.settings.images_per_batch
 
     @property
     def n_players(self) -> int:

@@ -14,10 +14,16 @@ from shapfleet.errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def run_in_fixed_batches(run, batch: np.ndarray, fixed: int | None) -> np.ndarray:
-    """``run(batch)``, or, for a model whose batch dimension is fixed, ``run`` on chunks of exactly
-    that size (the last padded by repeating its final row) with the padding's outputs dropped."""
-    if fixed is None or fixed == len(batch):
+def run_in_fixed_batches(run, batch: np.ndarray, fixed: int | None, at_most: int | None = None) -> np.ndarray:
+    """``run(batch)``; for a model whose batch dimension is fixed, ``run`` on chunks of exactly
+    that size (the last padded by repeating its final row) with the padding's outputs dropped; with
+    ``at_most`` (and no fixed size), ``run`` on consecutive chunks of at most that many rows, as
+    even as they divide (64 rows at most 13 at a time: 13, 13, 13, 13, 12)."""
+    if fixed is None:
+        if at_most is None or len(batch) <= at_most:
+            return run(batch)
+        return np.concatenate([run(chunk) for chunk in np.array_split(batch, -(-len(batch) // at_most))])
+    if fixed == len(batch):
         return run(batch)
     outputs = []
     for start in range(0, len(batch), fixed):

@@ -31,6 +31,9 @@ DEFAULT_MAX_NSAMPLES = 100_000
 #: that much and summed tap by tap, so sigma is what bounds the smoothing's memory and time.
 MAX_SIGMA = 32.0
 
+#: The masked images composed per batch when ``batch_size`` is not given (partition: per round).
+DEFAULT_BATCH_SIZE = 64
+
 #: quickshift's Gaussian kernel, in pixels (scikit-image refuses below 1). Its density and parent
 #: searches visit a window of (2 ceil(3 k) + 1)^2 pixels around every pixel, so the cost grows with
 #: the kernel's square: 6 s for a 512 x 512 image (the service's segmenter limit) at 10 on this
@@ -143,7 +146,9 @@ class ExplainSettings:
     as in shap's PartitionExplainer). ``estimator`` (kernel only) picks the regression that turns
     evaluations into Shapley values: ``linear`` (KernelSHAP's), ``cubic`` (a third-order surrogate,
     see :mod:`shapfleet.workers.engine.interactions`), ``kriging`` (a Gaussian-process model of the game, see
-    :mod:`shapfleet.workers.engine.kriging`) or ``auto``.
+    :mod:`shapfleet.workers.engine.kriging`) or ``auto``. ``batch_size`` is the number of masked
+    images per model call when given; unset, batches of :data:`DEFAULT_BATCH_SIZE` are composed and
+    the model layer picks its call size (see :attr:`~shapfleet.workers.engine.model.OnnxClassifier.run_rows`).
     """
 
     method: str = "kernel"
@@ -171,7 +176,7 @@ class ExplainSettings:
     max_evals: int | None = None
     seed: int = 0
     estimator: str = "auto"
-    batch_size: int = 64
+    batch_size: int | None = None
     # Model adapter
     layout: str = "auto"
     channel_order: str = "rgb"
@@ -243,7 +248,7 @@ class ExplainSettings:
             require(self.max_evals >= 3, f"max_evals must be at least 3 (v(full), v(empty) and one pair), got {self.max_evals}")
         require(self.estimator in ESTIMATORS, f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
         require(self.estimator == "auto" or self.method == "kernel", "estimator applies to method kernel")
-        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.batch_size is None or self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.layout in LAYOUTS, f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
         require(self.channel_order in CHANNEL_ORDERS, f"channel_order must be rgb or bgr, got {self.channel_order!r}")
         require(self.output in OUTPUT_TRANSFORMS, f"output must be one of {', '.join(OUTPUT_TRANSFORMS)}, got {self.output!r}")
@@ -292,6 +297,11 @@ class ExplainSettings:
         if self.mean is not None and self.std is not None:
             return self.mean, self.std
         return PREPROCESS_PRESETS[self.preprocess or "unit"]
+
+    @property
+    def images_per_batch(self) -> int:
+        """The masked images composed per batch: ``batch_size``, or :data:`DEFAULT_BATCH_SIZE`."""
+        return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
