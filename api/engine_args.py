@@ -80,7 +80,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                           "cubic when M <= 16 and nsamples covers its terms, else linear")
     est.add_argument("--seed", type=int, default=0)
     est.add_argument("--batch-size", type=int, default=None,
-                     help="images per model call (default: 64 composed at a time, on the CPU run at most 8 MiB of "
+                     help="images per model call (default: 64 composed at a time, on the CPU run at most 4 MiB of "
                           "model input at a time); partition: also masked images per refinement round (default 64)")
     mod = parser.add_argument_group("model input")
     mod.add_argument("--layout", choices=LAYOUTS, default="auto")

@@ -207,10 +207,11 @@ def measure_limit(repeats: int) -> dict:
             candidates[label] = (per_image[size], size, per_image, session)
         label = min(candidates, key=lambda k: candidates[k][0])
         _, batch, per_image, raw = candidates[label]
-        # shapfleet at its own best batch size too (what a user sets with --batch-size).
+        # shapfleet at its own best batch size too: its default (None: runs sized by the model
+        # input's bytes) or one a user sets with --batch-size.
         engine_candidates = {size: (lambda size=size: explain_array(image, classifier.predict,
                                                                     settings.replace(batch_size=size)))
-                             for size in sorted({batch, 16, 64})}
+                             for size in [None, *sorted({batch, 16, 64})]}
         for run_engine in engine_candidates.values():
             run_engine()  # warm-up: onnxruntime allocates per shape on first use
         engine_times = interleaved_medians(engine_candidates, 2)
@@ -649,7 +650,7 @@ def markdown(results: dict) -> str:
                   "shap vectorised s (x) | shap notebook loop s (x) |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["limit"].items():
             s, q = r["seconds"], r["ratio_to_limit"]
-            lines.append(f"| {name} | {r['superpixels']} | {r['evaluations']} | {r['best_batch_size']} / {r['shapfleet_batch_size']} | {s['limit']:.2f} | "
+            lines.append(f"| {name} | {r['superpixels']} | {r['evaluations']} | {r['best_batch_size']} / {r['shapfleet_batch_size'] or 'default'} | {s['limit']:.2f} | "
                          f"{s['shapfleet']:.2f} ({q['shapfleet']:.2f}x) | {s['shapfleet_with_model_load']:.2f} "
                          f"({q['shapfleet_with_model_load']:.2f}x) | {s['shap_vectorised']:.2f} ({q['shap_vectorised']:.2f}x) | "
                          f"{s['shap_notebook_loop']:.2f} ({q['shap_notebook_loop']:.2f}x) |")

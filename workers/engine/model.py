@@ -24,10 +24,10 @@ from .sessions import create_session, run_in_fixed_batches, session_device
 from .settings import ExplainSettings
 
 #: On the CPU, when the job leaves ``batch_size`` unset, one onnxruntime run gets at most this
-#: many bytes of model input (at least one image). A large convnet runs slower per image in large
-#: batches, whose activations outgrow the caches: EfficientNet-Lite0 at 224 x 224 took 3.43 ms an
-#: image in runs of 64 against 2.9-3.1 ms in runs of 2 to 16 (bench/results).
-CPU_RUN_INPUT_BYTES = 8 << 20
+#: many bytes of model input (at least one image): 6 images at 224 x 224 x 3 in float32. A large
+#: convnet runs slower per image in large runs, whose activations outgrow the caches (EfficientNet-Lite0
+#: here: about 3.0-3.1 ms an image in runs of 2 to 6, 3.8 ms in runs of 64, interleaved).
+CPU_RUN_INPUT_BYTES = 4 << 20
 
 
 class ModelSessions:
