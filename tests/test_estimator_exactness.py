@@ -311,8 +311,9 @@ def test_kriging_on_every_pair_equals_brute_force_shapley(rng):
 
 
 def test_kriging_recovers_a_linear_model_from_few_coalitions(linear_case):
-    """A linear model's odd part is additive, so the fixed-effect linear terms take all of it and
-    the answer is the closed form, from 400 of 2^30 coalitions, as for KernelSHAP's fit."""
+    """A linear model's odd part is additive, so REML gives the linear terms the widest prior of
+    its grid, they take all of it, and the answer is the closed form to 1e-8, from 400 of 2^30
+    coalitions, as for KernelSHAP's fit."""
     weights, bias, image = linear_case
     settings = ExplainSettings(segmenter="grid", grid="5x6", masker="mean", all_classes=True, preprocess="unit",
                                nsamples=400, seed=3, estimator="kriging")
@@ -324,11 +325,29 @@ def test_kriging_recovers_a_linear_model_from_few_coalitions(linear_case):
     assert np.abs(result.values - expected).max() < 1e-8
 
 
-def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng):
+def _explicit_posterior(x, odd, degree_one_prior, higher_prior, terms, m, t):
+    """Bayesian regression on every odd Fourier coefficient f_T (exact observations h(x_j) and
+    h(1)): the degree-1 block has covariance diag(degree_one_prior) + t I + V 11^T with V wide (a
+    flat common mean), each higher set its own variance; returns phi's posterior mean and the
+    diagonal of its posterior covariance, phi_i = sum_{T odd, i in T} 2 f_T / |T|."""
+    singles = [n for n, term in enumerate(terms) if len(term) == 1]
+    prior = np.diag([0.0 if len(term) == 1 else higher_prior(term) for term in terms])
+    prior[np.ix_(singles, singles)] = np.diag(degree_one_prior) + t * np.eye(m) + 1e6 * np.ones((m, m))
+    features = np.array([[np.prod(point[list(term)]) for term in terms] for point in x])  # chi_T(x_j)
+    to_shapley = np.array([[2.0 / len(term) if i in term else 0.0 for term in terms] for i in range(m)])
+    gram = features @ prior @ features.T
+    posterior_mean = prior @ features.T @ np.linalg.solve(gram, odd)
+    covariance = prior - prior @ features.T @ np.linalg.solve(gram, features @ prior)
+    return to_shapley @ posterior_mean, np.diag(to_shapley @ covariance @ to_shapley.T)
+
+
+@pytest.mark.parametrize("shrinkage", [0.3, 30.0])
+def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng, shrinkage):
     """An independent computation of the same estimate: Bayesian linear regression on every odd
-    Fourier coefficient f_T of a 6-player game (prior N(0, w_|T|), a very wide one on degree 1;
-    exact observations h(x_j) and h(1)), then phi_i = sum_{T odd, i in T} 2 f_T / |T| with its
-    posterior variance, scaled by the REML variance s^2 the module reports."""
+    Fourier coefficient f_T of a 6-player game (prior N(0, w_|T|) on the higher degrees; on degree
+    1 the kernel's own w_1 plus the shrinkage t about a flat common mean; exact observations h(x_j)
+    and h(1)), then phi_i = sum_{T odd, i in T} 2 f_T / |T| with its posterior variance, scaled by
+    the REML variance s^2 the module reports."""
     import itertools
     import math
 
@@ -347,36 +366,34 @@ def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coeffici
     values, std = kriging.fit(design, *rows)
     z_all = np.concatenate([rows[0], rows[2]])
     x, odd = kriging.pair_observations(z_all, np.concatenate([rows[1], rows[3]]), rows[5])
-    chosen = kriging._solve(x, odd, np.rint((m + x @ x.T) / 2).astype(np.int64), 0.1)  # one rho of the grid
-    terms = [t for d in range(1, m + 1, 2) for t in itertools.combinations(range(m), d)]
-    prior = np.array([1e8 if len(t) == 1 else 0.1 ** ((len(t) - 3) // 2) / math.comb(m, len(t)) for t in terms])
-    features = np.array([[np.prod(point[list(t)]) for t in terms] for point in x])  # chi_T(x_j)
-    to_shapley = np.array([[2.0 / len(t) if i in t else 0.0 for t in terms] for i in range(m)])
-    gram = features * prior @ features.T
-    posterior_mean = prior[:, None] * features.T @ np.linalg.solve(gram, odd)
-    covariance = np.diag(prior) - (prior[:, None] * features.T) @ np.linalg.solve(gram, features * prior)
-    expected_values = to_shapley @ posterior_mean
-    np.testing.assert_allclose(2 * chosen["beta"] + chosen["map"].T @ chosen["alpha"], expected_values, rtol=1e-5, atol=1e-8)
-    scale = chosen["quadratic"] / (len(x) - m)
-    expected_std = np.sqrt(np.diag(to_shapley @ covariance @ to_shapley.T))[:, None] * np.sqrt(scale)[None, :]
-    np.testing.assert_allclose(kriging._posterior_std(x, chosen, m, True), expected_std, rtol=1e-4)
-    # And the estimate fit() returns is the candidate with the best REML objective: the isotropic
-    # kernels of RHO_GRID, then the product kernels with relevance from the best isotropic fit.
     agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
+    t = shrinkage / m
+    chosen = kriging._shrink(kriging._solve(x, odd, agreement, 0.1), x, odd, t)  # one rho of the grid
+    terms = [term for d in range(1, m + 1, 2) for term in itertools.combinations(range(m), d)]
+    expected_values, expected_variance = _explicit_posterior(
+        x, odd, np.full(m, 1.0 / m), lambda term: 0.1 ** ((len(term) - 3) // 2) / math.comb(m, len(term)), terms, m, t)
+    np.testing.assert_allclose(2 * chosen["w"] + chosen["map"].T @ chosen["alpha"], expected_values, rtol=1e-5, atol=1e-8)
+    scale = chosen["quadratic"] / (len(x) - 1)
+    expected_std = np.sqrt(expected_variance)[:, None] * np.sqrt(scale)[None, :]
+    np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
+    # And the estimate fit() returns is the candidate with the best REML objective: the isotropic
+    # kernels of RHO_GRID, then the product kernels with relevance from the best isotropic fit
+    # (both with flat linear terms), then that kernel's shrinkage from LINEAR_PRIOR_GRID.
     isotropic = min((kriging._solve(x, odd, agreement, rho) for rho in kriging.RHO_GRID), key=lambda f: f["objective"])
     pilot = 2 * isotropic["beta"] + isotropic["map"].T @ isotropic["alpha"]
     product = [kriging._solve_product(x, odd, kriging.relevance_weights(pilot, gamma, scale))
                for gamma, scale in kriging.RELEVANCE_GRID]
-    best = min([isotropic] + product, key=lambda f: f["objective"])
-    np.testing.assert_allclose(values, 2 * best["beta"] + best["map"].T @ best["alpha"], rtol=1e-12, atol=1e-14)
+    kernel = min([isotropic] + product, key=lambda f: f["objective"])
+    best = min((kriging._shrink(kernel, x, odd, grid / m) for grid in kriging.LINEAR_PRIOR_GRID),
+               key=lambda f: f["objective"])
+    np.testing.assert_allclose(values, 2 * best["w"] + best["map"].T @ best["alpha"], rtol=1e-12, atol=1e-14)
 
 
 def test_product_kernel_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng):
     """The product (relevance) kernel against the same explicit regression: prior
-    f_T ~ N(0, prod_{l in T} a_l) on every odd set (very wide on degree 1), so the closed-form
-    kernel sinh(sum atanh(a_l) x_l x'_l), the quadrature's Shapley map and its prior variances
-    must give the same posterior mean and standard deviations. (1e6 is wide enough: the
-    regression's Gram matrix loses the digits a wider one would add.)"""
+    f_T ~ N(0, prod_{l in T} a_l) on every odd set (on degree 1 plus the shrinkage about a flat
+    common mean), so the closed-form kernel sinh(sum atanh(a_l) x_l x'_l), the quadrature's
+    Shapley map and its prior variances must give the same posterior mean and standard deviations."""
     import itertools
 
     from shapfleet.workers.engine import kriging
@@ -393,21 +410,18 @@ def test_product_kernel_mean_and_std_equal_the_bayesian_posterior_over_fourier_c
     rows = _design_rows(design, value_of)
     x, odd = kriging.pair_observations(np.concatenate([rows[0], rows[2]]), np.concatenate([rows[1], rows[3]]), rows[5])
     a = np.array([0.9, 0.5, 0.3, 0.2, 0.05, 0.6, 0.01])
-    chosen = kriging._solve_product(x, odd, a)
-    terms = [t for d in range(1, m + 1, 2) for t in itertools.combinations(range(m), d)]
-    # The kernel's own scale (the divisor) cancels in the mean; in the std the REML scale absorbs it.
+    t = 0.02
+    chosen = kriging._shrink(kriging._solve_product(x, odd, a), x, odd, t)
+    terms = [term for d in range(1, m + 1, 2) for term in itertools.combinations(range(m), d)]
+    # The kernel's variances are per its own scale (the divisor); the shrinkage t adds to them as it is.
     divisor = np.exp(0.5 * np.log1p(-a * a).sum()) * np.sinh(np.arctanh(a).sum())
-    prior = np.array([1e6 if len(t) == 1 else np.prod(a[list(t)]) / divisor for t in terms])
-    features = np.array([[np.prod(point[list(t)]) for t in terms] for point in x])
-    to_shapley = np.array([[2.0 / len(t) if i in t else 0.0 for t in terms] for i in range(m)])
-    gram = features * prior @ features.T
-    posterior_mean = prior[:, None] * features.T @ np.linalg.solve(gram, odd)
-    covariance = np.diag(prior) - (prior[:, None] * features.T) @ np.linalg.solve(gram, features * prior)
-    np.testing.assert_allclose(2 * chosen["beta"] + chosen["map"].T @ chosen["alpha"], to_shapley @ posterior_mean,
+    expected_values, expected_variance = _explicit_posterior(
+        x, odd, a / divisor, lambda term: np.prod(a[list(term)]) / divisor, terms, m, t)
+    np.testing.assert_allclose(2 * chosen["w"] + chosen["map"].T @ chosen["alpha"], expected_values,
                                rtol=1e-5, atol=1e-8)
-    scale = chosen["quadratic"] / (len(x) - m)
-    expected_std = np.sqrt(np.diag(to_shapley @ covariance @ to_shapley.T))[:, None] * np.sqrt(scale)[None, :]
-    np.testing.assert_allclose(kriging._posterior_std(x, chosen, m, True), expected_std, rtol=1e-4)
+    scale = chosen["quadratic"] / (len(x) - 1)
+    expected_std = np.sqrt(expected_variance)[:, None] * np.sqrt(scale)[None, :]
+    np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
 
 
 def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):

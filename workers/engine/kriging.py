@@ -13,22 +13,25 @@ The design evaluates coalitions in complementary pairs, so every pair gives one 
 h(x) = (y(z) - y(1 - z)) / 2 (y = v - v(0)), and the grand coalition gives h(1) = (v(1) - v(0)) / 2,
 which is the efficiency constraint.
 
-**The model.** The degree-1 coefficients (the additive part, what KernelSHAP fits) are fixed effects
-with a flat prior; the higher odd degrees are a zero-mean Gaussian process with independent
-coefficients, f_T ~ N(0, s^2 rho^((|T| - 3) / 2) / C(M, |T|)) for |T| = 3, 5, ...: each degree
+**The model.** The degree-1 coefficients (the additive part, what KernelSHAP fits) scatter about
+a common mean with a flat prior, beta_i ~ N(mu, s^2 (1 / M + t)), t chosen by REML (see
+:func:`_shrink`; a large t is KernelSHAP's flat prior); the higher odd degrees are a zero-mean
+Gaussian process with independent coefficients, f_T ~ N(0, s^2 rho^((|T| - 3) / 2) / C(M, |T|)) for |T| = 3, 5, ...: each degree
 carries total variance s^2 rho^((d-3)/2) spread evenly over its C(M, d) terms, so higher orders are
-assumed smaller by a factor rho per step. (The kernel also carries a degree-1 part, which the flat
-prior absorbs; see :func:`_coefficient_variance`.) The covariance of h at two points depends only on how
+assumed smaller by a factor rho per step. (The kernel's degree-1 part is the 1 / M above; see
+:func:`_coefficient_variance`.) The covariance of h at two points depends only on how
 many players they agree on, a (a Krawtchouk polynomial per degree), so the n x n kernel matrix costs
 nothing to form and the fit costs O(n^3) in the number of distinct pairs n, whatever M is. The
-estimate is the posterior mean (universal kriging: generalised least squares for the linear terms,
-then the interpolating residual): with alpha = K^-1 (d - X beta),
+estimate is the posterior mean (universal kriging): with flat linear terms, generalised least
+squares for them and then the interpolating residual, alpha = K^-1 (d - X beta),
 
     phi = 2 beta + A^T alpha,   A_ji = x_ji sum_{d odd} (2 w_d / d) e_{d-1}(x_j without i),
 
-with w_d the per-coefficient variance and e_k the elementary symmetric polynomials. The decay rho is
-chosen per job by restricted maximum likelihood (REML, shared by the classes, each with its own
-scale s^2) over :data:`RHO_GRID`, together with the product kernel's candidates below.
+with w_d the per-coefficient variance and e_k the elementary symmetric polynomials; with the
+shrinkage t, beta becomes its posterior mean w and alpha follows (:func:`_shrink`). The decay rho
+is chosen per job by restricted maximum likelihood (REML, shared by the classes, each with its own
+scale s^2) over :data:`RHO_GRID`, together with the product kernel's candidates below, all with
+flat linear terms; then t for the chosen kernel, by REML again, over :data:`LINEAR_PRIOR_GRID`.
 
 **Relevance (the product kernel).** Superpixels differ: on a digit, the strokes' superpixels carry
 the interactions and the background's none. The second family of priors gives each player a weight
@@ -53,13 +56,14 @@ their restricted likelihoods are those of the same observations under the same f
 
 **Properties.** Observations are exact (no noise term), so the fit interpolates every evaluated
 pair: with every coalition evaluated it returns the game's own Shapley values, and a game whose odd
-part is additive (a linear model) is recovered exactly from any design that determines its M linear
-terms. With sampled coalitions it is the Bayes estimate under the prior above, which, unlike a
+part is additive (a linear model) is recovered from any design that determines its M linear
+terms (REML then takes the largest t, a flat prior in all but name: to 1e-8, tested). With
+sampled coalitions it is the Bayes estimate under the prior above, which, unlike a
 truncated surrogate (:mod:`shapfleet.workers.engine.interactions`), also accounts for the terms of degree 5
 and more instead of letting them alias into the fitted ones.
 
-**Error bars** are the posterior standard deviations of phi at the chosen rho and each class's
-REML scale (:func:`_posterior_std`). A delete-a-group jackknife, as the other fits use, was tried
+**Error bars** are the posterior standard deviations of phi at the chosen kernel and t and each
+class's REML scale (:func:`_posterior_std`). A delete-a-group jackknife, as the other fits use, was tried
 and rejected: this estimate's error falls faster than 1/sqrt(n) as pairs are added, so the
 jackknife's spread overstated it about 1.5-fold (1.96 std covered 99.9% of exact values on the
 tests' conv model, against 92-97% for the posterior's).
@@ -84,6 +88,10 @@ RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: The product kernel's (gamma, c): how strongly relevance follows the pilot's |phi|, and the
 #: players' weights' scale (about c / M each, so that the expected interaction order stays low).
 RELEVANCE_GRID = tuple((gamma, c) for gamma in (0.5, 1.0, 2.0) for c in (1.0, 2.0, 4.0, 8.0))
+#: The linear terms' prior variances that REML chooses among, t M (see :func:`_shrink`): each
+#: beta_i ~ N(mu, s^2 (1 / M + t)) about a common mean mu with a flat prior, from the kernel's own
+#: degree-1 variance alone (t M = 0.001) to a flat prior in all but name (t M = 10^12).
+LINEAR_PRIOR_GRID = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e4, 1e12)
 #: Gauss-Legendre nodes for the product kernel's integrals over t in [0, 1] (the integrands are
 #: products of (1 +- t a_l) with a_l <= 0.95: 24 nodes agree with 128 to 1e-14 at M = 196).
 QUADRATURE_NODES = 24
@@ -237,8 +245,12 @@ def _fit_one(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np
         best = _solve_product(x, odd, chosen["weights"])
     if best is None:
         return None
-    values = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
-    std = _posterior_std(x, best, m, len(z_sampled) > 0)
+    points = chosen["points"]
+    shrinkage = min((_shrink(chosen, x[points], odd[points], t / m) for t in LINEAR_PRIOR_GRID),
+                    key=lambda fitted: fitted["objective"])
+    best = _shrink(best, x, odd, shrinkage["t"])
+    values = 2.0 * best["w"] + best["map"].T @ best["alpha"]
+    std = _posterior_std(best, m, len(z_sampled) > 0)
     return values, std
 
 
@@ -374,7 +386,45 @@ def _gls(x: np.ndarray, odd: np.ndarray, k: np.ndarray, shapley_map, prior) -> d
     log_det = factor.log_det() + normal_factor.log_det()
     objective = (n - m) * np.log(quadratic).sum() + odd.shape[1] * log_det
     return _Fit(beta=beta, alpha=alpha, objective=objective, quadratic=quadratic, factor=factor, k_inv_x=k_inv_x,
-                normal_factor=normal_factor, _map=shapley_map, _prior=prior)
+                k_inv_odd=k_inv_odd, normal=normal, normal_factor=normal_factor, _map=shapley_map, _prior=prior)
+
+
+def _shrink(flat: dict, x: np.ndarray, odd: np.ndarray, t: float) -> dict:
+    """The kernel of a flat-prior fit ``flat`` (from :func:`_gls` on these ``x``, ``odd``), with a
+    proper prior on the linear terms instead: beta ~ N(mu 1, s^2 t I) on top of the kernel's own
+    degree-1 part, mu a fixed effect with a flat prior. The odd parts then have covariance
+    s^2 K' = s^2 (K + t X X^T) and one fixed effect, F = X 1, and by Woodbury
+    K'^-1 = P - P X N^-1 X^T P with P = K^-1, Q = X^T P X and N = Q + I / t, an M x M matrix:
+    each t costs one small factorisation. With u = N^-1 X^T P d,
+
+        mu = 1^T u / (M - 1^T N^-1 1 / t),   w = N^-1 (X^T P d + 1 mu / t),
+        alpha = P d - P X w,   phi = 2 w + A^T alpha,
+
+    w being beta's posterior mean (as t grows, w -> the flat fit's beta and alpha -> its alpha).
+    The REML objective, comparable across t and kernels with this fixed effect, is
+    (n - 1) sum_k log(r_k^T K'^-1 r_k) + K log(|K'| F^T K'^-1 F), with |K'| = |K| t^M |N| and
+    F^T K'^-1 F = (M - 1^T N^-1 1 / t) / t. Shrinking the linear terms towards their mean is what
+    sampling noise in them calls for when pairs are few and the game is far from additive (a photo
+    under a large convnet; the README's accuracy section has the measurements)."""
+    n, m = x.shape
+    normal = flat["normal"] + np.eye(m) / t
+    factor = Cholesky(normal)
+    ones_solved = factor.solve(np.ones(m))
+    denominator = m - ones_solved.sum() / t  # t (F^T K'^-1 F) > 0
+    xtpd = x.T @ flat["k_inv_odd"]
+    u = factor.solve(xtpd)
+    mu = u.sum(axis=0) / denominator
+    w = u + ones_solved[:, None] * mu[None, :] / t
+    alpha = flat["k_inv_odd"] - flat["k_inv_x"] @ w
+    quadratic = np.einsum("nk,nk->k", odd - x.sum(axis=1, keepdims=True) * mu[None, :], alpha)
+    quadratic = np.maximum(quadratic, np.finfo(float).tiny)
+    log_det = flat["factor"].log_det() + (m - 1) * np.log(t) + factor.log_det() + np.log(denominator)
+    objective = (n - 1) * np.log(quadratic).sum() + odd.shape[1] * log_det
+    shrunk = _Fit(w=w, alpha=alpha, mu=mu, t=t, objective=objective, quadratic=quadratic, factor=flat["factor"],
+                  k_inv_x=flat["k_inv_x"], shrink_factor=factor, ones_solved=ones_solved, denominator=denominator)
+    for key in ("map", "prior"):  # shared with the flat fit, still computed only when asked for
+        shrunk["_" + key] = (lambda key=key: flat[key])
+    return shrunk
 
 
 class _Fit(dict):
@@ -388,32 +438,33 @@ class _Fit(dict):
         raise KeyError(key)
 
 
-def _posterior_std(x: np.ndarray, fitted: dict, n_players: int, sampled: bool) -> np.ndarray:
-    """The posterior standard deviation of each phi_i for each class k, under the model with the
-    chosen kernel and the class's REML scale s_k^2 = r_k^T K^-1 r_k / (n - M):
+def _posterior_std(fitted: dict, n_players: int, sampled: bool) -> np.ndarray:
+    """The posterior standard deviation of each phi_i for each class k, under the shrunk model of
+    :func:`_shrink` with its t and the class's REML scale s_k^2 = r_k^T K'^-1 r_k / (n - 1).
 
-        Var(phi_i) = s_k^2 (c_i - g_i^T S^-1 g_i),   g_i = (A_{:,i}, 2 e_i),
+    phi_i's prior covariance with the odd parts is b_i = A e_i + 2 t X e_i (A the kernel's Shapley
+    map, per unit s^2), its prior variance c_i + 4 t (c_i: ``prior``, sum_{T odd, i in T} (2 / |T|)^2
+    w_T), and its fixed-effect regressor 2; universal kriging's variance
+    c_i + 4 t - b_i^T K'^-1 b_i + (2 - F^T K'^-1 b_i)^2 / (F^T K'^-1 F) then reduces, with
+    W = X^T P A - 2 I, to
 
-    with S = [[K, X], [X^T, 0]] the bordered kriging system, A the Shapley map (A_ji is the prior
-    covariance of phi_i with h(x_j), per unit s^2) and c_i phi_i's prior variance (``prior``:
-    sum_{T odd, i in T} (2 / |T|)^2 w_T). S^-1's blocks are P - P X Q^-1 X^T P, P X Q^-1 and -Q^-1
-    (P = K^-1, Q = X^T P X). Zero when no pair was sampled (every fit is then exact)."""
+        Var(phi_i) = s^2 (c_i - (A^T P A)_ii + (W^T N^-1 W)_ii + (1^T N^-1 W)_i^2 / (t M - 1^T N^-1 1)),
+
+    in which t no longer multiplies anything large (as t grows it becomes the flat prior's variance).
+    Zero when no pair was sampled (every fit is then exact)."""
     m = n_players
     if not sampled:
-        return np.zeros((m, fitted["beta"].shape[1]))
-    n = len(x)
-    shapley_map = fitted["map"]
-    factor, k_inv_x = fitted["factor"], fitted["k_inv_x"]
-    k_inv_map = factor.solve(shapley_map)  # P A
-    q_inv = fitted["normal_factor"].solve(np.eye(m))
-    # g^T S^-1 g for g = (A e_i, 2 e_i), column by column:
-    #   A^T P A - (X^T P A)^T Q^-1 (X^T P A) + 4 (Q^-1 X^T P A)_ii - 4 Q^-1_ii
-    xpa = k_inv_x.T @ shapley_map  # X^T P A (M x M)
-    q_inv_xpa = q_inv @ xpa
-    explained = (np.einsum("ni,ni->i", shapley_map, k_inv_map) - np.einsum("ji,ji->i", xpa, q_inv_xpa)
-                 + 4.0 * np.diag(q_inv_xpa) - 4.0 * np.diag(q_inv))
-    scale = fitted["quadratic"] / max(1, n - m)  # K
-    variance = np.maximum(fitted["prior"] - explained, 0.0)[:, None] * scale[None, :]
+        return np.zeros((m, fitted["w"].shape[1]))
+    n = len(fitted["alpha"])
+    shapley_map, t = fitted["map"], fitted["t"]
+    k_inv_map = fitted["factor"].solve(shapley_map)  # P A
+    spread = fitted["k_inv_x"].T @ shapley_map - 2.0 * np.eye(m)  # W
+    solved = fitted["shrink_factor"].solve(spread)  # N^-1 W
+    mean_row = fitted["ones_solved"] @ spread  # 1^T N^-1 W
+    variance_per_unit = (fitted["prior"] - np.einsum("ni,ni->i", shapley_map, k_inv_map)
+                         + np.einsum("ji,ji->i", spread, solved) + mean_row ** 2 / (t * fitted["denominator"]))
+    scale = fitted["quadratic"] / max(1, n - 1)  # K
+    variance = np.maximum(variance_per_unit, 0.0)[:, None] * scale[None, :]
     return np.sqrt(variance)
 
 
