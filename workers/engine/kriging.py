@@ -16,11 +16,11 @@ which is the efficiency constraint.
 **The model.** The degree-1 coefficients (the additive part, what KernelSHAP fits) scatter about
 a common mean with a flat prior, beta_i ~ N(mu, s^2 (1 / M + t)), t chosen by REML (see
 :func:`_shrink`; a large t is KernelSHAP's flat prior); the higher odd degrees are a zero-mean
-Gaussian process with independent coefficients, f_T ~ N(0, s^2 rho^((|T| - 3) / 2) / C(M, |T|)) for |T| = 3, 5, ...: each degree
-carries total variance s^2 rho^((d-3)/2) spread evenly over its C(M, d) terms, so higher orders are
-assumed smaller by a factor rho per step. (The kernel's degree-1 part is the 1 / M above; see
-:func:`_coefficient_variance`.) The covariance of h at two points depends only on how
-many players they agree on, a (a Krawtchouk polynomial per degree), so the n x n kernel matrix costs
+Gaussian process with independent coefficients, f_T ~ N(0, s^2 rho^((|T| - 3) / 2) / C(M, |T|))
+for |T| = 3, 5, ...: each degree carries total variance s^2 rho^((d-3)/2) spread evenly over its
+C(M, d) terms, so higher orders are assumed smaller by a factor rho per step. (The kernel's degree-1
+part is the 1 / M above; see :func:`_coefficient_variance`.) The covariance of h at two points
+depends only on how many players they agree on, a (a Krawtchouk polynomial per degree), so the n x n kernel matrix costs
 nothing to form and the fit costs O(n^3) in the number of distinct pairs n, whatever M is. The
 estimate is the posterior mean (universal kriging): with flat linear terms, generalised least
 squares for them and then the interpolating residual, alpha = K^-1 (d - X beta),
