@@ -42,7 +42,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--segments", metavar="FILE", help="a label image (.npy or .png) instead of a segmenter")
     seg.add_argument("--n-segments", type=int, default=50, help="slic: approximate number of superpixels")
     seg.add_argument("--compactness", type=float, default=10.0, help="slic: colour versus space (higher: squarer)")
-    seg.add_argument("--sigma", type=float, default=1.0, help="slic: Gaussian smoothing before segmenting, in pixels (0 to 32)")
+    seg.add_argument("--sigma", type=float, default=1.0, help="slic, quickshift, felzenszwalb: Gaussian smoothing before segmenting, in pixels (0 to 32)")
     seg.add_argument("--grid", default="8x8", metavar="ROWSxCOLS", help="grid: cells")
     seg.add_argument("--kernel-size", type=float, default=4.0, help="quickshift: Gaussian kernel size, in pixels (1 to 10; its cost grows with the square)")
     seg.add_argument("--max-dist", type=float, default=10.0, help="quickshift: cut-off distance")

@@ -237,18 +237,14 @@ def _fit_one(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np
     chosen = _reml_choice(x, odd, agreement)
     if chosen is None:
         return None
-    if len(chosen["points"]) == len(x):
-        best = chosen
-    elif "rho" in chosen:
-        best = _solve(x, odd, agreement, chosen["rho"])
-    else:
-        best = _solve_product(x, odd, chosen["weights"])
-    if best is None:
-        return None
     points = chosen["points"]
-    shrinkage = min((_shrink(chosen, x[points], odd[points], t / m) for t in LINEAR_PRIOR_GRID),
-                    key=lambda fitted: fitted["objective"])
-    best = _shrink(best, x, odd, shrinkage["t"])
+    best = min((_shrink(chosen, x[points], odd[points], t / m) for t in LINEAR_PRIOR_GRID),
+               key=lambda fitted: fitted["objective"])
+    if len(points) < len(x):  # chosen on REML's subset: the same kernel and t on every point
+        flat = _solve(x, odd, agreement, chosen["rho"]) if "rho" in chosen else _solve_product(x, odd, chosen["weights"])
+        if flat is None:
+            return None
+        best = _shrink(flat, x, odd, best["t"])
     values = 2.0 * best["w"] + best["map"].T @ best["alpha"]
     std = _posterior_std(best, m, len(z_sampled) > 0)
     return values, std

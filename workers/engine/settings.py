@@ -27,8 +27,9 @@ DEFAULT_MAX_EVALS = 500
 #: The cap on coalitions a ``target_std``/``target_error`` run may spend when ``nsamples`` is not
 #: given (the fleet's default ``SHAPFLEET_MAX_NSAMPLES`` too).
 DEFAULT_MAX_NSAMPLES = 100_000
-#: SLIC's smoothing, in pixels: its kernel reaches 4 sigma to each side, and each axis is padded by
-#: that much and summed tap by tap, so sigma is what bounds the smoothing's memory and time.
+#: The smoothing before segmenting, in pixels (every segmenter's): its kernel reaches 4 sigma to
+#: each side, and SLIC's pads each axis by that much and sums tap by tap, so sigma is what bounds the
+#: smoothing's memory and time.
 MAX_SIGMA = 32.0
 
 #: The masked images composed per batch when ``batch_size`` is not given (partition: per round).
