@@ -145,8 +145,18 @@ def test_an_image_with_its_own_segments_from_the_page(stack, browser, tmp_path):
     wait = WebDriverWait(browser, 120)
     browser.get(f"{url}/ui/")
     browser.execute_script("sessionStorage.setItem('shapfleetKey', arguments[0])", key)
+    # A sign-in with the stored key whose request fails (here blocked; in use, the API unreachable or the
+    # page left mid-request) shows the failure and keeps the key: only a 401 forgets it.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/jobs*"]})
+    browser.get(f"{url}/ui/")
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert browser.find_element(By.ID, "signin").is_displayed() and not browser.find_element(By.ID, "app").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('shapfleetKey')") == key
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
     browser.get(f"{url}/ui/")  # signs in with the stored key
-    wait.until(lambda d: d.find_element(By.ID, "app").is_displayed())
+    wait.until(lambda d: d.find_element(By.ID, "app").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+    assert browser.find_element(By.ID, "app").is_displayed(), browser.find_element(By.ID, "error").text
     image = REPO / "examples" / "square.png"
     height, width = np.asarray(Image.open(image)).shape[:2]
     np.save(tmp_path / "halves.npy", (np.arange(width)[None].repeat(height, axis=0) * 2) // width)

@@ -326,4 +326,13 @@ async function loadJobs() {
 $("refresh-jobs").addEventListener("click", loadJobs);
 
 window.shapfleet = { download, api };  // for scripted checks
-if (state.key) signIn(state.key).catch(() => { sessionStorage.removeItem("shapfleetKey"); $("signin").hidden = false; });
+// Signing in with the stored key: only a key the API refuses is forgotten. A request that fails for any
+// other reason (the API unreachable, or the page left while the request was in flight, which aborts it)
+// keeps the key for the next load and shows what went wrong.
+if (state.key) {
+  signIn(state.key).catch((error) => {
+    if (error instanceof ApiError && error.status === 401) sessionStorage.removeItem("shapfleetKey");
+    if ($("app").hidden) $("signin").hidden = false;
+    showError(error);
+  });
+}
