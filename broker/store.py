@@ -27,7 +27,7 @@ from typing import Protocol
 
 from shapfleet.errors import ObjectNotFound, StoreError, TransientStoreError
 
-from .s3_put import PutFailed, SignedPut
+from .s3_signed import RequestFailed, SignedRequests
 from .settings import ServiceSettings
 
 
@@ -159,8 +159,8 @@ class S3Store:
         public = settings.s3_public_endpoint or settings.s3_endpoint
         self.public_client = boto3.client("s3", endpoint_url=public, config=config, **credentials)
         self._bucket_ready = False
-        self._signed_put = SignedPut(settings.s3_endpoint, self.bucket, settings.s3_access_key or "",
-                                     settings.s3_secret_key or "", settings.s3_region, timeout=60)
+        self._signed = SignedRequests(settings.s3_endpoint, self.bucket, settings.s3_access_key or "",
+                                      settings.s3_secret_key or "", settings.s3_region, timeout=60)
 
     def _call(self, operation: str, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -196,32 +196,37 @@ class S3Store:
             raise TransientStoreError(f"object store unreachable: {type(e).__name__}") from e
         self._bucket_ready = True
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        """A PUT signed here (:mod:`shapfleet.broker.s3_put`): a fifth of boto3's client CPU per object."""
-        key = _safe_key(key)
+    def _signed_call(self, method: str, key: str, *args):
+        """A PUT, GET or HEAD signed here (:mod:`shapfleet.broker.s3_signed`): a fifth of boto3's
+        client CPU per request, errors mapped as :meth:`_call` maps boto3's."""
         if not self._bucket_ready:
             self._ensure_bucket()
         try:
-            self._signed_put.put(key, data, content_type)
-        except PutFailed as e:
+            return getattr(self._signed, method)(key, *args)
+        except RequestFailed as e:
+            if e.status == 404:
+                raise ObjectNotFound(key) from e
             if e.status >= 500 or e.status in (408, 429):
-                raise TransientStoreError(f"object store put failed (HTTP {e.status}); retry later") from e
-            raise StoreError(f"object store put refused: {e}") from e
+                raise TransientStoreError(f"object store {method} failed (HTTP {e.status}); retry later") from e
+            raise StoreError(f"object store {method} refused: {e}") from e
         except (OSError, http.client.HTTPException) as e:
-            raise TransientStoreError(f"object store unreachable during put: {type(e).__name__}") from e
+            raise TransientStoreError(f"object store unreachable during {method}: {type(e).__name__}") from e
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._signed_call("put", _safe_key(key), data, content_type)
 
     def get(self, key: str) -> bytes:
-        return self._call("get_object", Bucket=self.bucket, Key=_safe_key(key))["Body"].read()
+        return self._signed_call("get", _safe_key(key))
 
     def exists(self, key: str) -> bool:
         try:
-            self._call("head_object", Bucket=self.bucket, Key=_safe_key(key))
+            self._signed_call("head", _safe_key(key))
             return True
         except ObjectNotFound:
             return False
 
     def size(self, key: str) -> int:
-        return int(self._call("head_object", Bucket=self.bucket, Key=_safe_key(key))["ContentLength"])
+        return self._signed_call("head", _safe_key(key))
 
     def list(self, prefix: str) -> list[str]:
         keys, token = [], None

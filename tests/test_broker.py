@@ -160,32 +160,50 @@ def test_s3_bucket_is_created_and_presigned_urls_work_and_expire(service_setting
     assert fetch(short)[0] == 403
 
 
-def test_signed_puts_store_any_key_the_store_accepts_and_a_wrong_secret_is_refused(service_settings):
-    """S3Store.put signs its own requests (broker/s3_put.py): the server checks the signature, so the
-    bytes and content type read back by boto3 prove the canonical request right, keys with spaces,
-    non-ASCII and reserved characters included; a wrong secret gets the server's 403 as a StoreError."""
+def test_signed_requests_store_and_read_any_key_the_store_accepts_and_a_wrong_secret_is_refused(service_settings):
+    """S3Store signs its own PUT, GET and HEAD requests (broker/s3_signed.py): the server checks each
+    signature, so bytes and content type read back through boto3 (which signs its own), and boto3's
+    writes read back through ours, prove the canonical requests right, keys with spaces, non-ASCII
+    and reserved characters included. A missing key is ObjectNotFound for GET and HEAD; a wrong
+    secret gets the server's 403 as a StoreError for each method."""
     store = S3Store(service_settings)
     data = bytes(range(256)) * 10
-    for key in ("jobs/s/results/a b/ü+x=1&y.png", "jobs/s/results/~tilde_(1)!*'.png", "jobs/s/results/plain.npz"):
+    keys = ("jobs/s/results/a b/ü+x=1&y.png", "jobs/s/results/~tilde_(1)!*'.png", "jobs/s/results/plain.npz")
+    for key in keys:
         store.put(key, data, "image/png")
-        assert store.get(key) == data, key
+        assert store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read() == data, key
+        assert store.get(key) == data and store.exists(key) and store.size(key) == len(data), key
+        store.client.put_object(Bucket=store.bucket, Key=key + ".boto3", Body=data[::-1])
+        assert store.get(key + ".boto3") == data[::-1] and store.size(key + ".boto3") == len(data), key
     head = store.client.head_object(Bucket=store.bucket, Key="jobs/s/results/plain.npz")
     assert head["ContentType"] == "image/png" and head["ContentLength"] == len(data)
+    store.put("jobs/s/results/empty", b"")
+    assert store.get("jobs/s/results/empty") == b"" and store.size("jobs/s/results/empty") == 0
+    with pytest.raises(ObjectNotFound):
+        store.get("jobs/s/results/missing")
+    with pytest.raises(ObjectNotFound):
+        store.size("jobs/s/results/missing")
+    assert not store.exists("jobs/s/results/missing")
     wrong = S3Store(service_settings.replace(s3_secret_key="not-the-secret"))
-    wrong._bucket_ready = True  # the bucket exists; only the signed PUT is tried
-    with pytest.raises(StoreError, match="403"):
-        wrong.put("jobs/s/results/x", b"x")
+    wrong._bucket_ready = True  # the bucket exists; only the signed requests are tried
+    for attempt in (lambda: wrong.put("jobs/s/results/x", b"x"), lambda: wrong.get(keys[2]), lambda: wrong.exists(keys[2])):
+        with pytest.raises(StoreError, match="403"):
+            attempt()
     assert not store.exists("jobs/s/results/x")
 
 
-def test_a_put_to_an_unreachable_store_is_a_transient_error(service_settings):
+def test_a_request_to_an_unreachable_store_is_a_transient_error(service_settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = S3Store(service_settings.replace(s3_endpoint=f"http://127.0.0.1:{port}"))
-    store._bucket_ready = True  # past the bucket check: the signed PUT itself meets the closed port
+    store._bucket_ready = True  # past the bucket check: the signed requests themselves meet the closed port
     with pytest.raises(TransientStoreError, match="unreachable during put"):
         store.put("jobs/x", b"x")
+    with pytest.raises(TransientStoreError, match="unreachable during get"):
+        store.get("jobs/x")
+    with pytest.raises(TransientStoreError, match="unreachable during head"):
+        store.exists("jobs/x")
 
 
 def test_presigned_urls_use_the_public_endpoint(service_settings):

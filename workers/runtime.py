@@ -276,14 +276,8 @@ class LocalRuntime(Runtime):
             del self._records[key]
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def from_npz(data: bytes, kind):
-    """``kind.from_arrays`` of an ``.npz`` written by :func:`npz_bytes` (no pickles)."""
+    """``kind.from_arrays`` of an ``.npz`` written by :func:`~shapfleet.workers.engine.npz.npz_bytes` (no pickles)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return kind.from_arrays({name: arrays[name] for name in arrays.files})
 

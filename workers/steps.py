@@ -44,6 +44,7 @@ from shapfleet.workers.engine.design import CoalitionDesign, WorkUnit
 from shapfleet.workers.engine.estimation import ShardStatistics, combine, estimate, restrict
 from shapfleet.workers.engine.evaluation import coalition_predictor, evaluate_shard, evaluate_units, masked_values
 from shapfleet.workers.engine.images import DEFAULT_MAX_PIXELS, as_pixel_array, fit_to_model, load_image, npy_bytes
+from shapfleet.workers.engine.npz import npz_bytes
 from shapfleet.workers.engine.partition import (
     PartitionPlan,
     PartitionState,
@@ -59,7 +60,7 @@ from shapfleet.workers.engine.result import Explanation, reduce_shards, target_e
 from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
 from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
-from shapfleet.workers.runtime import Runtime, load_statistics, npz_bytes
+from shapfleet.workers.runtime import Runtime, load_statistics
 
 #: Progress is written to the records at most this often per shard (seconds), and at its end.
 PROGRESS_INTERVAL = 0.25
@@ -598,8 +599,8 @@ def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], st
     return artifacts
 
 
-#: Artifacts are stored this many at a time: each is a round trip to the store (one PUT), and an
-#: image's handful of small objects would otherwise wait on each other.
+#: Objects are stored and read this many at a time: each is a round trip to the store (one PUT or
+#: GET), and an image's handful of small objects would otherwise wait on each other.
 STORE_CONCURRENCY = 8
 
 
@@ -617,6 +618,17 @@ def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, b
         return [put(a) for a in artifacts]
     with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(artifacts))) as pool:
         return list(pool.map(put, artifacts))
+
+
+def _get_all(runtime: Runtime, keys: list[str]) -> list[bytes]:
+    """The objects at ``keys``, in that order, read concurrently: a reduce that waited for each
+    image's objects one after the other spent most of its time on the round trips."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(keys) <= 1:
+        return [runtime.store.get(key) for key in keys]
+    with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(keys))) as pool:
+        return list(pool.map(runtime.store.get, keys))
 
 
 def renders_images_apart(runtime: Runtime, job_id: str) -> bool:
@@ -668,9 +680,10 @@ def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
         _check_running(runtime, job_id)
         return _store_artifacts(runtime, job_id, job_artifacts([explanation], lambda index: ""))
     try:
-        listings = [json.loads(runtime.store.get(rendered_key(job_id, i))) for i in range(job.n_images)]
-        explanations = [Explanation.load(runtime.store.get(result_key(job_id, f"{i}/attributions.npz")))
-                        for i in range(job.n_images)]
+        stored = _get_all(runtime, [rendered_key(job_id, i) for i in range(job.n_images)] +
+                          [result_key(job_id, f"{i}/attributions.npz") for i in range(job.n_images)])
+        listings = [json.loads(data) for data in stored[:job.n_images]]
+        explanations = [Explanation.load(data) for data in stored[job.n_images:]]
     except ObjectNotFound as e:
         raise PipelineError(f"stored results {e} are missing from the store") from e
     _check_running(runtime, job_id)
@@ -692,7 +705,7 @@ def _reduce_image(runtime: Runtime, job_id: str, index: int, method: str, target
         if target:
             return _target_explanation(runtime, job_id, index)
         plan = runtime.plan(job_id, index)
-        stats = [load_statistics(runtime.store.get(shard_key(job_id, index, i))) for i in range(plan.n_shards)]
+        stats = [load_statistics(data) for data in _get_all(runtime, [shard_key(job_id, index, i) for i in range(plan.n_shards)])]
     except ObjectNotFound as e:
         raise PipelineError(f"stored results {e} are missing from the store") from e
     return reduce_shards(plan, stats)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .design import CoalitionDesign, WorkUnit
 from .estimation import Estimate, ShardStatistics, combine, estimate, restrict
+from .npz import npz_bytes
 from .planning import JobPlan
 from .rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, decide
 
@@ -92,10 +93,9 @@ class Explanation:
                                 data=self.image[None] / 255.0, output_names=list(self.class_names))
 
     def to_npz_bytes(self) -> bytes:
-        buffer = io.BytesIO()
         optional = {} if self.pixel_attributions is None else {"pixel_attributions": self.pixel_attributions}
-        np.savez_compressed(
-            buffer, **optional,
+        return npz_bytes(dict(
+            **optional,
             values=self.values, std=self.std, pixel_values=self.pixel_values, segments=self.segments,
             image=self.image, classes=self.classes, class_names=np.array(self.class_names, dtype=str),
             base_values=self.base_values, outputs=self.outputs, all_outputs=self.all_outputs,
@@ -104,8 +104,7 @@ class Explanation:
             additivity_residual=self.additivity_residual,
             settings=np.array(json.dumps(self.settings)),
             extra=np.array(json.dumps(self.extra)),  # the summary's extra fields: the fit used, null superpixels
-        )
-        return buffer.getvalue()
+        ))
 
     @classmethod
     def load(cls, source: str | Path | bytes) -> "Explanation":
@@ -179,9 +178,8 @@ def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
     optional = {}
     if all(e.pixel_attributions is not None for e in explanations):
         optional["pixel_attributions"] = np.stack([e.pixel_attributions for e in explanations])
-    buffer = io.BytesIO()
-    np.savez_compressed(
-        buffer, **optional,
+    return npz_bytes(dict(
+        **optional,
         pixel_values=np.stack([e.pixel_values for e in explanations]),
         images=np.stack([e.image for e in explanations]),
         segments=np.stack([e.segments for e in explanations]),
@@ -193,8 +191,7 @@ def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
         outputs=np.stack([e.outputs for e in explanations]),
         n_evaluations=np.array([e.n_evaluations for e in explanations], dtype=np.int64),
         settings=np.array(json.dumps(explanations[0].settings)),
-    )
-    return buffer.getvalue()
+    ))
 
 
 def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:

@@ -1,16 +1,19 @@
-"""S3 ``PutObject`` signed with AWS Signature Version 4 over a kept-alive ``http.client`` connection.
+"""S3 ``PutObject``, ``GetObject`` and ``HeadObject`` signed with AWS Signature Version 4 over
+kept-alive ``http.client`` connections.
 
-A job stores many small objects (a shard's statistics; an image's PNGs, one per class); through
-boto3 each PUT costs about 3 ms of client CPU (request model, validation, event hooks, checksum),
-which on a busy worker is as much as drawing the picture. This is the one request built by hand:
-path-style ``PUT /<bucket>/<key>``, the payload's SHA-256 in ``x-amz-content-sha256``, signed as
-the S3 documentation's "Signature Calculations for the Authorization Header" gives:
+A job stores and reads many small objects (a shard's statistics, an image's plan, its PNGs, one per
+class); through boto3 each request costs 1.5-3 ms of client CPU (request model, validation, event
+hooks, checksum), which on a busy worker is as much as drawing the picture, and a reduce that reads
+an object per image waits that long for each. These three requests are built by hand: path-style
+``<method> /<bucket>/<key>``, the payload's SHA-256 in ``x-amz-content-sha256`` (that of the empty
+string for a GET or HEAD), signed as the S3 documentation's "Signature Calculations for the
+Authorization Header" gives:
 
     canonical request = method \\n path \\n query \\n canonical headers \\n signed headers \\n payload hash
     string to sign    = "AWS4-HMAC-SHA256" \\n time \\n date/region/s3/aws4_request \\n SHA-256(canonical request)
     signing key       = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), "s3"), "aws4_request")
 
-Every other operation (get, list, delete, presign, bucket creation) stays with boto3.
+Every other operation (list, delete, presign, bucket creation) stays with boto3.
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ from urllib.parse import quote, urlsplit
 _SAFE = "-_.~/"
 
 
-class PutFailed(Exception):
-    """A PUT that came back with an error status: ``status`` and the body's first bytes."""
+class RequestFailed(Exception):
+    """A request that came back with an error status: ``status`` and the body's first bytes."""
 
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
         self.status = status
 
 
-#: Idle kept-alive connections kept for the next PUTs (the artifact writers use 8 threads at once).
+#: Idle kept-alive connections kept for the next requests (the artifact writers use 8 threads at once).
 MAX_IDLE_CONNECTIONS = 16
 
 
@@ -45,11 +48,11 @@ def _close_all(connections: list) -> None:
         connections.pop().close()
 
 
-class SignedPut:
-    """``put(key, data, content_type)`` into one bucket of an S3-compatible endpoint over a pool of
-    kept-alive connections (each PUT takes an idle one or opens one, and gives it back); a
-    connection that fails is closed and the request sent once more on a new one (a PUT of the same
-    bytes to the same key is idempotent)."""
+class SignedRequests:
+    """``put``, ``get`` and ``head`` on one bucket of an S3-compatible endpoint over a pool of
+    kept-alive connections (each request takes an idle one or opens one, and gives it back); a
+    connection that fails is closed and the request sent once more on a new one (all three are
+    idempotent: a PUT of the same bytes to the same key stores the same object)."""
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str,
                  timeout: float = 60.0) -> None:
@@ -97,32 +100,36 @@ class SignedPut:
             self._keys = {date: key}
         return key
 
-    def headers(self, path: str, data: bytes, content_type: str, now: float | None = None) -> dict[str, str]:
-        """The request's headers, ``Authorization`` included, for ``PUT path`` (already encoded)."""
+    def headers(self, method: str, path: str, data: bytes = b"", content_type: str | None = None,
+                now: float | None = None) -> dict[str, str]:
+        """The request's headers, ``Authorization`` included, for ``method path`` (already encoded)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         date = stamp[:8]
         payload_hash = hashlib.sha256(data).hexdigest()
         signed = {"host": self.host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
         names = ";".join(sorted(signed))
-        canonical = "\n".join(["PUT", path, "", *(f"{n}:{signed[n]}" for n in sorted(signed)), "", names, payload_hash])
+        canonical = "\n".join([method, path, "", *(f"{n}:{signed[n]}" for n in sorted(signed)), "", names, payload_hash])
         scope = f"{date}/{self.region}/s3/aws4_request"
         to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
         signature = hmac.new(self._signing_key(date), to_sign.encode(), hashlib.sha256).hexdigest()
-        return {"Host": self.host, "X-Amz-Content-Sha256": payload_hash, "X-Amz-Date": stamp,
-                "Content-Type": content_type, "Content-Length": str(len(data)),
-                "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
-                                 f"SignedHeaders={names}, Signature={signature}"}
+        headers = {"Host": self.host, "X-Amz-Content-Sha256": payload_hash, "X-Amz-Date": stamp,
+                   "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                    f"SignedHeaders={names}, Signature={signature}"}
+        if method == "PUT":
+            headers.update({"Content-Type": content_type or "application/octet-stream", "Content-Length": str(len(data))})
+        return headers
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Store ``data`` at ``key``. Raises :class:`PutFailed` (an error status) or ``OSError`` /
-        ``http.client.HTTPException`` (the endpoint could not be reached twice in a row)."""
+    def _request(self, method: str, key: str, data: bytes = b"", content_type: str | None = None) -> tuple[int, dict, bytes]:
+        """``(status, headers, body)`` of one request. Raises ``OSError`` / ``http.client.HTTPException``
+        when the endpoint could not be reached twice in a row."""
         path = quote(f"{self.base_path}/{self.bucket}/{key}", safe=_SAFE)
         for attempt in (0, 1):
             connection = self._take(fresh=attempt > 0)  # a kept-alive one may have been closed by the server
             try:
-                connection.request("PUT", path, body=data, headers=self.headers(path, data, content_type))
+                connection.request(method, path, body=data if method == "PUT" else None,
+                                   headers=self.headers(method, path, data, content_type))
                 response = connection.getresponse()
-                body = response.read()
+                body = response.read()  # empty for a HEAD: http.client reads no body for it
             except (OSError, http.client.HTTPException):
                 connection.close()
                 if attempt:
@@ -132,6 +139,27 @@ class SignedPut:
                 connection.close()
             else:
                 self._give_back(connection)
-            if response.status >= 300:
-                raise PutFailed(response.status, body)
-            return
+            return response.status, {name.lower(): value for name, value in response.getheaders()}, body
+        raise AssertionError("unreachable")
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Store ``data`` at ``key``. Raises :class:`RequestFailed` (an error status) or ``OSError`` /
+        ``http.client.HTTPException`` (the endpoint could not be reached twice in a row)."""
+        status, _, body = self._request("PUT", key, data, content_type)
+        if status >= 300:
+            raise RequestFailed(status, body)
+
+    def get(self, key: str) -> bytes:
+        """The object at ``key``. Raises :class:`RequestFailed` (an error status, 404 for a missing
+        key) or, as :meth:`put`, when the endpoint cannot be reached."""
+        status, _, body = self._request("GET", key)
+        if status != 200:
+            raise RequestFailed(status, body)
+        return body
+
+    def head(self, key: str) -> int:
+        """The size in bytes of the object at ``key``. Raises as :meth:`get`."""
+        status, headers, _ = self._request("HEAD", key)
+        if status != 200:
+            raise RequestFailed(status, b"")
+        return int(headers["content-length"])
