@@ -3,9 +3,10 @@
 ``A = L L^T`` comes from ``numpy.linalg.cholesky`` (LAPACK ``potrf``); ``A^-1 B`` from a forward
 then a backward substitution done in blocks of :data:`BLOCK` rows: each block's rows subtract what
 the solved blocks contribute (one matrix product, ``n^2 r`` flops in all, as ``potrs``) and multiply
-by the inverse of their diagonal block, inverted once per factor. The kriging fit uses this instead
-of ``scipy.linalg.cho_factor`` / ``cho_solve`` because importing ``scipy.linalg`` costs more than
-the whole fit of a typical explanation (scipy 1.17 builds its array-API wrappers at import).
+by the inverse of their diagonal block, inverted once per factor. The kriging and cubic fits use
+this instead of ``scipy.linalg.cho_factor`` / ``cho_solve`` because importing ``scipy.linalg``
+costs more than the whole fit of a typical explanation (scipy 1.17 builds its array-API wrappers
+at import).
 """
 
 from __future__ import annotations

@@ -219,6 +219,7 @@ def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarr
     v_full = np.asarray(v_full, dtype=np.float64)
     total = v_full - v_empty
     m = design.n_players
+    stats._flush()  # every fit, and the additive fit's jackknife, reads the rows
     if m == 1:
         values = total[None, :].copy()
         return Estimate(values, np.zeros_like(values), np.zeros_like(total))
@@ -226,7 +227,6 @@ def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarr
                                  ("cubic", interactions, interactions.use_interactions(design, estimator))):
         if not chosen:
             continue
-        stats._flush()
         fitted = module.fit(
             design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
             np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
