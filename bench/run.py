@@ -8,6 +8,7 @@ the tools compared in a section are timed in alternating rounds, so that the mac
 minutes falls on all of them alike):
 
 limit     the inference limit: onnxruntime alone on the same masked images at its best batch size,
+          one run at a time or one-thread runs side by side, whichever is faster,
           against shapfleet's engine (plan + shards + reduce, model loaded) and shap.KernelExplainer
           (l1_reg=False) with a vectorised masking function and with the VGG16 notebook's per-row,
           per-segment loop, all at the seed notebooks' settings.
@@ -39,6 +40,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -132,29 +134,67 @@ def masked_inputs(classifier, image, settings) -> tuple[np.ndarray, object]:
     return np.concatenate(batches), plan
 
 
-def raw_sessions(model_bytes: bytes) -> dict:
-    """onnxruntime with its default options (threads spin between runs) and without spinning: the
-    limit is the faster of the two."""
+def raw_runners(model_bytes: bytes, input_name: str) -> dict:
+    """Ways onnxruntime alone runs a batch of inputs, ``run(inputs, batch)``, in runs of ``batch``:
+    one run at a time on every thread with its default options (threads spin between runs) and
+    without spinning, and one-thread runs side by side on a thread per CPU, each thread taking every
+    W-th run (what shapfleet does on the CPU; see ``ConcurrentRuns``). The limit is the fastest."""
     import onnxruntime as ort
 
-    sessions = {}
+    runners = {}
     for spinning in ("1", "0"):
         options = ort.SessionOptions()
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        sessions[f"spinning={spinning}"] = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return sessions
+        session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+        def one_at_a_time(inputs, batch, session=session):
+            for start in range(0, len(inputs), batch):
+                session.run(None, {input_name: inputs[start:start + batch]})
+
+        runners[f"spinning={spinning}"] = one_at_a_time
+    workers = len(os.sched_getaffinity(0))
+    if workers > 1:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        single = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+        def side_by_side(inputs, batch):
+            starts = list(range(0, len(inputs), batch))
+
+            def work(mine):
+                for start in mine:
+                    single.run(None, {input_name: inputs[start:start + batch]})
+
+            threads = [threading.Thread(target=work, args=(starts[k::workers],)) for k in range(workers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        runners[f"side_by_side={workers}"] = side_by_side
+    return runners
 
 
-def best_batch_size(session, input_name: str, inputs: np.ndarray) -> tuple[int, dict]:
+def best_batch_size(run, inputs: np.ndarray) -> tuple[int, dict]:
     sample = inputs[:min(len(inputs), 256)]
     per_image = {}
     for size in BATCH_SIZES:
-        def run():
-            for start in range(0, len(sample), size):
-                session.run(None, {input_name: sample[start:start + size]})
-        run()  # warm-up: onnxruntime allocates per shape on first use
-        per_image[size] = median_time(run, 2) / len(sample)
+        run(sample, size)  # warm-up: onnxruntime allocates per shape on first use
+        per_image[size] = median_time(lambda: run(sample, size), 2) / len(sample)
     return min(per_image, key=per_image.get), per_image
+
+
+def best_limit(model_bytes: bytes, input_name: str, inputs: np.ndarray) -> tuple[str, int, dict, object]:
+    """The fastest of :func:`raw_runners` at its best batch size: (its label, the batch size, seconds
+    per image by batch size, the runner)."""
+    candidates = {}
+    for label, run in raw_runners(model_bytes, input_name).items():
+        size, per_image = best_batch_size(run, inputs)
+        candidates[label] = (per_image[size], size, per_image, run)
+    label = min(candidates, key=lambda k: candidates[k][0])
+    _, batch, per_image, run = candidates[label]
+    return label, batch, per_image, run
 
 
 def shap_value_function(classifier, image, segments, background: float, vectorised: bool, classes):
@@ -200,13 +240,7 @@ def measure_limit(repeats: int) -> dict:
         model_bytes, classifier, image = load_case(case)
         settings = case["settings"]
         inputs, plan = masked_inputs(classifier, image, settings)
-        name_in = classifier.info.input_name
-        candidates = {}
-        for label, session in raw_sessions(model_bytes).items():
-            size, per_image = best_batch_size(session, name_in, inputs)
-            candidates[label] = (per_image[size], size, per_image, session)
-        label = min(candidates, key=lambda k: candidates[k][0])
-        _, batch, per_image, raw = candidates[label]
+        label, batch, per_image, raw = best_limit(model_bytes, classifier.info.input_name, inputs)
         # shapfleet at its own best batch size too: its default (None: runs sized by the model
         # input's bytes) or one a user sets with --batch-size.
         engine_candidates = {size: (lambda size=size: explain_array(image, classifier.predict,
@@ -219,8 +253,7 @@ def measure_limit(repeats: int) -> dict:
         tuned = settings.replace(batch_size=engine_batch)
 
         def limit():
-            for start in range(0, len(inputs), batch):
-                raw.run(None, {name_in: inputs[start:start + batch]})
+            raw(inputs, batch)
 
         def engine():
             explain_array(image, classifier.predict, tuned)
@@ -512,13 +545,19 @@ def measure_whole_process(repeats: int) -> dict:
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(image_path)
             inputs_path = Path(tmp) / f"{name}-inputs.npy"
             np.save(inputs_path, inputs)
-            session = raw_sessions(model_bytes)["spinning=0"]
-            input_name = classifier.info.input_name
-            batch, _ = best_batch_size(session, input_name, inputs)
+            label, batch, _, raw = best_limit(model_bytes, classifier.info.input_name, inputs)
+            # The fastest way of running one run at a time too: the limit before shapfleet ran its
+            # runs side by side (runs of earlier commits compare against it).
+            runners = raw_runners(model_bytes, classifier.info.input_name)
+            one_at_a_time = {k: best_batch_size(v, inputs) for k, v in runners.items() if k.startswith("spinning")}
+            one_label = min(one_at_a_time, key=lambda k: one_at_a_time[k][1][one_at_a_time[k][0]])
+            one_batch = one_at_a_time[one_label][0]
 
             def limit():
-                for start in range(0, len(inputs), batch):
-                    session.run(None, {input_name: inputs[start:start + batch]})
+                raw(inputs, batch)
+
+            def limit_one_at_a_time():
+                runners[one_label](inputs, one_batch)
 
             def run(args: list[str]):
                 return lambda: subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -526,12 +565,15 @@ def measure_whole_process(repeats: int) -> dict:
             explain_command = [command, "explain", str(image_path), "--model", str(case["model"]), *CASE_FLAGS[name],
                                "--quiet", "--out", str(Path(tmp) / f"{name}-out")]
             limit()  # warm-up
-            medians = interleaved_medians({"limit": limit,
+            medians = interleaved_medians({"limit": limit, "limit_one_run_at_a_time": limit_one_at_a_time,
                                            "bare_script": run([sys.executable, "-c", BARE_SCRIPT, str(case["model"]),
                                                                str(inputs_path)]),
                                            "shapfleet_explain_with_out": run(explain_command)}, repeats)
             results[name] = {"evaluations": int(len(inputs)) + plan.planning_evaluations, "seconds": medians,
+                             "limit_runner": f"{label}, batch {batch}",
                              "explain_over_limit": medians["shapfleet_explain_with_out"] / medians["limit"],
+                             "explain_over_limit_one_run_at_a_time":
+                                 medians["shapfleet_explain_with_out"] / medians["limit_one_run_at_a_time"],
                              "explain_over_bare_script": medians["shapfleet_explain_with_out"] / medians["bare_script"],
                              "repeats": repeats}
             print(f"[overhead] {name}: {results[name]}", flush=True)
@@ -650,7 +692,7 @@ def markdown(results: dict) -> str:
                   "shap vectorised s (x) | shap notebook loop s (x) |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in results["limit"].items():
             s, q = r["seconds"], r["ratio_to_limit"]
-            lines.append(f"| {name} | {r['superpixels']} | {r['evaluations']} | {r['best_batch_size']} / {r['shapfleet_batch_size'] or 'default'} | {s['limit']:.2f} | "
+            lines.append(f"| {name} | {r['superpixels']} | {r['evaluations']} | {r['best_batch_size']} / {r['shapfleet_batch_size'] or 'default'} | {s['limit']:.2f} ({r['limit_session']}) | "
                          f"{s['shapfleet']:.2f} ({q['shapfleet']:.2f}x) | {s['shapfleet_with_model_load']:.2f} "
                          f"({q['shapfleet_with_model_load']:.2f}x) | {s['shap_vectorised']:.2f} ({q['shap_vectorised']:.2f}x) | "
                          f"{s['shap_notebook_loop']:.2f} ({q['shap_notebook_loop']:.2f}x) |")
@@ -704,14 +746,17 @@ def markdown(results: dict) -> str:
                          f"{f['rendering_in_one_process_seconds']:.2f} s.")
         if "whole_process" in r:
             lines += ["\nWhole `shapfleet explain --out` processes on the seed cases, against the inference limit (onnxruntime "
-                      "alone in the bench's process on the same masked images) and a bare script (a fresh process that "
-                      "imports numpy and onnxruntime and runs those images):\n",
-                      "| case | evaluations | limit s | bare script s | shapfleet explain --out s | / limit | / bare script |",
-                      "|---|---|---|---|---|---|---|"]
+                      "alone in the bench's process on the same masked images, the fastest way; and the fastest one run at a "
+                      "time) and a bare script (a fresh process that imports numpy and onnxruntime and runs those images):\n",
+                      "| case | evaluations | limit s (how) | one run at a time s | bare script s | shapfleet explain --out s | "
+                      "/ limit | / one at a time | / bare script |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for name, w in r["whole_process"].items():
                 t = w["seconds"]
-                lines.append(f"| {name} | {w['evaluations']} | {t['limit']:.2f} | {t['bare_script']:.2f} | "
+                lines.append(f"| {name} | {w['evaluations']} | {t['limit']:.2f} ({w.get('limit_runner', '')}) | "
+                             f"{t.get('limit_one_run_at_a_time', float('nan')):.2f} | {t['bare_script']:.2f} | "
                              f"{t['shapfleet_explain_with_out']:.2f} | {w['explain_over_limit']:.2f}x | "
+                             f"{w.get('explain_over_limit_one_run_at_a_time', float('nan')):.2f}x | "
                              f"{w['explain_over_bare_script']:.2f}x |")
     if "superpixels" in results:
         from superpixels import markdown as superpixels_markdown

@@ -78,6 +78,32 @@ def test_a_stop_reason_cancels_the_call_in_flight_and_every_later_one():
     assert isinstance(error, Canceled) and "no longer running" in str(error)
 
 
+def test_runs_side_by_side_are_each_terminated_at_the_time_bound():
+    """On the CPU a model's runs go side by side (:class:`ConcurrentRuns`): every call in flight is
+    watched, not only the latest one to start."""
+    from shapfleet.workers.engine.sessions import ConcurrentRuns
+
+    session = _session(runaway_model())
+    runs = ConcurrentRuns(2)
+    started = threading.Barrier(3)
+
+    def run(chunk):
+        started.wait()
+        return run_bounded(lambda options: session.run(None, {"image": chunk}, options), "a batch of 1")[0]
+
+    outcomes: list = []
+
+    def call():
+        with BOUNDS.scope(seconds=0.5):
+            pending = runs.submit(run, [IMAGE["image"], IMAGE["image"]], [1, 1])
+            started.wait()
+            for future in pending._futures:
+                outcomes.append(future.exception(timeout=60))
+
+    assert _in_thread(call) is None
+    assert len(outcomes) == 2 and all(isinstance(e, ModelTimeLimit) for e in outcomes), outcomes
+
+
 def test_a_call_that_ignores_termination_is_handed_to_on_stuck(monkeypatch):
     monkeypatch.setattr(bounds, "GRACE_SECONDS", 0.3)
     stuck: list = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import cv2
 import numpy as np
 import pytest
@@ -321,6 +323,55 @@ def test_on_the_cpu_an_unset_batch_size_runs_small_runs_and_a_given_one_runs_who
             assert max(recorded) == 64 and recorded.count(64) >= 3
     assert unset.images_per_batch == 64 and given.images_per_batch == 64
     np.testing.assert_array_equal(values["unset"], values["given"])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_on_the_cpu_runs_go_side_by_side_on_one_thread_each_and_give_the_same_values(rng, monkeypatch, fuse):
+    """With two threads, the sessions run on one intra-op thread each and two runs are in flight at
+    once (the evaluation starts a batch before adding up the last); with one thread, one run at a
+    time. The values are the same to the last bit. A job that gives ``batch_size`` runs each batch
+    whole on a session with both threads."""
+    import time
+
+    from shapfleet.workers.engine.fused import CoalitionPredictor
+    from shapfleet.workers.engine.model import ModelSessions
+
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    for cls in (OnnxClassifier, CoalitionPredictor):
+        def counting(self, batch, _original=cls._run):
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            try:
+                time.sleep(0.002)  # long enough for the other thread's run to start
+                return _original(self, batch)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+        monkeypatch.setattr(cls, "_run", counting)
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    settings = ExplainSettings(segmenter="grid", grid="3x4", masker="mean", all_classes=True, nsamples=300)
+    model_bytes = conv_model(12, 12, channels=3, layout="nchw")
+    values = {}
+    for threads in (1, 2):
+        most[0] = 0
+        classifier = OnnxClassifier(model_bytes, settings, providers=["CPUExecutionProvider"], threads=threads)
+        values[threads] = explain_array(image, classifier.predict, settings, fuse=fuse).values
+        assert most[0] == threads
+        assert (classifier.runs is None) == (threads == 1)
+        assert classifier.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_array_equal(values[1], values[2])
+
+    sessions = ModelSessions(model_bytes, ["CPUExecutionProvider"], threads=2)
+    given = OnnxClassifier(model_bytes, settings.replace(batch_size=64), sessions=sessions)
+    unset = OnnxClassifier(model_bytes, settings, sessions=sessions)
+    assert given.runs is None and given.session.get_session_options().intra_op_num_threads == 2
+    assert unset.runs is not None and unset.session is not given.session
+    most[0] = 0
+    np.testing.assert_array_equal(explain_array(image, given.predict, settings.replace(batch_size=64), fuse=fuse).values,
+                                  values[1])
+    assert most[0] == 1
 
 
 def test_inpainting_is_not_fused(colour_image):

@@ -1,8 +1,8 @@
 """Bounds on every model call of this process: wall time, resident memory, and a stop signal.
 
 A model call is one onnxruntime run (one batch). Inside :meth:`CallBounds.scope` every call made
-through :func:`run_bounded` is watched by one daemon thread of this process, which looks at the call
-in flight every ``POLL_SECONDS``. When the call has run longer than ``seconds``, when the process's
+through :func:`run_bounded` is watched by one daemon thread of this process, which looks at the calls
+in flight (several, when runs go side by side on the CPU) every ``POLL_SECONDS``. When the call has run longer than ``seconds``, when the process's
 resident memory exceeds ``memory_bytes``, or when ``stop()`` names a reason to stop (the job was
 canceled), it sets the call's ``RunOptions.terminate``: onnxruntime checks that flag before every
 node, and inside a ``Loop`` before every iteration, so the call raises within a node's time and
@@ -73,7 +73,7 @@ class CallBounds:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._scope: _Scope | None = None
-        self._call: _Call | None = None
+        self._calls: dict[int, _Call] = {}
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
 
@@ -108,7 +108,7 @@ class CallBounds:
 
         watched = _Call(ort.RunOptions(), time.monotonic(), what)
         with self._lock:
-            self._call = watched
+            self._calls[id(watched)] = watched
         try:
             return call(watched.options)
         except Exception:
@@ -117,7 +117,7 @@ class CallBounds:
             raise
         finally:
             with self._lock:
-                self._call = None
+                del self._calls[id(watched)]
             if watched.tripped is not None and isinstance(watched.tripped, Canceled):
                 scope.stopped = watched.tripped
 
@@ -149,17 +149,16 @@ class CallBounds:
             now = time.monotonic()
             self._ask_stop(scope, now)
             with self._lock:
-                call = self._call
-            if call is None:
-                continue
-            if call.tripped is None:
-                call.tripped = self._exceeded(scope, call, now)
-                if call.tripped is not None:
-                    call.tripped_at = now
-                    call.options.terminate = True
-            elif now - call.tripped_at > GRACE_SECONDS and scope.on_stuck is not None:
-                on_stuck, scope.on_stuck = scope.on_stuck, None
-                on_stuck(call.tripped)
+                calls = list(self._calls.values())
+            for call in calls:
+                if call.tripped is None:
+                    call.tripped = self._exceeded(scope, call, now)
+                    if call.tripped is not None:
+                        call.tripped_at = now
+                        call.options.terminate = True
+                elif now - call.tripped_at > GRACE_SECONDS and scope.on_stuck is not None:
+                    on_stuck, scope.on_stuck = scope.on_stuck, None
+                    on_stuck(call.tripped)
 
     @staticmethod
     def _exceeded(scope: _Scope, call: _Call, now: float) -> ShapfleetError | None:

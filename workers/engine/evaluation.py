@@ -38,11 +38,46 @@ def game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray,
     output over the masker's backgrounds for the explained classes, ``B x K`` float64. With
     ``predict_coalitions`` the model composes the images itself (identical values, less data moved)."""
     if predict_coalitions is not None:
-        outputs = np.asarray(predict_coalitions(coalitions), dtype=np.float64)
-        if outputs.shape[0] != len(coalitions) or not np.all(np.isfinite(outputs)):
-            raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
-        return outputs[:, plan.classes]
+        return _coalition_outputs(plan, predict_coalitions(coalitions), len(coalitions))
     return masked_values(plan, predict, coalitions[:, plan.game_segments])
+
+
+def _coalition_outputs(plan: JobPlan, outputs: np.ndarray, rows: int) -> np.ndarray:
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.shape[0] != rows or not np.all(np.isfinite(outputs)):
+        raise ModelOutputError("the model returned NaN or Inf outputs on masked images")
+    return outputs[:, plan.classes]
+
+
+class _Ready:
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def result(self) -> np.ndarray:
+        return self.values
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Submitted:
+    def __init__(self, plan: JobPlan, pending, rows: int) -> None:
+        self.plan, self.pending, self.rows = plan, pending, rows
+
+    def result(self) -> np.ndarray:
+        return _coalition_outputs(self.plan, self.pending.result(), self.rows)
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
+
+def _start_game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray, predict_coalitions: Predict | None):
+    """:func:`game_values` started: with a predictor that can ``submit`` (runs side by side), its
+    runs are queued and the values come from ``result()``; otherwise they are computed now."""
+    submit = getattr(predict_coalitions, "submit", None)
+    if submit is None:
+        return _Ready(game_values(plan, predict, coalitions, predict_coalitions))
+    return _Submitted(plan, submit(coalitions), len(coalitions))
 
 
 def masked_values(plan: ImagePlan, predict: Predict, pixel_masks: np.ndarray) -> np.ndarray:
@@ -116,19 +151,34 @@ def _evaluate_units(plan: JobPlan, design: CoalitionDesign, units, index: int, p
                     on_progress: Callable[[int], None] | None, predict_coalitions: Predict | None) -> ShardStatistics:
     stats = ShardStatistics.zeros(index, design.n_players, len(plan.classes))
     per_batch = max(1, plan.batch_size // plan.masker.n_backgrounds)
-    for parts in _full_batches(plan, units, per_batch, design):
-        z = np.concatenate([rows for _, rows, _ in parts])
-        y = game_values(plan, predict, z, predict_coalitions) - plan.v_empty
-        start = 0
-        for unit, rows, weights in parts:
-            part = y[start:start + len(rows)]
-            start += len(rows)
-            if unit.kind == "enumerated":
-                stats.add_enumerated(rows, weights, part)
-            else:
-                stats.add_sampled(rows, weights, part)  # a sampled unit's "weights" are its raw pair positions
-        evaluations = len(z) * plan.masker.n_backgrounds
-        stats.n_evaluations += evaluations
-        if on_progress is not None:
-            on_progress(evaluations)
+    # One batch is started before the previous one is added up, so that runs going side by side
+    # never wait for the statistics (nor the threads for the next batch's runs) but at the shard's end.
+    started: list[tuple[list, object]] = []
+    try:
+        for parts in _full_batches(plan, units, per_batch, design):
+            z = np.concatenate([rows for _, rows, _ in parts])
+            started.append((parts, _start_game_values(plan, predict, z, predict_coalitions)))
+            if len(started) > 1:
+                _add_batch(plan, stats, *started.pop(0), on_progress)
+        while started:
+            _add_batch(plan, stats, *started.pop(0), on_progress)
+    finally:
+        for _, values in started:  # a batch failed: the runs queued behind it are not made
+            values.cancel()
     return stats
+
+
+def _add_batch(plan: JobPlan, stats: ShardStatistics, parts: list, values, on_progress) -> None:
+    y = values.result() - plan.v_empty
+    start = 0
+    for unit, rows, weights in parts:
+        part = y[start:start + len(rows)]
+        start += len(rows)
+        if unit.kind == "enumerated":
+            stats.add_enumerated(rows, weights, part)
+        else:
+            stats.add_sampled(rows, weights, part)  # a sampled unit's "weights" are its raw pair positions
+    evaluations = len(y) * plan.masker.n_backgrounds
+    stats.n_evaluations += evaluations
+    if on_progress is not None:
+        on_progress(evaluations)

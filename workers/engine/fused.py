@@ -45,7 +45,7 @@ from .onnx_wire import (
     read_model,
     tensor_input,
 )
-from .sessions import run_in_fixed_batches, session_device
+from .sessions import ConcurrentRuns, PendingRuns, session_device, submit_runs
 
 PREFIX = "shapfleet_"
 MIN_OPSET = 7  # Mul and Add with numpy-style broadcasting
@@ -97,12 +97,12 @@ class CoalitionPredictor:
     device, and every batch binds only Z (as M x B booleans) from host memory: on a GPU nothing else
     crosses the bus per batch. ``mask_shape`` stays in host memory because onnxruntime reads a
     ``Reshape``'s shape there whatever the device. Batches are run at ``fixed_batch`` rows when it
-    is set (see :attr:`OnnxClassifier.fixed_batch`), and at most ``run_rows`` at a time when that is
-    (see :meth:`OnnxClassifier.run_rows`)."""
+    is set (see :attr:`OnnxClassifier.fixed_batch`), at most ``run_rows`` at a time when that is
+    (see :meth:`OnnxClassifier.run_rows`), and side by side on ``runs`` when it is given."""
 
     def __init__(self, session, info: ModelInfo, image: np.ndarray, background: np.ndarray, segments: np.ndarray,
                  transform: Callable[[np.ndarray], np.ndarray], fixed_batch: int | None = None,
-                 run_rows: int | None = None) -> None:
+                 run_rows: int | None = None, runs: ConcurrentRuns | None = None) -> None:
         import onnxruntime as ort
 
         self.session = session
@@ -110,6 +110,7 @@ class CoalitionPredictor:
         self.transform = transform
         self.fixed_batch = fixed_batch
         self.run_rows = run_rows
+        self.runs = runs
         height, width = segments.shape
         shape = {"nchw": [-1, 1, height, width], "nhwc": [-1, height, width, 1], "nhw": [-1, height, width]}[info.layout]
         self.mask_shape = np.asarray(shape, dtype=np.int64)
@@ -139,7 +140,12 @@ class CoalitionPredictor:
             raise ModelOutputError(f"the model failed on a batch of {len(coalitions)}: {e}") from e
         return binding.copy_outputs_to_cpu()[0]
 
-    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+    def submit(self, coalitions: np.ndarray) -> PendingRuns:
+        """Start the runs for ``coalitions`` (side by side on ``runs``, behind those submitted before)
+        and return them pending; their ``result()`` is what calling this predictor returns."""
         coalitions = np.ascontiguousarray(coalitions, dtype=bool)
-        out = run_in_fixed_batches(self._run, coalitions, self.fixed_batch, self.run_rows)
-        return self.transform(out.astype(np.float64))
+        return submit_runs(self._run, coalitions, self.fixed_batch, self.run_rows, self.runs,
+                           lambda out: self.transform(out.astype(np.float64)))
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        return self.submit(coalitions).result()

@@ -11,7 +11,7 @@ and the masking fused into its graph from :mod:`shapfleet.workers.engine.fused`.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -20,7 +20,14 @@ from shapfleet.errors import ModelError, ModelOutputError, ShapfleetError
 from .bounds import run_bounded
 from .fused import CoalitionPredictor, fuse_masking, selection_is_exact
 from .inspection import _FLOAT_TYPES, ModelInfo, inspect_model
-from .sessions import create_session, run_in_fixed_batches, session_device
+from .sessions import (
+    ConcurrentRuns,
+    available_cpus,
+    create_session,
+    default_providers,
+    run_in_fixed_batches,
+    session_device,
+)
 from .settings import ExplainSettings
 
 #: On the CPU, when the job leaves ``batch_size`` unset, one onnxruntime run gets at most this
@@ -32,28 +39,53 @@ CPU_RUN_INPUT_BYTES = 4 << 20
 
 class ModelSessions:
     """One model's onnxruntime sessions, each created on first use: ``plain`` (image input) and
-    ``fused(info)`` (coalition input, see :mod:`shapfleet.workers.engine.fused`). Workers keep one per model."""
+    ``fused(info)`` (coalition input, see :mod:`shapfleet.workers.engine.fused`). Workers keep one per model.
+
+    On the CPU with more than one thread (``threads``, default every CPU this process may use), the
+    sessions run on one intra-op thread each and ``runs`` runs that many of their runs side by
+    side; a job that sets its own ``batch_size`` runs each batch whole, on the ``whole=True``
+    sessions, whose one run uses every thread. On a GPU, or with one thread, both are the same
+    sessions and ``runs`` is None."""
 
     def __init__(self, model_bytes: bytes, providers: Sequence[str | tuple[str, dict]] | None = None,
                  threads: int | None = None, plain=None) -> None:
         self.model_bytes = model_bytes
         self.providers = providers
         self.threads = threads
-        self._plain = plain
-        self._fused: dict[str, object] = {}
+        self._sessions: dict[tuple[str, bool], object] = {}
+        if plain is not None:
+            self._sessions[("plain", False)] = self._sessions[("plain", True)] = plain
+        wanted = (providers or default_providers())[0]
+        on_cpu = (wanted[0] if isinstance(wanted, tuple) else wanted) == "CPUExecutionProvider"
+        self._side_by_side = (threads or available_cpus()) if on_cpu and plain is None else 1
+
+    @cached_property
+    def runs(self) -> ConcurrentRuns | None:
+        """The threads that run the one-thread sessions' runs side by side, or None (one run at a time)."""
+        if self._side_by_side <= 1 or session_device(self.plain)[0] != "cpu":
+            return None
+        return ConcurrentRuns(self._side_by_side)
+
+    def _session(self, kind: str, whole: bool, model: Callable[[], bytes | None]):
+        whole = whole and self._side_by_side > 1
+        if (kind, whole) not in self._sessions:
+            model_bytes = model()
+            threads = self.threads if whole or self._side_by_side <= 1 else 1
+            self._sessions[(kind, whole)] = None if model_bytes is None else create_session(model_bytes, self.providers,
+                                                                                             threads)
+        return self._sessions[(kind, whole)]
 
     @property
     def plain(self):
-        if self._plain is None:
-            self._plain = create_session(self.model_bytes, self.providers, self.threads)
-        return self._plain
+        return self._session("plain", False, lambda: self.model_bytes)
 
-    def fused(self, info: "ModelInfo"):
+    def plain_whole(self):
+        """The plain session whose one run uses every thread (the same as ``plain`` where runs do not go side by side)."""
+        return self._session("plain", True, lambda: self.model_bytes)
+
+    def fused(self, info: "ModelInfo", whole: bool = False):
         """The fused session for this layout, or None when the model cannot be fused."""
-        if info.layout not in self._fused:
-            fused_bytes = fuse_masking(self.model_bytes, info)
-            self._fused[info.layout] = None if fused_bytes is None else create_session(fused_bytes, self.providers, self.threads)
-        return self._fused[info.layout]
+        return self._session(f"fused-{info.layout}", whole, lambda: fuse_masking(self.model_bytes, info))
 
 
 class OnnxClassifier:
@@ -79,11 +111,18 @@ class OnnxClassifier:
         self._mean = np.broadcast_to(np.asarray(mean, dtype=self._work_dtype), (channels,)).copy()
         self._std = np.broadcast_to(np.asarray(std, dtype=self._work_dtype), (channels,)).copy()
         self.sessions = sessions if sessions is not None else ModelSessions(model_bytes, providers, threads)
-        _ = self.sessions.plain  # load now: a model onnxruntime cannot run is refused here, not mid-job
+        # A batch_size the job gives is the images of one model run: each runs whole, on every thread.
+        self._whole_runs = settings.batch_size is not None
+        _ = self.session  # load now: a model onnxruntime cannot run is refused here, not mid-job
 
     @property
     def session(self):
-        return self.sessions.plain
+        return self.sessions.plain_whole() if self._whole_runs else self.sessions.plain
+
+    @property
+    def runs(self) -> ConcurrentRuns | None:
+        """Where this classifier's runs go side by side (see :class:`ModelSessions`), or None."""
+        return None if self._whole_runs else self.sessions.runs
 
     def coalition_predictor(self, image: np.ndarray, background: np.ndarray, segments: np.ndarray):
         """``predict(Z) -> B x K`` with the masking inside the model (one background), or None when
@@ -91,11 +130,11 @@ class OnnxClassifier:
         model_image, model_background = self.to_model_input(image[None]), self.to_model_input(background[None])
         if not selection_is_exact(model_image, model_background):
             return None
-        session = self.sessions.fused(self.info)
+        session = self.sessions.fused(self.info, whole=self._whole_runs)
         if session is None:
             return None
         return CoalitionPredictor(session, self.info, model_image, model_background, segments, self.finish_outputs,
-                                  self.fixed_batch, self.run_rows(model_image[0].nbytes))
+                                  self.fixed_batch, self.run_rows(model_image[0].nbytes), self.runs)
 
     @cached_property
     def fixed_batch(self) -> int | None:
@@ -141,7 +180,8 @@ class OnnxClassifier:
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Run the session on model-ready input, honouring a fixed batch dimension."""
-        return run_in_fixed_batches(self._run, batch, self.fixed_batch, self.run_rows(batch[0].nbytes if len(batch) else 1))
+        return run_in_fixed_batches(self._run, batch, self.fixed_batch, self.run_rows(batch[0].nbytes if len(batch) else 1),
+                                    self.runs)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         feeds = {self.info.input_name: batch}
