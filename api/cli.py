@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", metavar="DIR", help="write attributions.npz and PNGs here")
     explain.add_argument("--shards", type=int, help="split the coalitions into this many shards (default: --workers)")
     explain.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    explain.add_argument("--threads", type=int, help="onnxruntime threads per process")
+    explain.add_argument("--threads", type=int, help="threads per process that run the model (default: the CPUs shared among --workers; "
+                         "on the CPU each runs onnxruntime runs of its own, side by side)")
     explain.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_arguments(explain)
     explain.set_defaults(handler=run_explain)
@@ -69,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_explain(args: argparse.Namespace) -> int:
     from shapfleet.workers.engine.progress import ProgressBar
+    from shapfleet.workers.engine.settings import check_threads
     from shapfleet.workers.local import explain
 
     if args.workers < 1:
         raise InvalidSettingsError(f"--workers must be >= 1, got {args.workers}")
     if args.shards is not None and args.shards < 1:
         raise InvalidSettingsError(f"--shards must be >= 1, got {args.shards}")
+    check_threads(args.threads, "--threads")
     settings = settings_from_args(args)
     runs = explain(args.images, args.model, settings, segments=args.segments, shards=args.shards,
                    workers=args.workers, out_dir=args.out, threads=args.threads,

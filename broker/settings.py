@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES
+from shapfleet.workers.engine.settings import DEFAULT_MAX_NSAMPLES, check_threads
 
 #: Redis for job records; also the default Celery broker and result backend.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -118,6 +118,7 @@ class ServiceSettings:
             raw = env.get(f"SHAPFLEET_{f.name.upper()}")
             if raw:
                 limit_values[f.name] = _convert(f.name, raw, "int")
+        check_threads(values.get("ort_threads"), "SHAPFLEET_ORT_THREADS")
         return cls(**values, limits=Limits(**limit_values))
 
     def environment(self) -> dict[str, str]:

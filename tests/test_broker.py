@@ -230,6 +230,9 @@ def test_settings_from_environment():
     assert ServiceSettings.from_env(settings.environment()) == settings
     with pytest.raises(ValueError, match="SHAPFLEET_MAX_SHARDS must be an integer"):
         ServiceSettings.from_env({"SHAPFLEET_MAX_SHARDS": "many"})
+    with pytest.raises(ValueError, match=r"SHAPFLEET_ORT_THREADS must be a whole number in 1..256, got 0"):
+        ServiceSettings.from_env({"SHAPFLEET_ORT_THREADS": "0"})
+    assert ServiceSettings.from_env({"SHAPFLEET_ORT_THREADS": "2"}).ort_threads == 2
 
 
 def _rabbitmq_reachable() -> bool:

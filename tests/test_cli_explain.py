@@ -103,6 +103,8 @@ def _image(tmp_path, size=(12, 12)) -> str:
     ("nan_model", "returned NaN"),
     ("bad_masker", "unknown masker"),
     ("missing_model", "cannot read the model file"),
+    ("no_threads", "--threads must be a whole number in 1..256, got 0"),
+    ("too_many_threads", "--threads must be a whole number in 1..256, got 100000"),
 ])
 def test_bad_input_gives_a_message_and_a_non_zero_exit(tmp_path, capsys, write_file, case, expected):
     model = write_file("m.onnx", conv_model(12, 12))
@@ -121,6 +123,8 @@ def test_bad_input_gives_a_message_and_a_non_zero_exit(tmp_path, capsys, write_f
         "nan_model": ["explain", image, "--model", write_file("nan.onnx", nan_model(12, 12))],
         "bad_masker": ["explain", image, "--model", model, "--masker", "$(rm -rf /)"],
         "missing_model": ["explain", image, "--model", str(tmp_path / "absent.onnx")],
+        "no_threads": ["explain", image, "--model", model, "--threads", "0"],
+        "too_many_threads": ["explain", image, "--model", model, "--threads", "100000"],
     }[case]
     code, stdout, stderr = run_cli(capsys, *args)
     assert code == 1

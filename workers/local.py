@@ -35,7 +35,7 @@ from shapfleet.workers.engine.progress import precision_note
 from shapfleet.workers.engine.rendering import render_artifacts
 from shapfleet.workers.engine.result import Explanation, explain_to_target, reduce_shards
 from shapfleet.workers.engine.rounds import cap_of
-from shapfleet.workers.engine.settings import ExplainSettings
+from shapfleet.workers.engine.settings import ExplainSettings, check_threads
 from shapfleet.workers.runtime import LocalRuntime, StepPolicy
 
 ProgressFactory = Callable[[int, str], "object"]  # (total, label) -> object with update(n) and close()
@@ -86,6 +86,7 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
     if settings.has_target and workers > 1:
         raise InvalidSettingsError("workers applies to a fixed nsamples; with target_std or target_error the rounds run "
                                    "one after another in this process (the fleet spreads each round over workers)")
+    check_threads(threads, "threads")
     model_bytes = model if isinstance(model, bytes) else read_model_file(model)
     if threads is None and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)

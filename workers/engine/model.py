@@ -35,6 +35,10 @@ from .settings import ExplainSettings
 #: convnet runs slower per image in large runs, whose activations outgrow the caches (EfficientNet-Lite0
 #: here: about 3.0-3.1 ms an image in runs of 2 to 6, 3.8 ms in runs of 64, interleaved).
 CPU_RUN_INPUT_BYTES = 4 << 20
+#: The same bound where runs go side by side, one thread each (see :class:`ModelSessions`): 3
+#: colour images at 224 x 224. EfficientNet-Lite0 with the fused masking ran 2.98 ms an image in runs
+#: of 2 or 3, 3.05 in runs of 4, 3.09 in runs of 6 and 3.08 in runs of 1, two side by side.
+CPU_SIDE_BY_SIDE_RUN_INPUT_BYTES = 2 << 20
 
 
 class ModelSessions:
@@ -153,10 +157,12 @@ class OnnxClassifier:
         """The most rows one onnxruntime run gets, for model inputs of ``row_bytes`` bytes an image,
         or None for a whole batch. With ``batch_size`` given, every batch runs whole (it is the
         number of images per model call); unset, on the CPU, at most :data:`CPU_RUN_INPUT_BYTES`
-        of input. A fixed batch (the model's own, or the GPU's) takes precedence."""
+        of input, or :data:`CPU_SIDE_BY_SIDE_RUN_INPUT_BYTES` where runs go side by side. A fixed
+        batch (the model's own, or the GPU's) takes precedence."""
         if self.settings.batch_size is not None or self.fixed_batch is not None:
             return None
-        return max(1, CPU_RUN_INPUT_BYTES // max(1, row_bytes))
+        limit = CPU_RUN_INPUT_BYTES if self.runs is None else CPU_SIDE_BY_SIDE_RUN_INPUT_BYTES
+        return max(1, limit // max(1, row_bytes))
 
     @property
     def input_size(self) -> tuple[int | None, int | None]:

@@ -27,6 +27,18 @@ DEFAULT_MAX_EVALS = 500
 #: The cap on coalitions a ``target_std``/``target_error`` run may spend when ``nsamples`` is not
 #: given (the fleet's default ``SHAPFLEET_MAX_NSAMPLES`` too).
 DEFAULT_MAX_NSAMPLES = 100_000
+
+#: The most threads one process runs a model on (``--threads``, ``SHAPFLEET_ORT_THREADS``): on the
+#: CPU that many runs go side by side, each on a thread of its own.
+MAX_THREADS = 256
+
+
+def check_threads(threads: int | None, name: str) -> None:
+    """Refuse a thread count outside 1..``MAX_THREADS`` (None: one per CPU this process may use)."""
+    if threads is not None and (not _is_int(threads) or not 1 <= threads <= MAX_THREADS):
+        raise InvalidSettingsError(f"{name} must be a whole number in 1..{MAX_THREADS}, got {threads!r}")
+
+
 #: The smoothing before segmenting, in pixels (every segmenter's): its kernel reaches 4 sigma to
 #: each side, and SLIC's pads each axis by that much and sums tap by tap, so sigma is what bounds the
 #: smoothing's memory and time.
