@@ -17,6 +17,7 @@ from shapfleet.errors import ModelOutputError
 from .design import CoalitionDesign, WorkUnit
 from .estimation import ShardStatistics
 from .planning import ImagePlan, JobPlan
+from .sessions import Finished
 from .threads import one_blas_thread
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -49,17 +50,6 @@ def _coalition_outputs(plan: JobPlan, outputs: np.ndarray, rows: int) -> np.ndar
     return outputs[:, plan.classes]
 
 
-class _Ready:
-    def __init__(self, values: np.ndarray) -> None:
-        self.values = values
-
-    def result(self) -> np.ndarray:
-        return self.values
-
-    def cancel(self) -> None:
-        pass
-
-
 class _Submitted:
     def __init__(self, plan: JobPlan, pending, rows: int) -> None:
         self.plan, self.pending, self.rows = plan, pending, rows
@@ -76,7 +66,7 @@ def _start_game_values(plan: JobPlan, predict: Predict, coalitions: np.ndarray, 
     runs are queued and the values come from ``result()``; otherwise they are computed now."""
     submit = getattr(predict_coalitions, "submit", None)
     if submit is None:
-        return _Ready(game_values(plan, predict, coalitions, predict_coalitions))
+        return Finished(game_values(plan, predict, coalitions, predict_coalitions))
     return _Submitted(plan, submit(coalitions), len(coalitions))
 
 

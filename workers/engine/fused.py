@@ -45,7 +45,7 @@ from .onnx_wire import (
     read_model,
     tensor_input,
 )
-from .sessions import ConcurrentRuns, PendingRuns, session_device, submit_runs
+from .sessions import ConcurrentRuns, Finished, PendingRuns, session_device, submit_runs
 
 PREFIX = "shapfleet_"
 MIN_OPSET = 7  # Mul and Add with numpy-style broadcasting
@@ -140,7 +140,7 @@ class CoalitionPredictor:
             raise ModelOutputError(f"the model failed on a batch of {len(coalitions)}: {e}") from e
         return binding.copy_outputs_to_cpu()[0]
 
-    def submit(self, coalitions: np.ndarray) -> PendingRuns:
+    def submit(self, coalitions: np.ndarray) -> PendingRuns | Finished:
         """Start the runs for ``coalitions`` (side by side on ``runs``, behind those submitted before)
         and return them pending; their ``result()`` is what calling this predictor returns."""
         coalitions = np.ascontiguousarray(coalitions, dtype=bool)

@@ -42,6 +42,19 @@ def split_runs(batch: np.ndarray, fixed: int | None, at_most: int | None = None,
     return chunks, keep
 
 
+class Finished:
+    """A batch's outputs, already computed, behind the interface of :class:`PendingRuns`."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+
+    def result(self) -> np.ndarray:
+        return self._value
+
+    def cancel(self) -> None:
+        pass
+
+
 class PendingRuns:
     """The runs of one batch, submitted; :meth:`result` waits for them and joins their outputs."""
 
@@ -51,7 +64,11 @@ class PendingRuns:
         self._finish = finish
 
     def result(self) -> np.ndarray:
-        outputs = [np.asarray(future.result())[:rows] for future, rows in zip(self._futures, self._keep)]
+        try:
+            outputs = [np.asarray(future.result())[:rows] for future, rows in zip(self._futures, self._keep)]
+        except BaseException:
+            self.cancel()  # one run failed: the batch's others that have not started are not made
+            raise
         return self._finish(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
 
     def cancel(self) -> None:
@@ -89,20 +106,9 @@ class ConcurrentRuns:
         return PendingRuns([pool.submit(run, chunk) for chunk in chunks], keep, finish)
 
 
-class _Done(PendingRuns):
-    def __init__(self, value: np.ndarray) -> None:
-        self._value = value
-
-    def result(self) -> np.ndarray:
-        return self._value
-
-    def cancel(self) -> None:
-        pass
-
-
 def submit_runs(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, fixed: int | None,
                 at_most: int | None = None, runs: ConcurrentRuns | None = None,
-                finish: Callable[[np.ndarray], np.ndarray] = lambda out: out) -> PendingRuns:
+                finish: Callable[[np.ndarray], np.ndarray] = lambda out: out) -> PendingRuns | Finished:
     """``finish(run(batch))`` in the runs :func:`split_runs` gives, side by side on ``runs`` when it
     is given (at least one run per thread), else one after the other in this thread, done when this
     returns."""
@@ -110,7 +116,7 @@ def submit_runs(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, fixe
     if runs is not None and len(chunks) > 1:
         return runs.submit(run, chunks, keep, finish)
     outputs = [np.asarray(run(chunk))[:rows] for chunk, rows in zip(chunks, keep)]
-    return _Done(finish(outputs[0] if len(outputs) == 1 else np.concatenate(outputs)))
+    return Finished(finish(outputs[0] if len(outputs) == 1 else np.concatenate(outputs)))
 
 
 def run_in_fixed_batches(run, batch: np.ndarray, fixed: int | None, at_most: int | None = None,
