@@ -1,12 +1,13 @@
 """Bounds on every model call of this process: wall time, resident memory, and a stop signal.
 
 A model call is one onnxruntime run (one batch). Inside :meth:`CallBounds.scope` every call made
-through :func:`run_bounded` is watched by one daemon thread of this process, which looks at the calls
-in flight (several, when runs go side by side on the CPU) every ``POLL_SECONDS``. When the call has run longer than ``seconds``, when the process's
-resident memory exceeds ``memory_bytes``, or when ``stop()`` names a reason to stop (the job was
-canceled), it sets the call's ``RunOptions.terminate``: onnxruntime checks that flag before every
-node, and inside a ``Loop`` before every iteration, so the call raises within a node's time and
-:func:`run_bounded` raises the error that names the bound instead.
+through :func:`run_bounded` is watched by one daemon thread of this process, which looks at the
+calls in flight (several, when runs go side by side on the CPU) every ``POLL_SECONDS``. When a call
+has run longer than ``seconds``, when the process's resident memory exceeds ``memory_bytes``, or
+when ``stop()`` names a reason to stop (the job was canceled), it sets the call's
+``RunOptions.terminate``: onnxruntime checks that flag before every node, and inside a ``Loop``
+before every iteration, so the call raises within a node's time and :func:`run_bounded` raises the
+error that names the bound instead.
 
 One kernel that never returns (a single enormous operator) is beyond what the flag can stop: a call
 still running ``GRACE_SECONDS`` after its flag was set is handed to ``on_stuck(error)``, which on the
