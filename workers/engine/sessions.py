@@ -42,6 +42,12 @@ def split_runs(batch: np.ndarray, fixed: int | None, at_most: int | None = None,
     return chunks, keep
 
 
+def _joined(outputs: list[np.ndarray], keep: list[int]) -> np.ndarray:
+    """The runs' outputs in order, each cut to the rows it keeps (a fixed batch's padding dropped)."""
+    kept = [np.asarray(out)[:rows] for out, rows in zip(outputs, keep)]
+    return kept[0] if len(kept) == 1 else np.concatenate(kept)
+
+
 class Finished:
     """A batch's outputs, already computed, behind the interface of :class:`PendingRuns`."""
 
@@ -65,11 +71,11 @@ class PendingRuns:
 
     def result(self) -> np.ndarray:
         try:
-            outputs = [np.asarray(future.result())[:rows] for future, rows in zip(self._futures, self._keep)]
+            outputs = [future.result() for future in self._futures]
         except BaseException:
             self.cancel()  # one run failed: the batch's others that have not started are not made
             raise
-        return self._finish(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
+        return self._finish(_joined(outputs, self._keep))
 
     def cancel(self) -> None:
         """Drop the runs not yet started (those running finish on their own)."""
@@ -115,8 +121,7 @@ def submit_runs(run: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, fixe
     chunks, keep = split_runs(batch, fixed, at_most, runs.workers if runs is not None else 1)
     if runs is not None and len(chunks) > 1:
         return runs.submit(run, chunks, keep, finish)
-    outputs = [np.asarray(run(chunk))[:rows] for chunk, rows in zip(chunks, keep)]
-    return Finished(finish(outputs[0] if len(outputs) == 1 else np.concatenate(outputs)))
+    return Finished(finish(_joined([run(chunk) for chunk in chunks], keep)))
 
 
 def run_in_fixed_batches(run, batch: np.ndarray, fixed: int | None, at_most: int | None = None,
