@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from shapfleet.workers.engine.images import fit_to_model  # noqa: E402
 from shapfleet.workers.engine.model import OnnxClassifier  # noqa: E402
 from shapfleet.workers.engine.planning import plan_explanation  # noqa: E402
+from shapfleet.workers.engine.sessions import available_cpus  # noqa: E402
 from shapfleet.workers.engine.settings import ExplainSettings  # noqa: E402
 from shapfleet.workers.local import explain_array  # noqa: E402
 
@@ -152,7 +153,7 @@ def raw_runners(model_bytes: bytes, input_name: str) -> dict:
                 session.run(None, {input_name: inputs[start:start + batch]})
 
         runners[f"spinning={spinning}"] = one_at_a_time
-    workers = len(os.sched_getaffinity(0))
+    workers = available_cpus()
     if workers > 1:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -185,14 +186,20 @@ def best_batch_size(run, inputs: np.ndarray) -> tuple[int, dict]:
     return min(per_image, key=per_image.get), per_image
 
 
-def best_limit(model_bytes: bytes, input_name: str, inputs: np.ndarray) -> tuple[str, int, dict, object]:
-    """The fastest of :func:`raw_runners` at its best batch size: (its label, the batch size, seconds
-    per image by batch size, the runner)."""
+def limit_candidates(model_bytes: bytes, input_name: str, inputs: np.ndarray) -> dict:
+    """Each of :func:`raw_runners` at its best batch size: label -> (seconds per image there, the
+    batch size, seconds per image by batch size, the runner)."""
     candidates = {}
     for label, run in raw_runners(model_bytes, input_name).items():
         size, per_image = best_batch_size(run, inputs)
         candidates[label] = (per_image[size], size, per_image, run)
-    label = min(candidates, key=lambda k: candidates[k][0])
+    return candidates
+
+
+def fastest(candidates: dict, labels=None) -> tuple[str, int, dict, object]:
+    """The fastest of ``candidates`` (of those whose label is in ``labels``, when given): (its
+    label, the batch size, seconds per image by batch size, the runner)."""
+    label = min((k for k in candidates if labels is None or k in labels), key=lambda k: candidates[k][0])
     _, batch, per_image, run = candidates[label]
     return label, batch, per_image, run
 
@@ -240,7 +247,7 @@ def measure_limit(repeats: int) -> dict:
         model_bytes, classifier, image = load_case(case)
         settings = case["settings"]
         inputs, plan = masked_inputs(classifier, image, settings)
-        label, batch, per_image, raw = best_limit(model_bytes, classifier.info.input_name, inputs)
+        label, batch, per_image, raw = fastest(limit_candidates(model_bytes, classifier.info.input_name, inputs))
         # shapfleet at its own best batch size too: its default (None: runs sized by the model
         # input's bytes) or one a user sets with --batch-size.
         engine_candidates = {size: (lambda size=size: explain_array(image, classifier.predict,
@@ -545,19 +552,17 @@ def measure_whole_process(repeats: int) -> dict:
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(image_path)
             inputs_path = Path(tmp) / f"{name}-inputs.npy"
             np.save(inputs_path, inputs)
-            label, batch, _, raw = best_limit(model_bytes, classifier.info.input_name, inputs)
+            candidates = limit_candidates(model_bytes, classifier.info.input_name, inputs)
+            label, batch, _, raw = fastest(candidates)
             # The fastest way of running one run at a time too: the limit before shapfleet ran its
             # runs side by side (runs of earlier commits compare against it).
-            runners = raw_runners(model_bytes, classifier.info.input_name)
-            one_at_a_time = {k: best_batch_size(v, inputs) for k, v in runners.items() if k.startswith("spinning")}
-            one_label = min(one_at_a_time, key=lambda k: one_at_a_time[k][1][one_at_a_time[k][0]])
-            one_batch = one_at_a_time[one_label][0]
+            _, one_batch, _, one_raw = fastest(candidates, [k for k in candidates if k.startswith("spinning")])
 
             def limit():
                 raw(inputs, batch)
 
             def limit_one_at_a_time():
-                runners[one_label](inputs, one_batch)
+                one_raw(inputs, one_batch)
 
             def run(args: list[str]):
                 return lambda: subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
