@@ -20,14 +20,12 @@ retrying (connection refused, timeouts, 5xx, throttling); anything else is :clas
 
 from __future__ import annotations
 
-import http.client
 import os
 from pathlib import Path
 from typing import Protocol
 
 from shapfleet.errors import ObjectNotFound, StoreError, TransientStoreError
 
-from .s3_signed import RequestFailed, SignedRequests
 from .settings import ServiceSettings
 
 
@@ -150,6 +148,8 @@ class S3Store:
         import boto3
         from botocore.config import Config
 
+        from .s3_signed import SignedRequests
+
         config = Config(s3={"addressing_style": "path"}, signature_version="s3v4",
                         retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
         credentials = dict(aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
@@ -199,6 +199,10 @@ class S3Store:
     def _signed_call(self, method: str, key: str, *args):
         """A PUT, GET or HEAD signed here (:mod:`shapfleet.broker.s3_signed`): a fifth of boto3's
         client CPU per request, errors mapped as :meth:`_call` maps boto3's."""
+        import http.client  # here, not at the top: the in-process engine's store is a folder
+
+        from .s3_signed import RequestFailed
+
         if not self._bucket_ready:
             self._ensure_bucket()
         try:

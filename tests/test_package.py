@@ -80,6 +80,17 @@ def test_importing_shapfleet_loads_no_numerics_from_any_folder(tmp_path):
     assert helped.returncode == 0 and "explain" in helped.stdout, helped.stderr
 
 
+def test_the_in_process_engine_loads_neither_the_s3_client_nor_multiprocessing(tmp_path):
+    """``shapfleet explain`` stores in memory and runs one process unless ``--workers`` says
+    otherwise: the S3 client's HTTP stack and multiprocessing (20-30 ms of imports each) wait for
+    their first use."""
+    result = _python("import sys, shapfleet.workers.local, shapfleet.api.cli; "
+                     "print(sorted(m for m in ('http.client', 'ssl', 'multiprocessing', 'concurrent.futures.process', "
+                     "'shapfleet.broker.s3_signed') if m in sys.modules))", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_generic_folder_names_are_not_importable(tmp_path):
     """The folders install inside ``shapfleet`` only: a user's own ``api`` or ``workers`` is theirs."""
     result = _python("import importlib.util as u; print([u.find_spec(n) is None for n in ('api', 'broker', 'workers')])",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -95,7 +95,9 @@ def explain(images: Sequence[str | os.PathLike[str] | np.ndarray], model: str | 
                            ort_threads=threads)
     sha256 = hashlib.sha256(model_bytes).hexdigest()
     runtime.store.put(model_key(sha256), model_bytes)
-    channels = runtime.classifier(sha256, settings).channels  # the session, made once for every image
+    # The sessions, made once for every image, are built on a thread while the first image is
+    # decoded and segmented; its first model run waits for them.
+    channels = runtime.classifier(sha256, settings, build_ahead=True).channels
     segments_data = _segments_bytes(segments)
 
     runs: list[ExplainRun] = []
@@ -231,7 +233,8 @@ def _run_shards_in_pool(runtime: LocalRuntime, job_id: str, plan: JobPlan, worke
                         on_progress: Callable[[int], None] | None) -> None:
     """Evaluate the shards in ``workers`` processes, each with its own session and its share of cores;
     each returns its statistics, which this process stores and records as the fleet's shards do."""
-    import multiprocessing
+    import multiprocessing  # here, with the pool: a one-process run imports neither
+    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
