@@ -109,6 +109,13 @@ def gaussian_smooth(image: np.ndarray, sigma: float, axis: int, truncate: float 
     taps = np.arange(-radius, radius + 1)
     weights = np.exp(-0.5 / (sigma * sigma) * taps ** 2)
     weights = (weights / weights.sum())[::-1]
+    if image.shape[axis] == 1:
+        # Every reflected sample is the sample itself: the same sums, without padding an axis of one
+        # (padding the depth axis of a single slice took most of the smoothing's time).
+        out = image * weights[radius]
+        for j in range(radius, 0, -1):
+            out += (image + image) * weights[radius - j]
+        return out
     moved = np.moveaxis(image, axis, -1)
     length = moved.shape[-1]
     padded = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(radius, radius)], mode="symmetric")
