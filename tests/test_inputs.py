@@ -380,6 +380,52 @@ def test_on_the_cpu_runs_go_side_by_side_on_one_thread_each_and_give_the_same_va
     assert most[0] == 1
 
 
+def test_sessions_built_ahead_are_built_on_a_thread_while_the_caller_goes_on(rng, monkeypatch):
+    """``build_ahead`` returns at once and builds the plain and the fused session on another thread
+    (the in-process run decodes and segments the image meanwhile); each is taken at its first use,
+    the classifier made meanwhile does not wait for it, and a model that cannot load raises its
+    ModelError there. A build that waited for the caller would deadlock here: the builder gives up
+    after 10 s and the test fails."""
+    from shapfleet.workers.engine import model as model_module
+    from shapfleet.workers.engine.model import ModelSessions, uses_fused_masking
+
+    release, builders = threading.Event(), []
+    original = model_module.create_session
+
+    def gated(model_bytes, providers=None, threads=None):
+        builders.append(threading.current_thread())
+        if not release.wait(10):
+            raise AssertionError("the caller waited for the build")
+        return original(model_bytes, providers, threads)
+
+    monkeypatch.setattr(model_module, "create_session", gated)
+    settings = ExplainSettings(segmenter="grid", grid="3x3", masker="constant:0", top_k=1, nsamples=100)
+    assert uses_fused_masking(settings)
+    assert not uses_fused_masking(settings.replace(masker="inpaint_telea"))
+    assert not uses_fused_masking(ExplainSettings(method="partition", masker="constant:0"))
+    model_bytes = conv_model(12, 12, channels=3, layout="nchw")
+    sessions = ModelSessions(model_bytes, ["CPUExecutionProvider"], threads=2)
+    ahead = OnnxClassifier(model_bytes, settings, sessions=sessions, build_ahead=True)
+    again = OnnxClassifier(model_bytes, settings, sessions=sessions)  # the plan step's: it must not wait either
+    assert sessions.is_building("plain") and sessions.is_building(f"fused-{ahead.info.layout}")
+    release.set()
+    image = rng.uniform(0, 255, (12, 12, 3)).astype(np.float32)
+    built_ahead = explain_array(image, again.predict, settings).values
+    assert not sessions.is_building("plain") and not sessions.is_building(f"fused-{ahead.info.layout}")
+    assert len(builders) == 2 and all(b is not threading.current_thread() for b in builders)
+    plain = OnnxClassifier(model_bytes, settings, providers=["CPUExecutionProvider"], threads=2)
+    np.testing.assert_array_equal(built_ahead, explain_array(image, plain.predict, settings).values)
+
+    def failing(model_bytes, providers=None, threads=None):
+        raise ModelError("onnxruntime cannot load the model: built to fail")
+
+    monkeypatch.setattr(model_module, "create_session", failing)
+    broken = ModelSessions(model_bytes, ["CPUExecutionProvider"], threads=2)
+    classifier = OnnxClassifier(model_bytes, settings, sessions=broken, build_ahead=True)
+    with pytest.raises(ModelError, match="built to fail"):
+        classifier.predict(image[None])
+
+
 def test_inpainting_is_not_fused(colour_image):
     from shapfleet.workers.engine.evaluation import coalition_predictor
     from shapfleet.workers.engine.planning import plan_explanation

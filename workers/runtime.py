@@ -147,8 +147,9 @@ class Runtime:
         if self._pid != os.getpid():  # never share sessions across a fork
             self._reset()
 
-    def classifier(self, sha256: str, settings: ExplainSettings) -> OnnxClassifier:
-        """An adapter for the job's settings around this process's one session for the model."""
+    def classifier(self, sha256: str, settings: ExplainSettings, build_ahead: bool = False) -> OnnxClassifier:
+        """An adapter for the job's settings around this process's one session for the model (with
+        ``build_ahead``, its sessions are built on a thread: see :meth:`ModelSessions.build_ahead`)."""
         self._check_fork()
         if sha256 not in self._models:
             import onnxruntime
@@ -160,7 +161,7 @@ class Runtime:
         info_key = (sha256, settings.layout)
         if info_key not in self._infos:
             self._infos[info_key] = inspect_model(data, settings.layout)
-        return OnnxClassifier(data, settings, sessions=sessions, info=self._infos[info_key])
+        return OnnxClassifier(data, settings, sessions=sessions, info=self._infos[info_key], build_ahead=build_ahead)
 
     def remember_plan(self, job_id: str, image_index: int, plan: JobPlan | PartitionPlan) -> None:
         """Cache a plan this process just made (the steps store it too)."""

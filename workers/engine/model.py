@@ -10,6 +10,8 @@ and the masking fused into its graph from :mod:`shapfleet.workers.engine.fused`.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from functools import cached_property
 from typing import Callable, Sequence
 
@@ -28,7 +30,7 @@ from .sessions import (
     run_in_fixed_batches,
     session_device,
 )
-from .settings import ExplainSettings
+from .settings import FIXED_BACKGROUND_MASKERS, ExplainSettings
 
 #: On the CPU, when the job leaves ``batch_size`` unset, one onnxruntime run gets at most this
 #: many bytes of model input (at least one image): 6 images at 224 x 224 x 3 in float32. A large
@@ -57,6 +59,7 @@ class ModelSessions:
         self.providers = providers
         self.threads = threads
         self._sessions: dict[tuple[str, bool], object] = {}
+        self._building: dict[tuple[str, bool], Future] = {}
         if plain is not None:
             self._sessions[("plain", False)] = self._sessions[("plain", True)] = plain
         wanted = (providers or default_providers())[0]
@@ -70,14 +73,49 @@ class ModelSessions:
             return None
         return ConcurrentRuns(self._side_by_side)
 
+    def _key(self, kind: str, whole: bool) -> tuple[str, bool]:
+        return kind, whole and self._side_by_side > 1
+
+    def _create(self, key: tuple[str, bool], model: Callable[[], bytes | None]):
+        model_bytes = model()
+        threads = self.threads if key[1] or self._side_by_side <= 1 else 1
+        return None if model_bytes is None else create_session(model_bytes, self.providers, threads)
+
     def _session(self, kind: str, whole: bool, model: Callable[[], bytes | None]):
-        whole = whole and self._side_by_side > 1
-        if (kind, whole) not in self._sessions:
-            model_bytes = model()
-            threads = self.threads if whole or self._side_by_side <= 1 else 1
-            self._sessions[(kind, whole)] = None if model_bytes is None else create_session(model_bytes, self.providers,
-                                                                                             threads)
-        return self._sessions[(kind, whole)]
+        key = self._key(kind, whole)
+        if key not in self._sessions:
+            building = self._building.pop(key, None)
+            self._sessions[key] = building.result() if building is not None else self._create(key, model)
+        return self._sessions[key]
+
+    def build_ahead(self, info: "ModelInfo", whole: bool = False, fused: bool = True) -> None:
+        """Start building the plain session (and, with ``fused``, the fused one for ``info``'s
+        layout) on a thread, one after the other, and return at once; each is taken at its first
+        use, which waits for it and raises what building it raised (a :class:`ModelError` for a
+        model onnxruntime cannot load). onnxruntime builds a session without holding the GIL, so
+        the caller's own work meanwhile (decoding and segmenting the image) overlaps it."""
+        wanted = [("plain", lambda: self.model_bytes)]
+        if fused:
+            wanted.append((f"fused-{info.layout}", lambda: fuse_masking(self.model_bytes, info)))
+        queued = []
+        for kind, model in wanted:
+            key = self._key(kind, whole)
+            if key not in self._sessions and key not in self._building:
+                self._building[key] = future = Future()
+                queued.append((future, key, model))
+        if queued:
+            threading.Thread(target=self._build_all, args=(queued,), name="session-build", daemon=True).start()
+
+    def _build_all(self, queued: list) -> None:
+        for future, key, model in queued:
+            try:
+                future.set_result(self._create(key, model))
+            except BaseException as e:  # raised again where the session is first used
+                future.set_exception(e)
+
+    def is_building(self, kind: str, whole: bool = False) -> bool:
+        """Whether this session is being built by :meth:`build_ahead` and not yet taken."""
+        return self._key(kind, whole) in self._building
 
     @property
     def plain(self):
@@ -101,7 +139,8 @@ class OnnxClassifier:
     """
 
     def __init__(self, model_bytes: bytes, settings: ExplainSettings, providers: Sequence[str] | None = None,
-                 threads: int | None = None, sessions: ModelSessions | None = None, info: ModelInfo | None = None) -> None:
+                 threads: int | None = None, sessions: ModelSessions | None = None, info: ModelInfo | None = None,
+                 build_ahead: bool = False) -> None:
         self.info = info if info is not None else inspect_model(model_bytes, settings.layout)
         self.settings = settings
         mean, std = settings.normalization()
@@ -117,7 +156,10 @@ class OnnxClassifier:
         self.sessions = sessions if sessions is not None else ModelSessions(model_bytes, providers, threads)
         # A batch_size the job gives is the images of one model run: each runs whole, on every thread.
         self._whole_runs = settings.batch_size is not None
-        _ = self.session  # load now: a model onnxruntime cannot run is refused here, not mid-job
+        if build_ahead:  # on a thread, while the caller plans; its first model run waits for it
+            self.sessions.build_ahead(self.info, self._whole_runs, fused=uses_fused_masking(settings))
+        elif not self.sessions.is_building("plain", self._whole_runs):
+            _ = self.session  # load now: a model onnxruntime cannot run is refused here, not mid-job
 
     @property
     def session(self):
@@ -211,6 +253,13 @@ class OnnxClassifier:
         if out.ndim != 2:
             raise ModelOutputError(f"the model's output has shape {list(out.shape)}; a classifier returns batch x classes")
         return transform_outputs(out, self.settings.output)
+
+
+def uses_fused_masking(settings: ExplainSettings) -> bool:
+    """Whether a job with these settings evaluates its coalitions through the fused session: method
+    kernel with a masker of one fixed background (see
+    :func:`shapfleet.workers.engine.evaluation.coalition_predictor`)."""
+    return settings.method == "kernel" and settings.masker_spec.kind in FIXED_BACKGROUND_MASKERS
 
 
 def transform_outputs(out: np.ndarray, transform: str) -> np.ndarray:

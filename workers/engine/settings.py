@@ -64,6 +64,8 @@ PREPROCESS_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 #: Maskers that need no argument; the others are ``kind:argument``.
 PLAIN_MASKERS = ("mean", "inpaint_telea", "inpaint_ns")
 ARGUMENT_MASKERS = ("constant", "blur", "image", "dataset")
+#: Maskers that fill every coalition from one fixed background image (which the fused masking serves).
+FIXED_BACKGROUND_MASKERS = ("mean", "constant", "blur", "image")
 
 _SIZE_RE = re.compile(r"^(\d+)(?:x(\d+))?$")
 
