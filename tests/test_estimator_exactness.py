@@ -347,6 +347,26 @@ def test_kriging_on_every_pair_equals_brute_force_shapley(rng):
     assert np.all(std == 0)
 
 
+def test_kriging_solves_its_candidate_kernels_side_by_side_and_chooses_as_one_at_a_time(rng, monkeypatch):
+    """REML's candidates are solved on a thread per CPU; the choice, the values and the error bars
+    are those of one thread to the last bit, tie-breaking included (the first of equal objectives)."""
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+
+    weights = rng.normal(size=(20, 2))
+    design = CoalitionDesign.create(20, 600, 0)
+    rows = _design_rows(design, lambda z: np.tanh(z.astype(float) @ weights) + np.sin(3 * z.astype(float) @ weights))
+    fits = {}
+    for cpus in (1, 4):
+        monkeypatch.setattr(kriging, "available_cpus", lambda cpus=cpus: cpus)
+        fits[cpus] = kriging.fit(design, *rows)
+    for one, many in zip(fits[1], fits[4]):
+        np.testing.assert_array_equal(one, many)
+    first, second = {"objective": 1.0, "name": "first"}, {"objective": 1.0, "name": "second"}
+    assert kriging._best([None, first, second, None])["name"] == "first"
+    assert kriging._best([None, None]) is None
+
+
 def test_kriging_recovers_a_linear_model_from_few_coalitions(linear_case):
     """A linear model's odd part is additive, so REML gives the linear terms the widest prior of
     its grid, they take all of it, and the answer is the closed form to 1e-8, from 400 of 2^30

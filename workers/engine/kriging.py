@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -82,6 +83,7 @@ import numpy as np
 from . import interactions
 from .cholesky import Cholesky
 from .design import CoalitionDesign
+from .sessions import available_cpus
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two).
 RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -261,19 +263,27 @@ def _reml_choice(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray) -> dict 
         # The same subset for the same points: the answer depends only on the evaluations.
         points = np.append(np.sort(np.random.default_rng(0).choice(n - 1, REML_POINTS - 1, replace=False)), n - 1)
     sub_x, sub_odd, sub_agreement = x[points], odd[points], agreement[np.ix_(points, points)]
+    with ThreadPoolExecutor(min(available_cpus(), len(RELEVANCE_GRID)), thread_name_prefix="reml") as pool:
+        best = _best(pool.map(lambda rho: _solve(sub_x, sub_odd, sub_agreement, rho), RHO_GRID))
+        if best is None:
+            return None
+        pilot = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
+        product = _best(pool.map(lambda grid: _solve_product(sub_x, sub_odd, relevance_weights(pilot, *grid)),
+                                 RELEVANCE_GRID))
+    if product is not None and product["objective"] < best["objective"]:
+        best = product
+    best["points"] = points
+    return best
+
+
+def _best(fits) -> dict | None:
+    """The first of the solved ``fits`` (None where unsolvable) with the smallest REML objective.
+    The candidates are solved side by side (their factorisations let go of the GIL), and the choice
+    is the same as one after the other."""
     best = None
-    for rho in RHO_GRID:
-        solved = _solve(sub_x, sub_odd, sub_agreement, rho)
+    for solved in fits:
         if solved is not None and (best is None or solved["objective"] < best["objective"]):
             best = solved
-    if best is None:
-        return None
-    pilot = 2.0 * best["beta"] + best["map"].T @ best["alpha"]
-    for gamma, scale in RELEVANCE_GRID:
-        solved = _solve_product(sub_x, sub_odd, relevance_weights(pilot, gamma, scale))
-        if solved is not None and solved["objective"] < best["objective"]:
-            best = solved
-    best["points"] = points
     return best
 
 
