@@ -41,3 +41,26 @@ def test_pages_are_deflated_by_isal_and_zlib_decodes_them_as_without_it(monkeypa
     for data in (with_isal, with_zlib):
         with Image.open(io.BytesIO(data)) as decoded:
             assert np.array_equal(np.asarray(decoded), pixels)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_class_drawn_at_once_is_each_class_drawn_alone_to_the_byte(channels):
+    """Pages draw all their classes' panels in one pass (the grey layer once); each panel is the same
+    uint8 array as drawing that class alone, NaNs, zeros and values past the limit included."""
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 255, (9, 7, channels)).astype(np.float32)
+    values = rng.normal(size=(9, 7, 4))
+    values[0, 0, 1], values[1, 1, 2], values[2, 2, 3] = np.nan, 0.0, 50.0
+    limits = np.array([0.5, 1.0, 2.0, 1e-12])
+    together = rendering.attribution_rgbs(image, values, limits)
+    assert together.shape == (4, 9, 7, 3) and together.dtype == np.uint8
+    grey = image[:, :, 0].astype(np.float64) if channels == 1 else image @ np.array([0.2989, 0.5870, 0.1140])
+    grey = (grey - grey.min()) / (grey.max() - grey.min())
+    base = 0.85 + 0.15 * grey[:, :, None]
+    for k in range(4):  # one class alone, as the pages drew each panel before
+        alone = np.nan_to_num(values[:, :, k], nan=0.0)
+        alpha = np.clip(np.abs(alone) / limits[k], 0, 1)[:, :, None]
+        colour = np.where(alone[:, :, None] < 0, np.array([0.0, 0.545, 0.984]), np.array([1.0, 0.0, 0.318]))
+        expected = np.rint(255 * ((1 - alpha) * base + alpha * colour)).astype(np.uint8)
+        np.testing.assert_array_equal(together[k], expected)
+        np.testing.assert_array_equal(rendering.attribution_rgb(image, values[:, :, k], limits[k]), expected)

@@ -74,13 +74,20 @@ def _factor(shape: tuple[int, ...], target: int = PANEL_PIXELS) -> int:
 def attribution_rgb(image: np.ndarray, pixel_values: np.ndarray, limit: float) -> np.ndarray:
     """``H x W x 3`` uint8: the greyscale image at low alpha over white, then the value map (alpha
     |value| / limit, blue below zero, red above) over that."""
+    return attribution_rgbs(image, pixel_values[:, :, None], np.array([limit]))[0]
+
+
+def attribution_rgbs(image: np.ndarray, pixel_values: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """``K x H x W x 3`` uint8: :func:`attribution_rgb` of each class's map (``pixel_values`` is
+    ``H x W x K``) on its own limit (``limits``, K), all at once: the grey layer is computed once,
+    and each pixel by the same arithmetic as alone (so the same bytes)."""
     grey = _grey(image).astype(np.float64)
     span = grey.max() - grey.min()
     grey = (grey - grey.min()) / span if span > 0 else np.zeros_like(grey)
     base = (1 - _GREY_ALPHA) + _GREY_ALPHA * grey[:, :, None]  # white under the grey layer
-    values = np.nan_to_num(pixel_values.astype(np.float64), nan=0.0)
-    alpha = np.clip(np.abs(values) / limit, 0, 1)[:, :, None]
-    colour = np.where(values[:, :, None] < 0, _BLUE, _RED)
+    values = np.moveaxis(np.nan_to_num(pixel_values.astype(np.float64), nan=0.0), -1, 0)
+    alpha = np.clip(np.abs(values) / np.asarray(limits, np.float64)[:, None, None], 0, 1)[..., None]
+    colour = np.where(values[..., None] < 0, _BLUE, _RED)
     return np.rint(255 * ((1 - alpha) * base + alpha * colour)).astype(np.uint8)
 
 
@@ -237,9 +244,9 @@ def summary_png(explanation: Explanation) -> bytes:
     """The image, then one column per class on a shared symmetric scale (``shap.image_plot``)."""
     pixel_values = explanation.pixel_values
     limit = _scale(pixel_values)
+    panels = attribution_rgbs(explanation.image, pixel_values, np.full(pixel_values.shape[2], limit))
     row = [(_image_rgb(explanation.image), "image")]
-    row += [(attribution_rgb(explanation.image, pixel_values[:, :, k], limit), _class_title(explanation, k))
-            for k in range(len(explanation.classes))]
+    row += [(panel, _class_title(explanation, k)) for k, panel in enumerate(panels)]
     return _panels_page([row], limit, 13)
 
 
@@ -250,9 +257,9 @@ def grid_png(explanations: list[Explanation]) -> bytes:
     rows = []
     for index, explanation in enumerate(explanations):
         pixel_values = explanation.pixel_values
+        panels = attribution_rgbs(explanation.image, pixel_values, np.full(pixel_values.shape[2], limit))
         rows.append([(_image_rgb(explanation.image), f"image {index}")] +
-                    [(attribution_rgb(explanation.image, pixel_values[:, :, k], limit), _class_title(explanation, k, 2))
-                     for k in range(len(explanation.classes))])
+                    [(panel, _class_title(explanation, k, 2)) for k, panel in enumerate(panels)])
     return _panels_page(rows, limit, 12)
 
 
