@@ -280,11 +280,7 @@ def _best(fits) -> dict | None:
     """The first of the solved ``fits`` (None where unsolvable) with the smallest REML objective.
     The candidates are solved side by side (their factorisations let go of the GIL), and the choice
     is the same as one after the other."""
-    best = None
-    for solved in fits:
-        if solved is not None and (best is None or solved["objective"] < best["objective"]):
-            best = solved
-    return best
+    return min((solved for solved in fits if solved is not None), key=lambda solved: solved["objective"], default=None)
 
 
 def relevance_weights(pilot: np.ndarray, gamma: float, scale: float) -> np.ndarray:
