@@ -44,8 +44,9 @@ CPU_SIDE_BY_SIDE_RUN_INPUT_BYTES = 2 << 20
 
 
 class ModelSessions:
-    """One model's onnxruntime sessions, each created on first use: ``plain`` (image input) and
-    ``fused(info)`` (coalition input, see :mod:`shapfleet.workers.engine.fused`). Workers keep one per model.
+    """One model's onnxruntime sessions, each created on first use (or ahead of it, on a thread:
+    :meth:`build_ahead`): ``plain`` (image input) and ``fused(info)`` (coalition input, see
+    :mod:`shapfleet.workers.engine.fused`). Workers keep one per model.
 
     On the CPU with more than one thread (``threads``, default every CPU this process may use), the
     sessions run on one intra-op thread each and ``runs`` runs that many of their runs side by
