@@ -13,7 +13,13 @@ Authorization Header" gives:
     string to sign    = "AWS4-HMAC-SHA256" \\n time \\n date/region/s3/aws4_request \\n SHA-256(canonical request)
     signing key       = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), "s3"), "aws4_request")
 
-Every other operation (list, delete, presign, bucket creation) stays with boto3.
+Presigned GET URLs are signed here too, by the same key, with the signature in the query string
+(the documentation's "Authenticating Requests: Using Query Parameters"): the payload is
+``UNSIGNED-PAYLOAD``, ``host`` the one signed header, and the canonical query the sorted, encoded
+``X-Amz-*`` parameters. A succeeded job's listing holds one such URL per artifact, built on every
+poll: boto3 took half a millisecond each (70 ms for a 10-image x 10-class job), this some 20 us.
+
+Every other operation (list, delete, bucket creation) stays with boto3.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class SignedRequests:
         self.base_path = parts.path.rstrip("/")
         self.bucket, self.access_key, self.secret_key, self.region = bucket, access_key, secret_key, region
         self.timeout = timeout
+        # The Host a client sends for a URL of this endpoint: no port where it is the scheme's default.
+        default_port = 443 if parts.scheme == "https" else 80
+        self.url_host = parts.hostname if parts.port in (None, default_port) else f"{parts.hostname}:{parts.port}"
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._keys: dict[str, bytes] = {}
@@ -118,6 +127,22 @@ class SignedRequests:
         if method == "PUT":
             headers.update({"Content-Type": content_type or "application/octet-stream", "Content-Length": str(len(data))})
         return headers
+
+    def presigned_get_url(self, key: str, expires: int, now: float | None = None) -> str:
+        """A URL that GETs ``key`` without credentials for ``expires`` seconds from ``now`` (default:
+        the current time), signed in its query string as boto3's ``generate_presigned_url`` signs it
+        (the same URL for the same time)."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        date = stamp[:8]
+        scope = f"{date}/{self.region}/s3/aws4_request"
+        path = quote(f"{self.base_path}/{self.bucket}/{key}", safe=_SAFE)
+        parameters = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{self.access_key}/{scope}",
+                      "X-Amz-Date": stamp, "X-Amz-Expires": str(int(expires)), "X-Amz-SignedHeaders": "host"}
+        query = "&".join(f"{quote(name, safe='-_.~')}={quote(value, safe='-_.~')}" for name, value in sorted(parameters.items()))
+        canonical = "\n".join(["GET", path, query, f"host:{self.url_host}", "", "host", "UNSIGNED-PAYLOAD"])
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        signature = hmac.new(self._signing_key(date), to_sign.encode(), hashlib.sha256).hexdigest()
+        return f"{self.scheme}://{self.url_host}{path}?{query}&X-Amz-Signature={signature}"
 
     def _request(self, method: str, key: str, data: bytes = b"", content_type: str | None = None) -> tuple[int, dict, bytes]:
         """``(status, headers, body)`` of one request. Raises ``OSError`` / ``http.client.HTTPException``

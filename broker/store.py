@@ -156,11 +156,11 @@ class S3Store:
                            region_name=settings.s3_region)
         self.bucket = settings.s3_bucket
         self.client = boto3.client("s3", endpoint_url=settings.s3_endpoint, config=config, **credentials)
-        public = settings.s3_public_endpoint or settings.s3_endpoint
-        self.public_client = boto3.client("s3", endpoint_url=public, config=config, **credentials)
         self._bucket_ready = False
-        self._signed = SignedRequests(settings.s3_endpoint, self.bucket, settings.s3_access_key or "",
-                                      settings.s3_secret_key or "", settings.s3_region, timeout=60)
+        signing = (self.bucket, settings.s3_access_key or "", settings.s3_secret_key or "", settings.s3_region)
+        self._signed = SignedRequests(settings.s3_endpoint, *signing, timeout=60)
+        # Presigned URLs name the endpoint clients reach; nothing is sent through this one.
+        self._public = SignedRequests(settings.s3_public_endpoint or settings.s3_endpoint, *signing)
 
     def _call(self, operation: str, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -253,8 +253,7 @@ class S3Store:
                                           f"{prefix!r} ({first.get('Code')}: {first.get('Key')}); retry later")
 
     def presigned_url(self, key: str, expires: int) -> str | None:
-        return self.public_client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": _safe_key(key)}, ExpiresIn=int(expires))
+        return self._public.presigned_get_url(_safe_key(key), int(expires))
 
     def check(self) -> None:
         self._bucket_ready = False

@@ -212,6 +212,37 @@ def test_presigned_urls_use_the_public_endpoint(service_settings):
     assert url.startswith("http://files.example.test:9000/")
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://files.example.test", "http://files.example.test:9000/base"])
+def test_presigned_urls_are_the_urls_boto3_signs_for_the_same_time(endpoint):
+    """Presigned URLs are signed by hand (broker/s3_signed.py); at a fixed clock each is exactly the
+    URL boto3's generate_presigned_url gives, for keys with spaces, non-ASCII and reserved characters."""
+    import datetime
+    from unittest import mock
+
+    import boto3
+    from botocore.config import Config
+
+    settings = ServiceSettings(s3_endpoint="http://127.0.0.1:1", s3_public_endpoint=endpoint,
+                               s3_access_key="key/with+odd", s3_secret_key="secret")
+    boto = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+                        aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
+                        region_name=settings.s3_region)
+    now = 1796300000.0
+    clock = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(tzinfo=None)
+    for key in ("jobs/j/results/a.png", "jobs/j/results/a b/ü+x=1&y~(1)!*'.png"):
+        with mock.patch("botocore.auth.get_current_datetime", return_value=clock):
+            expected = boto.generate_presigned_url("get_object", Params={"Bucket": settings.s3_bucket, "Key": key},
+                                                   ExpiresIn=900)
+        assert S3Store(settings)._public.presigned_get_url(key, 900, now=now) == expected
+
+
+def test_presigned_urls_of_awkward_keys_are_served_by_the_store(service_settings):
+    store = S3Store(service_settings)
+    for key in ("jobs/p/results/a b/ü+x=1&y.png", "jobs/p/results/~tilde_(1)!*'.png"):
+        store.put(key, key.encode(), "image/png")
+        assert fetch(store.presigned_url(key, expires=60)) == (200, key.encode()), key
+
+
 def test_unreachable_store_is_a_transient_error(service_settings):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
