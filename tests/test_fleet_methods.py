@@ -309,9 +309,10 @@ def test_partition_with_a_background_set_is_one_job_and_equals_in_process(servic
 
 # -- method kernel with a target: rounds of growing budgets ---------------------------------------
 def target_settings(**changes) -> ExplainSettings:
-    # The linear fit's error falls as 1/sqrt(n), so this target takes several rounds; at the test
-    # fleet's 128 evaluations per shard every round after the first is split into several parts.
-    base = dict(segmenter="grid", grid="4x5", masker="constant:0", top_k=2, estimator="linear", target_error=0.01, seed=3)
+    # The linear fit's error falls as 1/sqrt(n), so this target takes several rounds (4, about
+    # 20,000 evaluations; 1% took 5 rounds and 66,000); at the test fleet's 128 evaluations per
+    # shard every round after the first is split into several parts.
+    base = dict(segmenter="grid", grid="4x5", masker="constant:0", top_k=2, estimator="linear", target_error=0.02, seed=3)
     return ExplainSettings(**{**base, **changes})
 
 
@@ -340,7 +341,7 @@ def test_a_target_job_equals_in_process_and_the_fixed_budget_run(services, servi
     assert final.evaluations_done == fleet.n_evaluations == local.explanation.n_evaluations
     # the job record kept each round's precision, the last one meeting the target
     (precision,) = final.precision.values()
-    assert precision["stopped_because"] == "target" and precision["precision"] <= 0.01
+    assert precision["stopped_because"] == "target" and precision["precision"] <= settings.target_error
     assert precision["round_index"] + 1 == fleet.extra["rounds"]
     parts = [k for k in services.store.list(rounds_key(record.id, 0, "")) if "/part-" in k]
     assert len(parts) > fleet.extra["rounds"]  # rounds were split into parts, evaluated by separate tasks
@@ -356,7 +357,7 @@ def test_a_redelivered_round_step_adds_nothing(services, start_workers):
     from shapfleet.workers import steps
     from shapfleet.workers.tasks import runtime_of
 
-    settings = target_settings()
+    settings = target_settings(target_error=0.05)  # the square's game is noisier: 4 rounds to 5%
     model, image, record = job_stopped_at_round_0(services, start_workers, "square", settings,
                                                   lambda job_id: rounds_key(job_id, 0, "round-0.json"))
     runtime = runtime_of(services.celery)
