@@ -212,7 +212,8 @@ def test_presigned_urls_use_the_public_endpoint(service_settings):
     assert url.startswith("http://files.example.test:9000/")
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://files.example.test", "http://files.example.test:9000/base"])
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://files.example.test", "http://files.example.test:9000/base",
+                                      "http://[::1]:8333"])
 def test_presigned_urls_are_the_urls_boto3_signs_for_the_same_time(endpoint):
     """Presigned URLs are signed by hand (broker/s3_signed.py); at a fixed clock each is exactly the
     URL boto3's generate_presigned_url gives, for keys with spaces, non-ASCII and reserved characters."""
