@@ -38,6 +38,11 @@ from urllib.parse import quote, urlsplit
 _SAFE = "-_.~/"
 
 
+def _stamp(now: float | None) -> str:
+    """SigV4's request time, ``YYYYMMDDTHHMMSSZ`` in UTC, of ``now`` (default: the current time)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
 class RequestFailed(Exception):
     """A request that came back with an error status: ``status`` and the body's first bytes."""
 
@@ -111,18 +116,26 @@ class SignedRequests:
             self._keys = {date: key}
         return key
 
+    def _scope(self, stamp: str) -> str:
+        return f"{stamp[:8]}/{self.region}/s3/aws4_request"
+
+    def _signature(self, stamp: str, canonical: str) -> str:
+        """The hex signature of a canonical request made at ``stamp`` (``YYYYMMDDTHHMMSSZ``)."""
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, self._scope(stamp), hashlib.sha256(canonical.encode()).hexdigest()])
+        return hmac.new(self._signing_key(stamp[:8]), to_sign.encode(), hashlib.sha256).hexdigest()
+
+    def _path(self, key: str) -> str:
+        return quote(f"{self.base_path}/{self.bucket}/{key}", safe=_SAFE)
+
     def headers(self, method: str, path: str, data: bytes = b"", content_type: str | None = None,
                 now: float | None = None) -> dict[str, str]:
         """The request's headers, ``Authorization`` included, for ``method path`` (already encoded)."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-        date = stamp[:8]
+        stamp = _stamp(now)
         payload_hash = hashlib.sha256(data).hexdigest()
         signed = {"host": self.host, "x-amz-content-sha256": payload_hash, "x-amz-date": stamp}
         names = ";".join(sorted(signed))
         canonical = "\n".join([method, path, "", *(f"{n}:{signed[n]}" for n in sorted(signed)), "", names, payload_hash])
-        scope = f"{date}/{self.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(date), to_sign.encode(), hashlib.sha256).hexdigest()
+        scope, signature = self._scope(stamp), self._signature(stamp, canonical)
         headers = {"Host": self.host, "X-Amz-Content-Sha256": payload_hash, "X-Amz-Date": stamp,
                    "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
                                     f"SignedHeaders={names}, Signature={signature}"}
@@ -134,22 +147,18 @@ class SignedRequests:
         """A URL that GETs ``key`` without credentials for ``expires`` seconds from ``now`` (default:
         the current time), signed in its query string as boto3's ``generate_presigned_url`` signs it
         (the same URL for the same time)."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-        date = stamp[:8]
-        scope = f"{date}/{self.region}/s3/aws4_request"
-        path = quote(f"{self.base_path}/{self.bucket}/{key}", safe=_SAFE)
-        parameters = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{self.access_key}/{scope}",
+        stamp, path = _stamp(now), self._path(key)
+        parameters = {"X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{self.access_key}/{self._scope(stamp)}",
                       "X-Amz-Date": stamp, "X-Amz-Expires": str(int(expires)), "X-Amz-SignedHeaders": "host"}
         query = "&".join(f"{quote(name, safe='-_.~')}={quote(value, safe='-_.~')}" for name, value in sorted(parameters.items()))
         canonical = "\n".join(["GET", path, query, f"host:{self.url_host}", "", "host", "UNSIGNED-PAYLOAD"])
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(date), to_sign.encode(), hashlib.sha256).hexdigest()
+        signature = self._signature(stamp, canonical)
         return f"{self.scheme}://{self.url_host}{path}?{query}&X-Amz-Signature={signature}"
 
     def _request(self, method: str, key: str, data: bytes = b"", content_type: str | None = None) -> tuple[int, dict, bytes]:
         """``(status, headers, body)`` of one request. Raises ``OSError`` / ``http.client.HTTPException``
         when the endpoint could not be reached twice in a row."""
-        path = quote(f"{self.base_path}/{self.bucket}/{key}", safe=_SAFE)
+        path = self._path(key)
         for attempt in (0, 1):
             connection = self._take(fresh=attempt > 0)  # a kept-alive one may have been closed by the server
             try:
