@@ -228,13 +228,17 @@ def test_presigned_urls_are_the_urls_boto3_signs_for_the_same_time(endpoint):
     boto = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
                         aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
                         region_name=settings.s3_region)
-    now = 1796300000.0
-    clock = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(tzinfo=None)
-    for key in ("jobs/j/results/a.png", "jobs/j/results/a b/ü+x=1&y~(1)!*'.png"):
-        with mock.patch("botocore.auth.get_current_datetime", return_value=clock):
-            expected = boto.generate_presigned_url("get_object", Params={"Bucket": settings.s3_bucket, "Key": key},
-                                                   ExpiresIn=900)
-        assert S3Store(settings)._public.presigned_get_url(key, 900, now=now) == expected
+    signer = S3Store(settings)._public
+    # One signer, keys signed at the same time (which share their query) and at other times and
+    # expiries in between (which do not).
+    for now, expires in ((1796300000.0, 900), (1796300000.0, 900), (1796300001.0, 900), (1796300001.0, 60),
+                         (1796386400.0, 60), (1796300000.0, 900)):
+        clock = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).replace(tzinfo=None)
+        for key in ("jobs/j/results/a.png", "jobs/j/results/a b/ü+x=1&y~(1)!*'.png"):
+            with mock.patch("botocore.auth.get_current_datetime", return_value=clock):
+                expected = boto.generate_presigned_url("get_object", Params={"Bucket": settings.s3_bucket, "Key": key},
+                                                       ExpiresIn=expires)
+            assert signer.presigned_get_url(key, expires, now=now) == expected
 
 
 def test_presigned_urls_of_awkward_keys_are_served_by_the_store(service_settings):
