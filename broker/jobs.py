@@ -89,8 +89,14 @@ class JobStore:
         return self.get(job_id)
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
-        """The record; :class:`JobNotFound` if absent or (when ``tenant`` is given) another tenant's."""
-        raw = self.redis.hgetall(self.key(job_id))
+        """The record; :class:`JobNotFound` if absent or (when ``tenant`` is given) another tenant's.
+        Its four keys are read in one round trip, as one snapshot (MULTI/EXEC)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(self.key(job_id))
+        pipe.scard(self.shards_key(job_id))
+        pipe.hvals(self.progress_key(job_id))
+        pipe.hgetall(redis_keys.job_precision(job_id))
+        raw, shards_done, progress, precision = pipe.execute()
         if not raw:
             raise JobNotFound(job_id)
         data = {k.decode(): v.decode() for k, v in raw.items()}
@@ -104,13 +110,13 @@ class JobStore:
             id=data["id"], tenant=data["tenant"], status=JobStatus(data["status"]),
             created_at=float(data["created_at"]), started_at=number("started_at"), completed_at=number("completed_at"),
             settings=json.loads(data["settings"]), model_sha256=data["model_sha256"], inputs=json.loads(data["inputs"]),
-            shards_total=int(data.get("shards_total", 0)), shards_done=int(self.redis.scard(self.shards_key(job_id))),
+            shards_total=int(data.get("shards_total", 0)), shards_done=int(shards_done),
             evaluations_total=int(data.get("evaluations_total", 0)),
-            evaluations_done=int(data.get("evaluations_done", 0)) + sum(int(v) for v in self.redis.hvals(self.progress_key(job_id))),
+            evaluations_done=int(data.get("evaluations_done", 0)) + sum(int(v) for v in progress),
             error=json.loads(data["error"]) if data.get("error") else None,
             results=json.loads(data["results"]) if data.get("results") else [],
             deadline=number("deadline"),
-            precision={int(k): json.loads(v) for k, v in self.redis.hgetall(redis_keys.job_precision(job_id)).items()},
+            precision={int(k): json.loads(v) for k, v in precision.items()},
         )
 
     def status(self, job_id: str) -> JobStatus | None:
