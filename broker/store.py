@@ -253,7 +253,7 @@ class S3Store:
                                           f"{prefix!r} ({first.get('Code')}: {first.get('Key')}); retry later")
 
     def presigned_url(self, key: str, expires: int) -> str | None:
-        return self._public.presigned_get_url(_safe_key(key), int(expires))
+        return self._public.presigned_get_url(_safe_key(key), expires)
 
     def check(self) -> None:
         self._bucket_ready = False
