@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw, ImageFont
 from .result import Explanation
 
 try:  # ISA-L's deflate: the pages in a sixth of zlib level 1's time, for 4% more bytes
-    from isal.isal_zlib import compress as _deflate
+    from isal.isal_zlib import compressobj as _compressobj
 except ImportError:  # a platform without its wheels: zlib, slower, the same pixels
-    _deflate = zlib.compress
+    _compressobj = zlib.compressobj
 
 _BLUE = np.array([0.0, 0.545, 0.984])
 _RED = np.array([1.0, 0.0, 0.318])
@@ -115,21 +115,48 @@ def _tick(value: float) -> str:
 
 
 class _Canvas:
-    """A white page that panels, titles and a colour bar are placed on, then written as one PNG."""
+    """A white page that panels, titles and a colour bar are placed on, then written as one PNG.
+
+    An upscaled panel repeats each of its rows ``factor`` times, and a page of them (a 10-image grid
+    is 2593 x 2608) is mostly rows equal to the one above. The page keeps a row's pixels only where
+    it may differ from the row above: ``repeats[r]`` says row r equals row r - 1, and such a row is
+    never written nor read. A panel first keeps the rows where its blocks start and the row below
+    its end (each copied from the last kept row above, what it showed until now), then writes the
+    kept rows it covers; text and ticks keep every row they touch and the one below. The PNG writer
+    sends a repeated row as zeros (PNG's Up filter), so the picture is, pixel for pixel, the one
+    every row written out would give, in a seventh of the memory traffic."""
 
     def __init__(self, width: int, height: int) -> None:
-        self.pixels = np.full((height, width, 3), 255, np.uint8)
+        self.pixels = np.empty((height, width, 3), np.uint8)
+        self.pixels[0] = 255
+        self.repeats = np.ones(height, bool)
+        self.repeats[0] = False
         self.texts: list[tuple[tuple[int, int], str, int, str]] = []
+
+    def _keep(self, rows: np.ndarray) -> None:
+        """Give ``rows`` (ascending, any may be past the page) their own pixels: each repeated one
+        copied from the last kept row above it, as it is before any of them changes."""
+        rows = rows[rows < len(self.repeats)]
+        rows = rows[self.repeats[rows]]
+        if rows.size:
+            kept = np.flatnonzero(~self.repeats)
+            self.pixels[rows] = self.pixels[kept[np.searchsorted(kept, rows) - 1]]
+            self.repeats[rows] = False
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+        """The page's pixels in rows ``top:bottom`` and columns ``left:right``, to be written in place."""
+        self._keep(np.arange(top, bottom + 1))
+        return self.pixels[top:bottom, left:right]
 
     def panel(self, left: int, top: int, rgb: np.ndarray, factor: int = 1) -> None:
         """Place ``rgb`` with its top-left corner at (left, top), each pixel a ``factor`` x ``factor``
-        block (nearest-neighbour upscaling): each row widened once, then written ``factor`` times
-        straight into the page."""
+        block (nearest-neighbour upscaling): each row widened once, and written into the first row
+        of its block (and any other row of it the page keeps)."""
+        height = rgb.shape[0] * factor
         wide = np.repeat(rgb, factor, axis=1) if factor > 1 else rgb
-        rows = self.pixels[top:top + rgb.shape[0] * factor, left:left + wide.shape[1]]
-        target = rows.reshape(rgb.shape[0], factor, wide.shape[1], 3)
-        assert np.shares_memory(target, self.pixels)  # a view of the page, never a copy
-        target[:] = wide[:, None]
+        self._keep(np.append(np.arange(top, top + height, factor), top + height))
+        rows = top + np.flatnonzero(~self.repeats[top:top + height])
+        self.pixels[rows, left:left + wide.shape[1]] = wide[(rows - top) // factor]
 
     def text(self, centre_x: int, top: int, text: str, size: int) -> None:
         self.texts.append(((centre_x, top), text, size, "ma"))
@@ -138,14 +165,14 @@ class _Canvas:
         self.panel(left, top, _colour_bar(width))
         for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
             x = left + round(fraction * (width - 1))
-            self.pixels[top + _BAR_HEIGHT:top + _BAR_HEIGHT + 4, x] = 0
+            self.region(top + _BAR_HEIGHT, top + _BAR_HEIGHT + 4, x, x + 1)[:] = 0
             self.text(x, top + _BAR_HEIGHT + 5, _tick((2 * fraction - 1) * limit), size)
         self.text(left + width // 2, top + _BAR_HEIGHT + 5 + size + 4, "SHAP value", size + 1)
 
     def png(self) -> bytes:
         for (x, y), text, size, anchor in self.texts:
             self._ink(x, y, *_text_mask(text, size, anchor))
-        return png_bytes(self.pixels)
+        return png_bytes(self.pixels, self.repeats)
 
     def _ink(self, x: int, y: int, mask: np.ndarray, left: int, top: int) -> None:
         """Black text: each pixel darkened by the glyph mask's coverage (clipped to the page)."""
@@ -155,7 +182,7 @@ class _Canvas:
         if y1 <= y0 + cy or x1 <= x0 + cx:
             return
         coverage = mask[cy:y1 - y0, cx:x1 - x0, None].astype(np.uint16)
-        region = self.pixels[y0 + cy:y1, x0 + cx:x1]
+        region = self.region(y0 + cy, y1, x0 + cx, x1)
         region[:] = ((region.astype(np.uint16) * (255 - coverage) + 127) // 255).astype(np.uint8)
 
 
@@ -172,30 +199,51 @@ def _text_mask(text: str, size: int, anchor: str) -> tuple[np.ndarray, int, int]
     return coverage, left, top
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
+#: The PNG writer filters and deflates this many bytes of rows at a time: a strip that stays in
+#: the cache, not a copy of the whole page (a 2593 x 2608 grid is 20 MB).
+PNG_STRIP_BYTES = 1 << 20
+
+
+def png_bytes(pixels: np.ndarray, repeats: np.ndarray | None = None) -> bytes:
     """``H x W x 3`` (RGB) or ``H x W x 1`` (grey) uint8 as a PNG whose every row after the first is
-    stored with the Up filter (the difference from the row above). The pages are upscaled panels,
-    nearest-neighbour, on flat colour: most rows repeat the one above and filter to zeros, which
-    zlib's fastest level packs almost for free; Pillow's encoder tries every filter on every row,
-    which took 2.6 times as long for a page 13% smaller (a 10-class summary, 2608 x 325), and its
-    first save imports every image plugin Pillow has (10-15 ms). The stream is deflated by ISA-L at
-    its level 1 where the ``isal`` package is installed (a dependency of the engine), else by zlib
-    at level 1; either is a valid zlib stream, and each (in one version) gives the same bytes for the
-    same pixels."""
+    stored with the Up filter (the difference from the row above); ``repeats[r]``, where given, says
+    row r equals row r - 1 (its pixels are then not read: the row is all zeros once filtered). The
+    pages are upscaled panels, nearest-neighbour, on flat colour: most rows repeat the one above and
+    filter to zeros, which zlib's fastest level packs almost for free; Pillow's encoder tries every
+    filter on every row, which took 2.6 times as long for a page 13% smaller (a 10-class summary,
+    2608 x 325), and its first save imports every image plugin Pillow has (10-15 ms). The rows are
+    filtered and deflated in strips of about ``PNG_STRIP_BYTES``, by ISA-L at its level 1 where the
+    ``isal`` package is installed (a dependency of the engine), else by zlib at level 1; either is a
+    valid zlib stream, and each (in one version) gives the same bytes for the same pixels."""
     height, width, channels = pixels.shape
     rows = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(height, width * channels)
-    filtered = np.empty((height, width * channels + 1), np.uint8)
-    filtered[:, 0] = 2  # Up
-    filtered[0, 0] = 0  # None: the first row has no row above
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG's filters are
+    kept = np.flatnonzero(~repeats) if repeats is not None else np.arange(height)
+    above = np.concatenate([[0], kept[:-1]])  # each kept row's last kept row above (row 0: none)
+    step = max(1, PNG_STRIP_BYTES // (width * channels + 1))
+    strip = np.zeros((min(step, height), width * channels + 1), np.uint8)
+    deflate = _compressobj(1)
+    parts = []
+    for start in range(0, height, step):
+        stop = min(height, start + step)
+        filtered = strip[:stop - start]
+        filtered[:, 1:] = 0
+        filtered[:, 0] = 2  # Up
+        first, last = np.searchsorted(kept, [start, stop])
+        own, previous = kept[first:last], above[first:last]
+        # modulo 256, as PNG's filters are
+        filtered[own - start, 1:] = rows[own] - rows[previous]
+        if start == 0:
+            filtered[0, 0] = 0  # None: the first row has no row above
+            filtered[0, 1:] = rows[0]
+        parts.append(deflate.compress(filtered))
+    parts.append(deflate.flush())
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     colour_type = {1: 0, 3: 2}[channels]  # grey or RGB
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)  # 8 bits, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", _deflate(filtered, 1))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
             + chunk(b"IEND", b""))
 
 
