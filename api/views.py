@@ -13,6 +13,7 @@ from flask import Blueprint, Response, current_app, g, request, url_for
 
 from shapfleet.broker import redis_keys
 from shapfleet.broker.records import JobRecord, JobStatus
+from shapfleet.broker.store import artifact_bytes
 from shapfleet.broker.submission import enqueue_job
 from shapfleet.broker.validation import check_job
 
@@ -80,7 +81,8 @@ def job_resource(record: JobRecord) -> dict:
         resource["results"] = [
             {"name": r["name"], "size": r["size"], "image": r.get("image", 0),
              "url": url_for("v1.artifact", job_id=record.id, name=r["name"], _external=True),
-             "presigned_url": store.presigned_url(r["key"], expiry)}
+             # a class page is a byte range of its image's pages object: the API serves it, not a URL
+             "presigned_url": None if "offset" in r else store.presigned_url(r["key"], expiry)}
             for r in record.results
         ]
     return resource
@@ -220,7 +222,7 @@ def artifact(job_id: str, name: str):
     match = next((r for r in record.results if r["name"] == name), None)
     if match is None:
         raise Problem(404, "Not Found", f"job {job_id} has no artifact {name!r}")
-    data = svc.store.get(match["key"])
+    data = artifact_bytes(svc.store, match)
     mimetype = {"png": "image/png", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
     response = Response(data, mimetype=mimetype)
     response.headers["Content-Disposition"] = content_disposition(name.rsplit("/", 1)[-1])

@@ -166,15 +166,17 @@ class SignedRequests:
         self._last_query = ((stamp, expires), query)  # one tuple, replaced whole: safe across threads
         return query
 
-    def _request(self, method: str, key: str, data: bytes = b"", content_type: str | None = None) -> tuple[int, dict, bytes]:
-        """``(status, headers, body)`` of one request. Raises ``OSError`` / ``http.client.HTTPException``
-        when the endpoint could not be reached twice in a row."""
+    def _request(self, method: str, key: str, data: bytes = b"", content_type: str | None = None,
+                 extra: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+        """``(status, headers, body)`` of one request, with ``extra`` headers (unsigned) beside the
+        signed ones. Raises ``OSError`` / ``http.client.HTTPException`` when the endpoint could not be
+        reached twice in a row."""
         path = self._path(key)
         for attempt in (0, 1):
             connection = self._take(fresh=attempt > 0)  # a kept-alive one may have been closed by the server
             try:
                 connection.request(method, path, body=data if method == "PUT" else None,
-                                   headers=self.headers(method, path, data, content_type))
+                                   headers={**self.headers(method, path, data, content_type), **(extra or {})})
                 response = connection.getresponse()
                 body = response.read()  # empty for a HEAD: http.client reads no body for it
             except (OSError, http.client.HTTPException):
@@ -202,6 +204,19 @@ class SignedRequests:
         status, _, body = self._request("GET", key)
         if status != 200:
             raise RequestFailed(status, body)
+        return body
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object at ``key`` from byte ``start`` (an HTTP Range request; a
+        server that ignores the range sends the whole object, which is cut here). Raises as
+        :meth:`get`, and :class:`RequestFailed` (416) when the object is shorter than the range."""
+        status, _, body = self._request("GET", key, extra={"Range": f"bytes={start}-{start + length - 1}"})
+        if status == 200:
+            body = body[start:start + length]
+        elif status != 206:
+            raise RequestFailed(status, body)
+        if len(body) != length:
+            raise RequestFailed(416, b"the object is shorter than the range asked for")
         return body
 
     def head(self, key: str) -> int:

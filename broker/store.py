@@ -34,6 +34,8 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
+
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int: ...
@@ -52,6 +54,21 @@ def _safe_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise StoreError(f"invalid object key {key!r}")
     return key
+
+
+def _exact(key: str, data: bytes, length: int) -> bytes:
+    if len(data) != length:
+        raise StoreError(f"object {key!r} is shorter than the {length} bytes asked for")
+    return data
+
+
+def artifact_bytes(store: ObjectStore, entry: dict) -> bytes:
+    """The bytes of one listed artifact (an entry of a job's results): the object at its ``key``, or,
+    where the entry has an ``offset`` (a page stored with its image's others in one object), its
+    ``size`` bytes from there."""
+    if "offset" in entry:
+        return store.get_range(entry["key"], int(entry["offset"]), int(entry["size"]))
+    return store.get(entry["key"])
 
 
 class LocalStore:
@@ -74,6 +91,14 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as file:
+                file.seek(start)
+                return _exact(key, file.read(length), length)
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
 
@@ -120,6 +145,9 @@ class MemoryStore:
             return self.objects[key]
         except KeyError:
             raise ObjectNotFound(key) from None
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return _exact(key, self.get(key)[start:start + length], length)
 
     def exists(self, key: str) -> bool:
         return key in self.objects
@@ -221,6 +249,9 @@ class S3Store:
 
     def get(self, key: str) -> bytes:
         return self._signed_call("get", _safe_key(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self._signed_call("get_range", _safe_key(key), start, length)
 
     def exists(self, key: str) -> bool:
         try:

@@ -20,6 +20,7 @@ from shapfleet.broker.store import (
     S3Store,
     StoreError,
     TransientStoreError,
+    artifact_bytes,
 )
 from shapfleet.errors import JobNotFound
 
@@ -140,6 +141,14 @@ def test_object_store_round_trip(kind, service_settings, tmp_path):
     assert store.list("jobs/a/") == ["jobs/a/results/1/y.png", "jobs/a/results/x.npz"]
     with pytest.raises(ObjectNotFound):
         store.get("jobs/a/nothing")
+    # byte ranges: what a class page stored in its image's pages object is read as
+    assert store.get_range("jobs/a/results/1/y.png", 1, 2) == b"ef" and store.get_range("jobs/a/results/x.npz", 0, 3) == b"abc"
+    assert artifact_bytes(store, {"key": "jobs/a/results/1/y.png", "offset": 3, "size": 1}) == b"g"
+    assert artifact_bytes(store, {"key": "jobs/a/results/1/y.png", "size": 4}) == b"defg"
+    with pytest.raises(StoreError):  # past the object's end: refused, never a short page
+        store.get_range("jobs/a/results/1/y.png", 2, 3)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("jobs/a/nothing", 0, 1)
     for bad in ("../etc/passwd", "jobs/../../x", "/abs", "jobs//x"):
         with pytest.raises(StoreError):
             store.put(bad, b"")

@@ -13,6 +13,7 @@ from onnx_models import conv_model, nan_model
 from shapfleet import ExplainSettings, Explanation, explain
 from shapfleet.broker.keys import result_prefix, shard_key
 from shapfleet.broker.records import JobStatus
+from shapfleet.broker.store import artifact_bytes
 from shapfleet.broker.submission import store_model, submit_job
 
 pytestmark = pytest.mark.service
@@ -44,7 +45,8 @@ def in_process(settings: ExplainSettings, model: bytes = EXAMPLE_MODEL, image: b
 def fleet_result(services, record) -> Explanation:
     names = {r["name"] for r in record.results}
     assert {"attributions.npz", "summary.png"} <= names
-    assert all(services.store.exists(r["key"]) and services.store.size(r["key"]) == r["size"] for r in record.results)
+    assert all(len(artifact_bytes(services.store, r)) == r["size"] for r in record.results)
+    assert all(("offset" in r) == r["name"].rpartition("/")[2].startswith("class-") for r in record.results)
     return Explanation.load(services.store.get(f"{result_prefix(record.id)}attributions.npz"))
 
 
@@ -244,11 +246,11 @@ def test_one_job_run_both_ways_gives_the_same_artifacts(services, start_workers,
     runs = explain([str(p) for p in paths], EXAMPLE_MODEL, settings, out_dir=tmp_path / "local")
     local = {str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file()}
     stems = {"0": "0-triangle", "1": "1-circle"}
-    fleet = {r["name"]: r["key"] for r in final.results}
+    fleet = {r["name"]: r for r in final.results}
     assert {"/".join([stems.get(n.split("/")[0], n.split("/")[0]), *n.split("/")[1:]]) for n in fleet} == local
-    for name, key in fleet.items():
+    for name, entry in fleet.items():
         mine = tmp_path / "local" / "/".join([stems.get(name.split("/")[0], name.split("/")[0]), *name.split("/")[1:]])
-        data = services.store.get(key)
+        data = artifact_bytes(services.store, entry)
         if name.endswith(".npz"):
             with np.load(io.BytesIO(data)) as theirs, np.load(mine) as ours:
                 assert theirs.files == ours.files
@@ -343,3 +345,25 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
         for n, run in enumerate(local):  # values padded with NaN past each image's superpixels
             m = run.explanation.values.shape[0]
             np.testing.assert_allclose(stacked["values"][n, :m], run.explanation.values, rtol=0, atol=1e-10)
+
+
+def test_an_images_class_pages_are_stored_as_one_object_and_read_back_by_range():
+    """Each image's class pages go into one object of its folder, in order, each listed with its
+    offset; every other artifact is an object of its own; a listing reads back every page's bytes."""
+    from types import SimpleNamespace
+
+    from shapfleet.broker.store import MemoryStore
+    from shapfleet.workers import steps
+
+    store = MemoryStore()
+    artifacts = [("0/summary.png", b"S0", 0), ("0/class-3-cat.png", b"cat", 0), ("0/class-5-dog.png", b"dogs", 0),
+                 ("1/class-3-cat.png", b"c1", 1), ("1/attributions.npz", b"npz", 1), ("grid.png", b"grid", None)]
+    listing = steps._store_artifacts(SimpleNamespace(store=store), "j", artifacts)
+    assert [entry["name"] for entry in listing] == [name for name, _, _ in artifacts]
+    assert sorted(store.objects) == sorted(f"{result_prefix('j')}{name}" for name in (
+        "0/summary.png", "0/class-pages", "1/class-pages", "1/attributions.npz", "grid.png"))
+    assert store.objects[f"{result_prefix('j')}0/class-pages"] == b"catdogs"
+    pages = {entry["name"]: (entry["offset"], entry["size"]) for entry in listing if "offset" in entry}
+    assert pages == {"0/class-3-cat.png": (0, 3), "0/class-5-dog.png": (3, 4), "1/class-3-cat.png": (0, 2)}
+    assert [artifact_bytes(store, entry) for entry in listing] == [data for _, data, _ in artifacts]
+    assert all("data" not in entry for entry in listing)
