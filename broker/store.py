@@ -10,7 +10,9 @@ Key layout::
     jobs/<id>/plans/<n>.npz              each image's plan (image, segments, backgrounds, design)
     jobs/<id>/shards/<n>/<i>.npz         shard i's statistics for image n (deterministic: a rerun overwrites)
     jobs/<id>/partition/<n>/...          method partition's round records
-    jobs/<id>/results/...                attributions.npz, summary.png, class-*.png
+    jobs/<id>/results/...                attributions.npz, summary.png, image.png, explanation.json, and
+                                         class-pages: every class-*.png of the image, one after the other
+                                         (each listed with its offset in the job's results)
 
 The functions that build these keys are in :mod:`shapfleet.broker.keys`.
 
