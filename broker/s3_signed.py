@@ -210,6 +210,8 @@ class SignedRequests:
         """``length`` bytes of the object at ``key`` from byte ``start`` (an HTTP Range request; a
         server that ignores the range sends the whole object, which is cut here). Raises as
         :meth:`get`, and :class:`RequestFailed` (416) when the object is shorter than the range."""
+        if length <= 0:
+            return b""
         status, _, body = self._request("GET", key, extra={"Range": f"bytes={start}-{start + length - 1}"})
         if status == 200:
             body = body[start:start + length]
