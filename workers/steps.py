@@ -55,7 +55,7 @@ from shapfleet.workers.engine.partition import (
     plan_partition,
 )
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
-from shapfleet.workers.engine.rendering import render_artifacts, render_collection
+from shapfleet.workers.engine.rendering import is_class_page, render_artifacts, render_collection
 from shapfleet.workers.engine.result import Explanation, reduce_shards, target_extra
 from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
@@ -608,11 +608,6 @@ STORE_CONCURRENCY = 8
 CLASS_PAGES = "class-pages"
 
 
-def _is_class_page(name: str) -> bool:
-    base = name.rpartition("/")[2]
-    return base.startswith("class-") and base.endswith(".png")
-
-
 def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, bytes, int | None]]) -> list[dict]:
     """Store ``(name, bytes, image)`` artifacts under the job's results, concurrently; returns their
     descriptions (``name``, ``key``, ``size``, ``image``) in the order given. An image's class pages
@@ -621,15 +616,13 @@ def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, b
     reads as a byte range: every object is a request that the store serves at a cost that hardly
     depends on its size (about 1 ms of SeaweedFS's CPU for a 10 kB PUT here), and a 10-image
     all-class job stored 131 objects of pictures where it now stores 31."""
-    from concurrent.futures import ThreadPoolExecutor
-
     entries: list[dict] = []
     objects: list[tuple[str, bytes, str]] = []  # (key, bytes, content type)
     pages: dict[str, list[tuple[dict, bytes]]] = {}  # folder -> its class pages, in order
     for name, data, image in artifacts:
         entry = {"name": name, "key": result_key(job_id, name), "size": len(data), "image": image}
         entries.append(entry)
-        if _is_class_page(name):
+        if is_class_page(name):
             pages.setdefault(name.rpartition("/")[0], []).append((entry, data))
         else:
             objects.append((entry["key"], data, CONTENT_TYPES.get(name[name.rfind("."):], "")))
@@ -640,28 +633,25 @@ def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, b
             entry.update(key=key, offset=offset)
             offset += len(data)
         objects.append((key, b"".join(data for _, data in group), "application/octet-stream"))
-
-    def put(item: tuple[str, bytes, str]) -> None:
-        runtime.store.put(*item)
-
-    if len(objects) <= 1:
-        for item in objects:
-            put(item)
-    else:
-        with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(objects))) as pool:
-            list(pool.map(put, objects))
+    _concurrently(lambda item: runtime.store.put(*item), objects)
     return entries
+
+
+def _concurrently(function: Callable, items: list) -> list:
+    """``[function(item) for item in items]``, up to ``STORE_CONCURRENCY`` at a time (store round
+    trips that would otherwise wait on each other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(items))) as pool:
+        return list(pool.map(function, items))
 
 
 def _get_all(runtime: Runtime, keys: list[str]) -> list[bytes]:
     """The objects at ``keys``, in that order, read concurrently: a reduce that waited for each
     image's objects one after the other spent most of its time on the round trips."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(keys) <= 1:
-        return [runtime.store.get(key) for key in keys]
-    with ThreadPoolExecutor(min(STORE_CONCURRENCY, len(keys))) as pool:
-        return list(pool.map(runtime.store.get, keys))
+    return _concurrently(runtime.store.get, keys)
 
 
 def renders_images_apart(runtime: Runtime, job_id: str) -> bool:
