@@ -81,7 +81,7 @@ def job_resource(record: JobRecord) -> dict:
         resource["results"] = [
             {"name": r["name"], "size": r["size"], "image": r.get("image", 0),
              "url": url_for("v1.artifact", job_id=record.id, name=r["name"], _external=True),
-             # a class page is a byte range of its image's pages object: the API serves it, not a URL
+             # a bundled viewer file is a byte range of its image's bundle: the API serves it, not a URL
              "presigned_url": None if "offset" in r else store.presigned_url(r["key"], expiry)}
             for r in record.results
         ]

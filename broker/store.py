@@ -10,9 +10,11 @@ Key layout::
     jobs/<id>/plans/<n>.npz              each image's plan (image, segments, backgrounds, design)
     jobs/<id>/shards/<n>/<i>.npz         shard i's statistics for image n (deterministic: a rerun overwrites)
     jobs/<id>/partition/<n>/...          method partition's round records
-    jobs/<id>/results/...                attributions.npz, summary.png, image.png, explanation.json, and
-                                         class-pages: every class-*.png of the image, one after the other
-                                         (each listed with its offset in the job's results)
+    jobs/<id>/results/...                attributions.npz and bundle: the image's summary.png, image.png,
+                                         explanation.json and class-*.png one after the other (each
+                                         listed with its offset in the job's results); <n>/ for each
+                                         image of a many-image job, and at the top its stacked
+                                         attributions.npz and grid.png
 
 The functions that build these keys are in :mod:`shapfleet.broker.keys`.
 
@@ -66,8 +68,8 @@ def _exact(key: str, data: bytes, length: int) -> bytes:
 
 def artifact_bytes(store: ObjectStore, entry: dict) -> bytes:
     """The bytes of one listed artifact (an entry of a job's results): the object at its ``key``, or,
-    where the entry has an ``offset`` (a page stored with its image's others in one object), its
-    ``size`` bytes from there."""
+    where the entry has an ``offset`` (a file stored with its image's other viewer files in one
+    object), its ``size`` bytes from there."""
     if "offset" in entry:
         return store.get_range(entry["key"], int(entry["offset"]), int(entry["size"]))
     return store.get(entry["key"])

@@ -46,7 +46,7 @@ def fleet_result(services, record) -> Explanation:
     names = {r["name"] for r in record.results}
     assert {"attributions.npz", "summary.png"} <= names
     assert all(len(artifact_bytes(services.store, r)) == r["size"] for r in record.results)
-    assert all(("offset" in r) == r["name"].rpartition("/")[2].startswith("class-") for r in record.results)
+    assert all(("offset" in r) == (not r["name"].endswith(".npz")) for r in record.results)  # one image: all bundled
     return Explanation.load(services.store.get(f"{result_prefix(record.id)}attributions.npz"))
 
 
@@ -347,23 +347,26 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
             np.testing.assert_allclose(stacked["values"][n, :m], run.explanation.values, rtol=0, atol=1e-10)
 
 
-def test_an_images_class_pages_are_stored_as_one_object_and_read_back_by_range():
-    """Each image's class pages go into one object of its folder, in order, each listed with its
-    offset; every other artifact is an object of its own; a listing reads back every page's bytes."""
+def test_an_images_viewer_files_are_stored_as_one_object_and_read_back_by_range():
+    """Each folder's viewer files (pages, image, explanation.json) go into one object of that
+    folder, in order, each listed with its offset; arrays are objects of their own, and so is a
+    viewer file alone in its folder (a many-image job's grid); a listing reads back every file."""
     from types import SimpleNamespace
 
     from shapfleet.broker.store import MemoryStore
     from shapfleet.workers import steps
 
     store = MemoryStore()
-    artifacts = [("0/summary.png", b"S0", 0), ("0/class-3-cat.png", b"cat", 0), ("0/class-5-dog.png", b"dogs", 0),
-                 ("1/class-3-cat.png", b"c1", 1), ("1/attributions.npz", b"npz", 1), ("grid.png", b"grid", None)]
+    artifacts = [("0/summary.png", b"S0", 0), ("0/class-3-cat.png", b"cat", 0), ("0/attributions.npz", b"a0", 0),
+                 ("0/explanation.json", b"{}", 0), ("1/class-3-cat.png", b"c1", 1), ("1/image.png", b"i1", 1),
+                 ("1/attributions.npz", b"npz", 1), ("grid.png", b"grid", None), ("attributions.npz", b"all", None)]
     listing = steps._store_artifacts(SimpleNamespace(store=store), "j", artifacts)
     assert [entry["name"] for entry in listing] == [name for name, _, _ in artifacts]
     assert sorted(store.objects) == sorted(f"{result_prefix('j')}{name}" for name in (
-        "0/summary.png", "0/class-pages", "1/class-pages", "1/attributions.npz", "grid.png"))
-    assert store.objects[f"{result_prefix('j')}0/class-pages"] == b"catdogs"
-    pages = {entry["name"]: (entry["offset"], entry["size"]) for entry in listing if "offset" in entry}
-    assert pages == {"0/class-3-cat.png": (0, 3), "0/class-5-dog.png": (3, 4), "1/class-3-cat.png": (0, 2)}
+        "0/bundle", "0/attributions.npz", "1/bundle", "1/attributions.npz", "grid.png", "attributions.npz"))
+    assert store.objects[f"{result_prefix('j')}0/bundle"] == b"S0cat{}"
+    bundled = {entry["name"]: (entry["offset"], entry["size"]) for entry in listing if "offset" in entry}
+    assert bundled == {"0/summary.png": (0, 2), "0/class-3-cat.png": (2, 3), "0/explanation.json": (5, 2),
+                       "1/class-3-cat.png": (0, 2), "1/image.png": (2, 2)}
     assert [artifact_bytes(store, entry) for entry in listing] == [data for _, data, _ in artifacts]
     assert all("data" not in entry for entry in listing)

@@ -55,7 +55,7 @@ from shapfleet.workers.engine.partition import (
     plan_partition,
 )
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
-from shapfleet.workers.engine.rendering import is_class_page, render_artifacts, render_collection
+from shapfleet.workers.engine.rendering import render_artifacts, render_collection
 from shapfleet.workers.engine.result import Explanation, reduce_shards, target_extra
 from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
@@ -604,30 +604,44 @@ def job_artifacts(explanations: list[Explanation], folder_of: Callable[[int], st
 STORE_CONCURRENCY = 8
 
 
-#: The object an image's class pages are stored in, one after the other (beside its other artifacts).
-CLASS_PAGES = "class-pages"
+#: The object a folder's viewer files are stored in, one after the other (beside its arrays).
+BUNDLE = "bundle"
+
+
+def is_bundled(name: str) -> bool:
+    """Whether an artifact is one of its folder's viewer files (pages, the image, ``explanation.json``),
+    stored in the folder's bundle, or its arrays (``*.npz``), stored as an object of their own."""
+    return not name.endswith(".npz")
 
 
 def _store_artifacts(runtime: Runtime, job_id: str, artifacts: list[tuple[str, bytes, int | None]]) -> list[dict]:
     """Store ``(name, bytes, image)`` artifacts under the job's results, concurrently; returns their
-    descriptions (``name``, ``key``, ``size``, ``image``) in the order given. An image's class pages
-    (``class-*.png``, one per explained class: 10 of a 10-class image's 14 artifacts) go into one
-    object, ``<folder>class-pages``, each page described with its ``offset`` in it, which the API
-    reads as a byte range: every object is a request that the store serves at a cost that hardly
-    depends on its size (about 1 ms of SeaweedFS's CPU for a 10 kB PUT here), and a 10-image
-    all-class job stored 131 objects of pictures where it now stores 31."""
+    descriptions (``name``, ``key``, ``size``, ``image``) in the order given.
+
+    Each folder's arrays (``attributions.npz``) are an object of their own, with a presigned URL.
+    Its viewer files (``summary.png``, ``image.png``, ``explanation.json`` and a page per explained
+    class: 13 of a 10-class image's 14 artifacts) go, where there are several, into one object,
+    ``<folder>bundle``, each described with its ``offset`` in it, which the API reads as a byte
+    range. Every object is a request that the store serves at a cost that hardly depends on its
+    size (about 1 ms of SeaweedFS's CPU for a 10 kB PUT here, on the cores the workers use), and a
+    10-image all-class job stored 131 objects of pictures, then 31 with the class pages bundled,
+    and now 11 (each image's bundle and the grid)."""
     entries: list[dict] = []
     objects: list[tuple[str, bytes, str]] = []  # (key, bytes, content type)
-    pages: dict[str, list[tuple[dict, bytes]]] = {}  # folder -> its class pages, in order
+    bundles: dict[str, list[tuple[dict, bytes]]] = {}  # folder -> its viewer files, in order
     for name, data, image in artifacts:
         entry = {"name": name, "key": result_key(job_id, name), "size": len(data), "image": image}
         entries.append(entry)
-        if is_class_page(name):
-            pages.setdefault(name.rpartition("/")[0], []).append((entry, data))
+        if is_bundled(name):
+            bundles.setdefault(name.rpartition("/")[0], []).append((entry, data))
         else:
-            objects.append((entry["key"], data, CONTENT_TYPES.get(name[name.rfind("."):], "")))
-    for folder, group in pages.items():
-        key = result_key(job_id, f"{folder}/{CLASS_PAGES}" if folder else CLASS_PAGES)
+            objects.append((entry["key"], data, CONTENT_TYPES[".npz"]))
+    for folder, group in bundles.items():
+        if len(group) == 1:  # alone in its folder (a many-image job's grid): its own object, presigned
+            (entry, data), = group
+            objects.append((entry["key"], data, CONTENT_TYPES.get(entry["name"][entry["name"].rfind("."):], "")))
+            continue
+        key = result_key(job_id, f"{folder}/{BUNDLE}" if folder else BUNDLE)
         offset = 0
         for entry, data in group:
             entry.update(key=key, offset=offset)

@@ -317,12 +317,6 @@ def artifact_name(k: int, class_index: int, class_name: str) -> str:
     return f"class-{class_index}-{safe}.png" if safe else f"class-{class_index}.png"
 
 
-def is_class_page(name: str) -> bool:
-    """Whether an artifact's name (``<folder>/`` or not) is one :func:`artifact_name` gives."""
-    base = name.rpartition("/")[2]
-    return base.startswith("class-") and base.endswith(".png")
-
-
 def image_png(explanation: Explanation) -> bytes:
     """The image as the model saw it (after resize and crop, before normalisation), grey or RGB."""
     return png_bytes(np.clip(np.rint(explanation.image), 0, 255).astype(np.uint8))
