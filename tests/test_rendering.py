@@ -120,7 +120,8 @@ def test_pages_are_the_pages_with_every_row_drawn(monkeypatch):
         drawn = {"grid": rendering.grid_png([e, grey, large, e])}
         for name, explanation in (("e", e), ("grey", grey), ("large", large)):
             drawn[f"{name}/summary"] = rendering.summary_png(explanation)
-            drawn[f"{name}/class"] = rendering.class_overlay_png(explanation, 1)
+            for k, page in enumerate(rendering.class_overlay_pngs(explanation)):
+                drawn[f"{name}/class{k}"] = page
         return {name: np.asarray(Image.open(io.BytesIO(data))) for name, data in drawn.items()}
 
     kept_rows = []
@@ -133,6 +134,17 @@ def test_pages_are_the_pages_with_every_row_drawn(monkeypatch):
     every_row = pages()
     for name in drawn:
         assert np.array_equal(drawn[name], every_row[name]), name
+
+
+def test_an_images_class_pages_drawn_together_are_each_drawn_alone_to_the_byte():
+    """All of an image's class pages coloured in one pass, each at its own limit, are the bytes of
+    each page drawn alone, in the order asked for."""
+    for explanation in _explanations():
+        together = rendering.class_overlay_pngs(explanation)
+        assert len(together) == len(explanation.classes) > 1
+        assert together == [rendering.class_overlay_png(explanation, k) for k in range(len(together))]
+        assert rendering.class_overlay_pngs(explanation, [1, 0]) == together[1::-1]
+        assert len(set(together)) == len(together)
 
 
 def test_text_and_panels_over_each_other_keep_the_rows_below():

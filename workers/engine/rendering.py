@@ -145,7 +145,8 @@ class _Canvas:
 
     def region(self, top: int, bottom: int, left: int, right: int) -> np.ndarray:
         """The page's pixels in rows ``top:bottom`` and columns ``left:right``, to be written in place."""
-        self._keep(np.arange(top, bottom + 1))
+        if self.repeats[top:bottom + 1].any():  # most text lands on rows kept already
+            self._keep(np.arange(top, bottom + 1))
         return self.pixels[top:bottom, left:right]
 
     def panel(self, left: int, top: int, rgb: np.ndarray, factor: int = 1) -> None:
@@ -282,10 +283,17 @@ def _class_title(explanation: Explanation, k: int, digits: int = 3) -> str:
 
 def class_overlay_png(explanation: Explanation, k: int) -> bytes:
     """The overlay for the k-th explained class, with its own symmetric scale and a colour bar."""
-    pixel_values = explanation.pixel_values[:, :, k]
-    limit = _scale(pixel_values)
-    rgb = attribution_rgb(explanation.image, pixel_values, limit)
-    return _panels_page([[(rgb, _class_title(explanation, k))]], limit, 13)
+    return class_overlay_pngs(explanation, [k])[0]
+
+
+def class_overlay_pngs(explanation: Explanation, ks: list[int] | None = None) -> list[bytes]:
+    """:func:`class_overlay_png` of each of the classes ``ks`` (default: every explained class),
+    their panels coloured at once (the same bytes as one at a time)."""
+    ks = list(range(len(explanation.classes))) if ks is None else ks
+    pixel_values = explanation.pixel_values[:, :, ks]
+    limits = np.array([_scale(pixel_values[:, :, j]) for j in range(len(ks))])
+    rgbs = attribution_rgbs(explanation.image, pixel_values, limits)
+    return [_panels_page([[(rgb, _class_title(explanation, k))]], limit, 13) for rgb, limit, k in zip(rgbs, limits, ks)]
 
 
 def summary_png(explanation: Explanation) -> bytes:
@@ -338,6 +346,6 @@ def render_artifacts(explanation: Explanation) -> dict[str, bytes]:
     viewers ``image.png`` and ``explanation.json`` (label map, values and errors)."""
     artifacts = {"attributions.npz": explanation.to_npz_bytes(), "summary.png": summary_png(explanation),
                  "image.png": image_png(explanation), "explanation.json": explanation.to_json_bytes()}
-    for k, c in enumerate(explanation.classes):
-        artifacts[artifact_name(k, int(c), explanation.class_names[k])] = class_overlay_png(explanation, k)
+    for k, page in enumerate(class_overlay_pngs(explanation)):
+        artifacts[artifact_name(k, int(explanation.classes[k]), explanation.class_names[k])] = page
     return artifacts
