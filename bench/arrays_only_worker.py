@@ -22,5 +22,6 @@ def arrays_only_collection(explanations) -> dict[str, bytes]:
 
 if __name__ == "__main__":
     steps.render_artifacts = arrays_only_artifacts  # what the steps call, replaced in this process only
+    steps.render_viewer_files = lambda explanation: {}
     steps.render_collection = arrays_only_collection
     sys.exit(main(["worker", *sys.argv[1:]]))

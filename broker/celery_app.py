@@ -16,6 +16,7 @@ PLAN_TASK = "shapfleet.plan"
 SHARD_TASK = "shapfleet.shard"
 REDUCE_TASK = "shapfleet.reduce"
 RENDER_TASK = "shapfleet.render"
+COLLECT_TASK = "shapfleet.collect"
 ROUND_TASK = "shapfleet.partition_round"
 PART_TASK = "shapfleet.partition_part"
 WATCHDOG_TASK = "shapfleet.watchdog"
@@ -52,6 +53,7 @@ def create_celery(settings: ServiceSettings) -> Celery:
             REDUCE_TASK: {"queue": settings.queue_reduce},
             # A many-image job's images render on the shard workers, the many, in parallel.
             RENDER_TASK: {"queue": settings.queue_shards},
+            COLLECT_TASK: {"queue": settings.queue_shards},
         },
         task_default_queue=settings.queue_plan,
         worker_hijack_root_logger=False,

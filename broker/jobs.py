@@ -181,8 +181,11 @@ class JobStore:
             "evaluations_total": evaluations_total, "evaluations_done": planning_evaluations,
             "updated_at": repr(time.time())})
 
-    def image_rendered(self, job_id: str, image_index: int) -> tuple[bool, int]:
-        return self._add_counted(job_id, redis_keys.job_rendered(job_id), int(image_index))
+    def image_rendered(self, job_id: str, part: int | str) -> tuple[bool, int]:
+        return self._add_counted(job_id, redis_keys.job_rendered(job_id), part if isinstance(part, str) else int(part))
+
+    def values_stored(self, job_id: str, image_index: int) -> tuple[bool, int]:
+        return self._add_counted(job_id, redis_keys.job_values_stored(job_id), int(image_index))
 
     def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
         pipe = self.redis.pipeline(transaction=True)

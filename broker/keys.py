@@ -53,9 +53,10 @@ def rounds_key(job_id: str, image_index: int, name: str) -> str:
     return f"jobs/{job_id}/rounds/{image_index}/{name}"
 
 
-def rendered_key(job_id: str, image_index: int) -> str:
-    """The artifacts a many-image job's render task stored for one image (names, keys, sizes), JSON."""
-    return f"jobs/{job_id}/rendered/{image_index}.json"
+def rendered_key(job_id: str, part: int | str) -> str:
+    """The artifacts a many-image job's render step stored for one image (``part`` its index) or
+    for the whole job (``part`` ``"collection"``): names, keys, sizes, JSON."""
+    return f"jobs/{job_id}/rendered/{part}.json"
 
 
 def plan_key(job_id: str, image_index: int) -> str:

@@ -91,9 +91,13 @@ class JobRecords(Protocol):
 
     def round_part_done(self, job_id: str, image_index: int, round_index: int, part: int) -> tuple[bool, int]: ...
 
-    def image_rendered(self, job_id: str, image_index: int) -> tuple[bool, int]:
-        """Record a many-image job's image rendered; returns, like :meth:`shard_done`, whether it was
-        new and how many images are rendered now."""
+    def image_rendered(self, job_id: str, part: int | str) -> tuple[bool, int]:
+        """Record a part of a many-image job rendered (an image's index, or ``"collection"``);
+        returns, like :meth:`shard_done`, whether it was new and how many parts are rendered now."""
+
+    def values_stored(self, job_id: str, image_index: int) -> tuple[bool, int]:
+        """Record a many-image job's image's values stored; returns whether it was new and how many
+        images' values are stored now."""
 
     def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
         """A target run's state after a round of image ``image_index`` (rounds done, the achieved
@@ -120,7 +124,8 @@ class MemoryJobs:
         self._rounds: dict[str, dict[int, int]] = {}
         self._parts: dict[tuple[str, int, int], set[int]] = {}
         self._precision: dict[str, dict[int, dict[str, Any]]] = {}
-        self._rendered: dict[str, set[int]] = {}
+        self._rendered: dict[str, set[int | str]] = {}
+        self._values_stored: dict[str, set[int]] = {}
 
     def create(self, tenant: str, settings: dict[str, Any], model_sha256: str, inputs: list[str],
                deadline_seconds: float | None = None, job_id: str | None = None) -> JobRecord:
@@ -178,11 +183,17 @@ class MemoryJobs:
     def shard_counts(self, job_id: str) -> list[int]:
         return list(self._shard_counts.get(job_id, []))
 
-    def image_rendered(self, job_id: str, image_index: int) -> tuple[bool, int]:
-        rendered = self._rendered.setdefault(job_id, set())
-        added = image_index not in rendered
-        rendered.add(image_index)
-        return added, len(rendered)
+    def image_rendered(self, job_id: str, part: int | str) -> tuple[bool, int]:
+        return self._add_counted(self._rendered.setdefault(job_id, set()), part)
+
+    def values_stored(self, job_id: str, image_index: int) -> tuple[bool, int]:
+        return self._add_counted(self._values_stored.setdefault(job_id, set()), int(image_index))
+
+    @staticmethod
+    def _add_counted(members: set, member) -> tuple[bool, int]:
+        added = member not in members
+        members.add(member)
+        return added, len(members)
 
     def set_precision(self, job_id: str, image_index: int, precision: dict[str, Any], evaluations_total: int) -> None:
         self._precision.setdefault(job_id, {})[int(image_index)] = dict(precision)

@@ -69,8 +69,15 @@ def job_precision(job_id: str) -> str:
 
 
 def job_rendered(job_id: str) -> str:
-    """Set of the images of a many-image job whose artifacts are rendered and stored."""
+    """Set of the parts of a many-image job whose artifacts are rendered and stored: its images'
+    indexes, and ``collection`` for the stacked ``attributions.npz`` and ``grid.png``."""
     return f"{PREFIX}:job:{job_id}:rendered"
+
+
+def job_values_stored(job_id: str) -> str:
+    """Set of the images of a many-image job whose ``attributions.npz`` is stored (its collection
+    can be drawn once every image's is)."""
+    return f"{PREFIX}:job:{job_id}:values-stored"
 
 
 def job_round_parts(job_id: str, image_index: int, round_index: int) -> str:

@@ -39,7 +39,8 @@ def _working_keys(redis, job_id: str) -> list[str]:
     """The Redis keys of a job's working state. A message delivered after the job became final may
     create its delivery count again, so a job deleted whole deletes these again too."""
     return [redis_keys.job_deliveries(job_id), redis_keys.job_reduce_lock(job_id), redis_keys.job_plan_lock(job_id),
-            *_round_keys(redis, job_id), redis_keys.job_rounds(job_id), redis_keys.job_rendered(job_id)]
+            *_round_keys(redis, job_id), redis_keys.job_rounds(job_id), redis_keys.job_rendered(job_id),
+            redis_keys.job_values_stored(job_id)]
 
 
 def drop_working_state(services: Services, job_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import REPO
 from onnx_models import conv_model, nan_model
 
 from shapfleet import ExplainSettings, Explanation, explain
-from shapfleet.broker.keys import result_prefix, shard_key
+from shapfleet.broker.keys import result_key, result_prefix, shard_key
 from shapfleet.broker.records import JobStatus
 from shapfleet.broker.store import artifact_bytes
 from shapfleet.broker.submission import store_model, submit_job
@@ -285,7 +286,8 @@ def _planned_with_shards_held(services, start_workers, images: list[bytes]):
 def test_each_image_is_rendered_by_the_shard_that_finishes_it_and_the_last_finishes_the_job(services, start_workers):
     """The step that finishes an image's shards solves and renders it there (tasks._after_image, what
     the shard task calls), while the next image is still unevaluated; the image that completes the
-    job's set renders last and finishes the job with every artifact."""
+    job's values sends the collection's task (grid.png and the stacked npz), and that task, run by a
+    worker, finishes the job with every artifact."""
     from shapfleet.broker.keys import rendered_key
     from shapfleet.workers import steps
     from shapfleet.workers.tasks import _after_image
@@ -302,8 +304,12 @@ def test_each_image_is_rendered_by_the_shard_that_finishes_it_and_the_last_finis
             if recorded.image_complete:
                 _after_image(runtime, record.id, image, recorded.job_complete, "test")
         assert services.store.exists(rendered_key(record.id, image))
-        assert services.jobs.status(record.id) == (JobStatus.RUNNING if image == 0 else JobStatus.SUCCEEDED)
-    final = services.jobs.get(record.id)
+        assert services.jobs.status(record.id) == JobStatus.RUNNING
+        sent = [json.loads(m)["headers"]["task"] for m in services.redis.lrange(services.settings.queue_shards, 0, -1)]
+        assert sent == ([] if image == 0 else ["shapfleet.collect"])
+    start_workers(1, queues="shards")
+    final = wait_final(services, record.id)
+    assert final.status == JobStatus.SUCCEEDED, final.error
     names = [r["name"] for r in final.results]
     assert names[-2:] == ["grid.png", "attributions.npz"] and {n.split("/")[0] for n in names[:-2]} == {"0", "1"}
 
@@ -336,7 +342,7 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
     assert watchdog_pass(services, now=later)[record.id].startswith("re-sent the reduce")
     final = wait_final(services, record.id)
     assert final.status == JobStatus.SUCCEEDED, final.error
-    assert services.redis.scard(job_rendered(record.id)) == 3
+    assert services.redis.scard(job_rendered(record.id)) == 4  # the images and the collection
     names = [r["name"] for r in final.results]
     assert names[-2:] == ["grid.png", "attributions.npz"] and sum(n.startswith("1/") for n in names) == 6
     pixels = [np.asarray(Image.open(io.BytesIO(i)).convert("RGB")) for i in images]
@@ -345,6 +351,42 @@ def test_a_many_image_job_renders_each_image_on_its_own_task_and_survives_lost_r
         for n, run in enumerate(local):  # values padded with NaN past each image's superpixels
             m = run.explanation.values.shape[0]
             np.testing.assert_allclose(stacked["values"][n, :m], run.explanation.values, rtol=0, atol=1e-10)
+
+
+def test_the_step_that_stores_the_last_values_sends_the_collection_before_drawing_its_pages(services, start_workers):
+    """The image whose ``attributions.npz`` completes the job's values calls for the collection
+    before its own pages are stored (and a redelivered step calls again: the collection's step is
+    idempotent); a reduce that finds the collection missing draws it itself, and a collection step
+    after that records it without drawing it again; the job's rendering is complete only with
+    every image and the collection."""
+    from shapfleet.broker.keys import rendered_key
+    from shapfleet.workers import steps
+
+    images = [EXAMPLE_IMAGE, (REPO / "examples" / "circle.png").read_bytes(), (REPO / "examples" / "square.png").read_bytes()]
+    record, runtime = _planned_with_shards_held(services, start_workers, images)
+    for image, count in enumerate(services.jobs.shard_counts(record.id)):
+        for shard in range(count):
+            steps.run_shard(runtime, record.id, image, shard)
+    calls = []
+
+    def on_values_complete():  # what this image has stored when the collection is called for
+        calls.append([services.store.exists(result_key(record.id, f"2/{name}")) for name in ("attributions.npz", "bundle")])
+
+    for image in (1, 0, 2):
+        assert steps.render_image(runtime, record.id, image, on_values_complete) is False
+        assert calls == ([] if image != 2 else [[True, False]])
+    assert steps.render_image(runtime, record.id, 2, on_values_complete) is False  # redelivered
+    assert calls == [[True, False], [True, True]]
+    assert not services.store.exists(rendered_key(record.id, steps.COLLECTION))
+    results = steps.reduce_job(runtime, record.id)  # the collection's step never ran: drawn here
+    names = [r["name"] for r in results]
+    assert names[-2:] == ["grid.png", "attributions.npz"] and [n.split("/")[0] for n in names[:-2]] == \
+        [str(i) for i in range(3) for _ in range(6)]
+    listing = services.store.get(rendered_key(record.id, steps.COLLECTION))
+    grid = services.store.get(result_key(record.id, "grid.png"))
+    assert steps.render_job_collection(runtime, record.id) is True  # recorded, not drawn again
+    assert services.store.get(rendered_key(record.id, steps.COLLECTION)) == listing
+    assert steps.reduce_job(runtime, record.id) == results and services.store.get(result_key(record.id, "grid.png")) == grid
 
 
 def test_an_images_viewer_files_are_stored_as_one_object_and_read_back_by_range():

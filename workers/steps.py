@@ -55,7 +55,7 @@ from shapfleet.workers.engine.partition import (
     plan_partition,
 )
 from shapfleet.workers.engine.planning import JobPlan, plan_explanation
-from shapfleet.workers.engine.rendering import render_artifacts, render_collection
+from shapfleet.workers.engine.rendering import render_artifacts, render_collection, render_viewer_files
 from shapfleet.workers.engine.result import Explanation, reduce_shards, target_extra
 from shapfleet.workers.engine.rounds import INITIAL_RATES, RoundOutcome, Target, cap_coalitions, cap_of, decide
 from shapfleet.workers.engine.segmentation import load_segments, segment
@@ -682,50 +682,104 @@ def unrendered_images(runtime: Runtime, job_id: str) -> list[int]:
     return [i for i in range(job.n_images) if not runtime.store.exists(rendered_key(job_id, i))]
 
 
-def render_image(runtime: Runtime, job_id: str, index: int) -> bool:
+#: The part of a many-image job's rendering that needs every image: the stacked ``attributions.npz``
+#: and ``grid.png`` (a member of its rendered set beside the images' indexes).
+COLLECTION = "collection"
+
+
+def render_image(runtime: Runtime, job_id: str, index: int,
+                 on_values_complete: Callable[[], None] | None = None) -> bool:
     """A many-image job's image solved and rendered on its own, once its shards (or rounds) are
     done, while other images may still be evaluated: its artifacts under ``<index>/`` in the
-    results, and their listing in the working state, stored once. Returns whether every image of
-    the job is rendered now (then the job is due to finish: the stacked ``attributions.npz`` and
-    ``grid.png``)."""
+    results, and their listing in the working state, stored once. Its ``attributions.npz`` is
+    stored first, and the step whose image completes the job's set of stored values calls
+    ``on_values_complete`` before drawing its own pages, so that the collection
+    (:func:`render_job_collection`) can be drawn on another worker meanwhile. Returns whether the
+    job's rendering is complete now (every image and the collection): then the job is due to finish."""
     _check_running(runtime, job_id)
     job = _reducible(runtime, job_id, index)
     listing_key = rendered_key(job_id, index)
-    if not runtime.store.exists(listing_key):
+    if runtime.store.exists(listing_key):  # a redelivered step: only the records may be missing
+        _record_values(runtime, job_id, index, job.n_images, on_values_complete)
+    else:
         settings = ExplainSettings.from_dict(job.settings)
         explanation = _reduce_image(runtime, job_id, index, settings.method, settings.has_target)
         explanation.extra["image_index"] = index
-        listing = _store_artifacts(runtime, job_id, [(f"{index}/{name}", data, index)
-                                                     for name, data in render_artifacts(explanation).items()])
-        if runtime.jobs.status(job_id) != JobStatus.RUNNING:  # canceled while rendering: keep none of it
-            runtime.store.delete_prefix(result_key(job_id, f"{index}/"))
-            raise Canceled(f"job {job_id} is no longer running")
+        listing = _store_artifacts(runtime, job_id, [(f"{index}/attributions.npz", explanation.to_npz_bytes(), index)])
+        _record_values(runtime, job_id, index, job.n_images, on_values_complete)
+        listing += _store_artifacts(runtime, job_id, [(f"{index}/{name}", data, index)
+                                                      for name, data in render_viewer_files(explanation).items()])
+        _keep_only_if_running(runtime, job_id)
         runtime.store.put(listing_key, json_bytes(listing), "application/json")
     _, done = runtime.jobs.image_rendered(job_id, index)
-    return done == job.n_images
+    return done == job.n_images + 1
+
+
+def _record_values(runtime: Runtime, job_id: str, index: int, n_images: int,
+                   on_values_complete: Callable[[], None] | None) -> None:
+    """Record image ``index``'s values stored; the step that finds every image's stored (a
+    redelivered one again: the collection's step is idempotent) calls ``on_values_complete``."""
+    _, stored = runtime.jobs.values_stored(job_id, index)
+    if stored == n_images and on_values_complete is not None:
+        on_values_complete()
+
+
+def _keep_only_if_running(runtime: Runtime, job_id: str) -> None:
+    """After a render step stored artifacts: a job canceled (or failed) meanwhile keeps none of its
+    results, and the step stops. (A job that succeeded meanwhile, found by a duplicate step, kept
+    the same bytes under the same keys.)"""
+    status = runtime.jobs.status(job_id)
+    if status not in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
+        discard_results(runtime, job_id)
+        raise Canceled(f"job {job_id} is no longer running")
+
+
+def render_job_collection(runtime: Runtime, job_id: str) -> bool:
+    """A many-image job's collection, from every image's stored ``attributions.npz`` (all stored
+    before this step is sent): the stacked ``attributions.npz`` and ``grid.png`` at the top of the
+    results, and their listing, stored once. Returns, as :func:`render_image`, whether the job's
+    rendering is complete now."""
+    _check_running(runtime, job_id)
+    job = runtime.jobs.get(job_id)
+    if not runtime.store.exists(rendered_key(job_id, COLLECTION)):
+        _store_collection(runtime, job_id, job.n_images)
+    _, done = runtime.jobs.image_rendered(job_id, COLLECTION)
+    return done == job.n_images + 1
+
+
+def _store_collection(runtime: Runtime, job_id: str, n_images: int) -> list[dict]:
+    keys = [result_key(job_id, f"{i}/attributions.npz") for i in range(n_images)]
+    try:
+        explanations = [Explanation.load(data) for data in _get_all(runtime, keys)]
+    except ObjectNotFound as e:
+        raise PipelineError(f"stored results {e} are missing from the store") from e
+    listing = _store_artifacts(runtime, job_id, [(name, data, None) for name, data in render_collection(explanations).items()])
+    _keep_only_if_running(runtime, job_id)
+    runtime.store.put(rendered_key(job_id, COLLECTION), json_bytes(listing), "application/json")
+    return listing
 
 
 def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
     """The fleet's reduce: one image is reduced, rendered and stored here; a many-image job's images
-    were rendered by their own tasks (:func:`render_image`), and this adds what needs them all, the
-    stacked ``attributions.npz`` and ``grid.png``, from their stored ``attributions.npz``. Returns
-    the descriptions of every artifact of the job (several images: ``<n>/<artifact>`` first)."""
+    and its collection were rendered by their own steps (:func:`render_image`,
+    :func:`render_job_collection`), and this reads their listings (drawing the collection here
+    when its step never ran: a job re-driven by the watchdog). Returns the descriptions of every
+    artifact of the job (several images: ``<n>/<artifact>`` first)."""
     job = _reducible(runtime, job_id)
     if job.n_images == 1:
         (explanation,) = reduce_explanations(runtime, job_id)
         explanation.extra["image_index"] = 0
         _check_running(runtime, job_id)
         return _store_artifacts(runtime, job_id, job_artifacts([explanation], lambda index: ""))
+    keys = [rendered_key(job_id, i) for i in range(job.n_images)]
+    if not runtime.store.exists(rendered_key(job_id, COLLECTION)):
+        _store_collection(runtime, job_id, job.n_images)
     try:
-        stored = _get_all(runtime, [rendered_key(job_id, i) for i in range(job.n_images)] +
-                          [result_key(job_id, f"{i}/attributions.npz") for i in range(job.n_images)])
-        listings = [json.loads(data) for data in stored[:job.n_images]]
-        explanations = [Explanation.load(data) for data in stored[job.n_images:]]
+        listings = [json.loads(data) for data in _get_all(runtime, keys + [rendered_key(job_id, COLLECTION)])]
     except ObjectNotFound as e:
         raise PipelineError(f"stored results {e} are missing from the store") from e
     _check_running(runtime, job_id)
-    collection = _store_artifacts(runtime, job_id, [(name, data, None) for name, data in render_collection(explanations).items()])
-    return [entry for listing in listings for entry in listing] + collection
+    return [entry for listing in listings for entry in listing]
 
 
 def discard_results(runtime: Runtime, job_id: str) -> None:

@@ -6,10 +6,13 @@
   shard that completes the job's set enqueues the reduce, and so does any redelivered shard that
   finds the set complete (its first worker may have died before enqueuing it). Returns the key.
 - ``shapfleet.reduce(job_id)``: check every shard is done, reduce, render, store; running -> succeeded.
-  A many-image job gets ``shapfleet.render(job_id, image)`` per image instead (on the shards queue,
-  so that the images render on many workers at once), sent by the step that completes its shards
-  or by a reduce that finds images unrendered; the render task that completes the job's set of
-  rendered images adds the stacked ``attributions.npz`` and ``grid.png`` and succeeds the job itself.
+  A many-image job's images are each solved and rendered by the step that completes the image's
+  shards, or by a ``shapfleet.render(job_id, image)`` (on the shards queue, so that the images
+  render on many workers at once) that a reduce sends for each image it finds unrendered. The step
+  whose image's ``attributions.npz`` completes the job's set of stored values sends
+  ``shapfleet.collect(job_id)`` before drawing its own pages: the stacked ``attributions.npz`` and
+  ``grid.png``, drawn on another worker meanwhile. Whichever of these steps completes the job's
+  rendering (every image and the collection) succeeds the job.
 
 Method partition, and method kernel with a target (``target_std``/``target_error``), replace the
 shards with rounds, per image and in parallel across images (a kernel round evaluates what a larger
@@ -37,12 +40,14 @@ the app the worker was started with.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import redis.exceptions
 from celery import current_app, group, shared_task
 from celery.signals import worker_process_init
 
 from shapfleet.broker.celery_app import (
+    COLLECT_TASK,
     PART_TASK,
     PLAN_TASK,
     REDUCE_TASK,
@@ -259,7 +264,7 @@ def _after_image(runtime: ServiceRuntime, job_id: str, image_index: int, job_com
     the step that renders the last image finishes the job (a redelivered step does it again; what
     is stored already is kept). A one-image job's last step sends the reduce."""
     if steps.renders_images_apart(runtime, job_id):
-        if steps.render_image(runtime, job_id, image_index):
+        if steps.render_image(runtime, job_id, image_index, _sender_of_collection(job_id)):
             _finish(runtime, job_id, holder)
     elif job_complete:
         reduce.apply_async(args=[job_id])
@@ -296,12 +301,34 @@ def render(self, job_id: str, image_index: int) -> bool:
     try:
         if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
             return False
-        completed = steps.render_image(runtime, job_id, image_index)
-        if completed:  # the last image rendered: this task adds the collection and finishes the job
+        completed = steps.render_image(runtime, job_id, image_index, _sender_of_collection(job_id))
+        if completed:  # the job's last rendering: this task finishes the job
             _finish(runtime, job_id, self.request.id or "")
         return completed
     except Exception as error:
         _handle_failure(self, runtime, job_id, error, f"rendering image {image_index}")
+
+
+def _sender_of_collection(job_id: str) -> Callable[[], object]:
+    """What a render step calls once every image's values are stored: send the job's collect step."""
+    return lambda: collect.apply_async(args=[job_id])
+
+
+@shared_task(name=COLLECT_TASK, bind=True)
+def collect(self, job_id: str) -> bool:
+    """Draw a many-image job's collection (stacked ``attributions.npz``, ``grid.png``) once every
+    image's values are stored; the step that completes the job's rendering succeeds the job.
+    Returns whether this step did."""
+    runtime = runtime_of(self.app)
+    try:
+        if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
+            return False
+        completed = steps.render_job_collection(runtime, job_id)
+        if completed:  # the job's last rendering: this task finishes the job
+            _finish(runtime, job_id, self.request.id or "")
+        return completed
+    except Exception as error:
+        _handle_failure(self, runtime, job_id, error, "drawing the job's collection")
 
 
 @shared_task(name=WATCHDOG_TASK)

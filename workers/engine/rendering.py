@@ -342,10 +342,15 @@ def render_collection(explanations: list[Explanation]) -> dict[str, bytes]:
 
 
 def render_artifacts(explanation: Explanation) -> dict[str, bytes]:
-    """Every artifact of a result: ``attributions.npz``, ``summary.png``, one PNG per class, and for
-    viewers ``image.png`` and ``explanation.json`` (label map, values and errors)."""
-    artifacts = {"attributions.npz": explanation.to_npz_bytes(), "summary.png": summary_png(explanation),
-                 "image.png": image_png(explanation), "explanation.json": explanation.to_json_bytes()}
+    """Every artifact of a result: ``attributions.npz``, then its :func:`render_viewer_files`."""
+    return {"attributions.npz": explanation.to_npz_bytes(), **render_viewer_files(explanation)}
+
+
+def render_viewer_files(explanation: Explanation) -> dict[str, bytes]:
+    """A result's files for people and viewers: ``summary.png``, ``image.png``, ``explanation.json``
+    (label map, values and errors) and one PNG per explained class."""
+    files = {"summary.png": summary_png(explanation), "image.png": image_png(explanation),
+             "explanation.json": explanation.to_json_bytes()}
     for k, page in enumerate(class_overlay_pngs(explanation)):
-        artifacts[artifact_name(k, int(explanation.classes[k]), explanation.class_names[k])] = page
-    return artifacts
+        files[artifact_name(k, int(explanation.classes[k]), explanation.class_names[k])] = page
+    return files
