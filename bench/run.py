@@ -474,6 +474,12 @@ def measure_scaling(repeats: int) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------------
+#: The fleet job's two stacks share this machine's cores with each other, the store, the API and the
+#: client, and its ratio moves most from run to run (17-36% in runs of one code): it takes this many
+#: rounds per repeat (each under a second a job).
+FLEET_ROUNDS_PER_REPEAT = 3
+
+
 def measure_overhead(repeats: int) -> dict:
     """Whole-process costs around inference, with the shipped example model only (no downloads):
     ``shapfleet --help``, and a 10-image job of every class (grid 4x4, 200 evaluations) with and
@@ -499,7 +505,7 @@ def measure_overhead(repeats: int) -> dict:
     return {"help_seconds": medians["help"], "job_seconds": medians["job"],
             "job_with_out_seconds": medians["job_with_out"],
             "artifacts_added": medians["job_with_out"] / medians["job"] - 1, "repeats": repeats,
-            "whole_process": measure_whole_process(repeats), "fleet_rendering": measure_fleet_rendering(repeats)}
+            "whole_process": measure_whole_process(repeats), "fleet_rendering": measure_fleet_rendering(FLEET_ROUNDS_PER_REPEAT * repeats)}
 
 
 def _compile_project() -> None:
@@ -587,9 +593,9 @@ def measure_whole_process(repeats: int) -> dict:
 
 def measure_fleet_rendering(repeats: int) -> dict:
     """A 10-image x 10-class job (a 10-class conv model, grid 4x4, 200 coalitions) on two 2-worker
-    stacks side by side, in interleaved rounds: plain workers, and workers that store the arrays
-    only (``bench/arrays_only_worker.py``: each image's ``attributions.npz`` and the stacked one, no
-    picture, no ``explanation.json``). Each job's wall time from submission and the part after its
+    stacks side by side, in interleaved rounds (each stack first in every other round): plain
+    workers, and workers that store the arrays only (``bench/arrays_only_worker.py``: each image's
+    ``attributions.npz`` and the stacked one, no picture, no ``explanation.json``). Each job's wall time from submission and the part after its
     last shard, polled by the client every 20 ms; what the artifacts add is the ratio of the two
     wall times. Also, in this process against a stored job: rendering every artifact one after the
     other (what one reducer did before images were rendered apart)."""
@@ -644,11 +650,14 @@ def measure_fleet_rendering(repeats: int) -> dict:
             walls = {name: [] for name in stacks}
             after = {name: [] for name in stacks}
             job_id = None
-            for _ in range(repeats):
-                for name, (client, model_id) in stacks.items():
-                    wall, reduce_phase, job_id = run_job(client, model_id)
+            for round_index in range(repeats):
+                names = list(stacks) if round_index % 2 == 0 else list(reversed(stacks))  # neither always first
+                for name in names:
+                    wall, reduce_phase, ran = run_job(*stacks[name])
                     walls[name].append(wall)
                     after[name].append(reduce_phase)
+                    if name == "with_artifacts":
+                        job_id = ran  # a job of the plain stack, whose records the rendering below reads
             runtime = ServiceRuntime(Services.from_settings(settings_of_plain))
             explanations = steps.reduce_explanations(runtime, job_id)
             render = median_time(lambda: steps.job_artifacts(explanations, lambda index: f"{index}/"), repeats)
