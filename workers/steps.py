@@ -741,13 +741,15 @@ def render_job_collection(runtime: Runtime, job_id: str) -> bool:
     rendering is complete now."""
     _check_running(runtime, job_id)
     job = runtime.jobs.get(job_id)
-    if not runtime.store.exists(rendered_key(job_id, COLLECTION)):
-        _store_collection(runtime, job_id, job.n_images)
+    _ensure_collection(runtime, job_id, job.n_images)
     _, done = runtime.jobs.image_rendered(job_id, COLLECTION)
     return done == job.n_images + 1
 
 
-def _store_collection(runtime: Runtime, job_id: str, n_images: int) -> list[dict]:
+def _ensure_collection(runtime: Runtime, job_id: str, n_images: int) -> None:
+    """Draw and store the job's collection and its listing, unless its listing is stored already."""
+    if runtime.store.exists(rendered_key(job_id, COLLECTION)):
+        return
     keys = [result_key(job_id, f"{i}/attributions.npz") for i in range(n_images)]
     try:
         explanations = [Explanation.load(data) for data in _get_all(runtime, keys)]
@@ -756,7 +758,6 @@ def _store_collection(runtime: Runtime, job_id: str, n_images: int) -> list[dict
     listing = _store_artifacts(runtime, job_id, [(name, data, None) for name, data in render_collection(explanations).items()])
     _keep_only_if_running(runtime, job_id)
     runtime.store.put(rendered_key(job_id, COLLECTION), json_bytes(listing), "application/json")
-    return listing
 
 
 def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
@@ -772,8 +773,7 @@ def reduce_job(runtime: Runtime, job_id: str) -> list[dict]:
         _check_running(runtime, job_id)
         return _store_artifacts(runtime, job_id, job_artifacts([explanation], lambda index: ""))
     keys = [rendered_key(job_id, i) for i in range(job.n_images)]
-    if not runtime.store.exists(rendered_key(job_id, COLLECTION)):
-        _store_collection(runtime, job_id, job.n_images)
+    _ensure_collection(runtime, job_id, job.n_images)
     try:
         listings = [json.loads(data) for data in _get_all(runtime, keys + [rendered_key(job_id, COLLECTION)])]
     except ObjectNotFound as e:

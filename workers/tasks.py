@@ -261,8 +261,8 @@ def _send_renders(runtime: ServiceRuntime, job_id: str) -> bool:
 def _after_image(runtime: ServiceRuntime, job_id: str, image_index: int, job_complete: bool, holder: str) -> None:
     """What the step that finishes an image does. In a many-image job it solves and renders that
     image itself, on the worker that is free now and while other images' shards may still run, and
-    the step that renders the last image finishes the job (a redelivered step does it again; what
-    is stored already is kept). A one-image job's last step sends the reduce."""
+    the step that completes the job's rendering (every image and the collection) finishes the job
+    (a redelivered step does it again; what is stored already is kept). A one-image job's last step sends the reduce."""
     if steps.renders_images_apart(runtime, job_id):
         if steps.render_image(runtime, job_id, image_index, _sender_of_collection(job_id)):
             _finish(runtime, job_id, holder)
@@ -297,16 +297,24 @@ def _finish(runtime: ServiceRuntime, job_id: str, holder: str) -> int:
 
 @shared_task(name=RENDER_TASK, bind=True)
 def render(self, job_id: str, image_index: int) -> bool:
-    runtime = runtime_of(self.app)
+    """Solve and render one image of a many-image job (sent by a reduce that found it unrendered)."""
+    return _rendering_step(self, job_id, f"rendering image {image_index}",
+                           lambda runtime: steps.render_image(runtime, job_id, image_index, _sender_of_collection(job_id)))
+
+
+def _rendering_step(task, job_id: str, what: str, step: Callable[[ServiceRuntime], bool]) -> bool:
+    """Run a rendering ``step`` of a running job; the step that completes the job's rendering (it
+    returns true) finishes the job. Returns whether it did; a job no longer running renders nothing."""
+    runtime = runtime_of(task.app)
     try:
         if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
             return False
-        completed = steps.render_image(runtime, job_id, image_index, _sender_of_collection(job_id))
+        completed = step(runtime)
         if completed:  # the job's last rendering: this task finishes the job
-            _finish(runtime, job_id, self.request.id or "")
+            _finish(runtime, job_id, task.request.id or "")
         return completed
     except Exception as error:
-        _handle_failure(self, runtime, job_id, error, f"rendering image {image_index}")
+        _handle_failure(task, runtime, job_id, error, what)
 
 
 def _sender_of_collection(job_id: str) -> Callable[[], object]:
@@ -319,16 +327,8 @@ def collect(self, job_id: str) -> bool:
     """Draw a many-image job's collection (stacked ``attributions.npz``, ``grid.png``) once every
     image's values are stored; the step that completes the job's rendering succeeds the job.
     Returns whether this step did."""
-    runtime = runtime_of(self.app)
-    try:
-        if runtime.services.jobs.status(job_id) != JobStatus.RUNNING:
-            return False
-        completed = steps.render_job_collection(runtime, job_id)
-        if completed:  # the job's last rendering: this task finishes the job
-            _finish(runtime, job_id, self.request.id or "")
-        return completed
-    except Exception as error:
-        _handle_failure(self, runtime, job_id, error, "drawing the job's collection")
+    return _rendering_step(self, job_id, "drawing the job's collection",
+                           lambda runtime: steps.render_job_collection(runtime, job_id))
 
 
 @shared_task(name=WATCHDOG_TASK)
