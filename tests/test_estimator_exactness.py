@@ -382,29 +382,31 @@ def test_kriging_recovers_a_linear_model_from_few_coalitions(linear_case):
     assert np.abs(result.values - expected).max() < 1e-8
 
 
-def _explicit_posterior(x, odd, degree_one_prior, higher_prior, terms, m, t):
-    """Bayesian regression on every odd Fourier coefficient f_T (exact observations h(x_j) and
-    h(1)): the degree-1 block has covariance diag(degree_one_prior) + t I + V 11^T with V wide (a
-    flat common mean), each higher set its own variance; returns phi's posterior mean and the
-    diagonal of its posterior covariance, phi_i = sum_{T odd, i in T} 2 f_T / |T|."""
+def _explicit_posterior(x, odd, degree_one_prior, higher_prior, terms, m, t, noise=None):
+    """Bayesian regression on every odd Fourier coefficient f_T (observations h(x_j) and h(1),
+    exact or with independent noise of variance ``noise[j]``): the degree-1 block has covariance
+    diag(degree_one_prior) + t I + V 11^T with V wide (a flat common mean), each higher set its own
+    variance; returns phi's posterior mean and the diagonal of its posterior covariance,
+    phi_i = sum_{T odd, i in T} 2 f_T / |T|."""
     singles = [n for n, term in enumerate(terms) if len(term) == 1]
     prior = np.diag([0.0 if len(term) == 1 else higher_prior(term) for term in terms])
     prior[np.ix_(singles, singles)] = np.diag(degree_one_prior) + t * np.eye(m) + 1e6 * np.ones((m, m))
     features = np.array([[np.prod(point[list(term)]) for term in terms] for point in x])  # chi_T(x_j)
     to_shapley = np.array([[2.0 / len(term) if i in term else 0.0 for term in terms] for i in range(m)])
-    gram = features @ prior @ features.T
+    gram = features @ prior @ features.T + np.diag(np.zeros(len(x)) if noise is None else noise)
     posterior_mean = prior @ features.T @ np.linalg.solve(gram, odd)
     covariance = prior - prior @ features.T @ np.linalg.solve(gram, features @ prior)
     return to_shapley @ posterior_mean, np.diag(to_shapley @ covariance @ to_shapley.T)
 
 
-@pytest.mark.parametrize("shrinkage", [0.3, 30.0])
-def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng, shrinkage):
+@pytest.mark.parametrize("shrinkage, edge_noise", [(0.3, 0.0), (30.0, 0.0), (0.3, 0.3)])
+def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng, shrinkage, edge_noise):
     """An independent computation of the same estimate: Bayesian linear regression on every odd
     Fourier coefficient f_T of a 6-player game (prior N(0, w_|T|) on the higher degrees; on degree
     1 the kernel's own w_1 plus the shrinkage t about a flat common mean; exact observations h(x_j)
-    and h(1)), then phi_i = sum_{T odd, i in T} 2 f_T / |T| with its posterior variance, scaled by
-    the REML variance s^2 the module reports."""
+    and h(1), but for noise of variance ``edge_noise`` times the kernel's variance on the pairs of
+    sizes 1 and 5), then phi_i = sum_{T odd, i in T} 2 f_T / |T| with its posterior variance,
+    scaled by the REML variance s^2 the module reports."""
     import itertools
     import math
 
@@ -425,20 +427,26 @@ def test_kriging_mean_and_std_equal_the_bayesian_posterior_over_fourier_coeffici
     x, odd = kriging.pair_observations(z_all, np.concatenate([rows[1], rows[3]]), rows[5])
     agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
     t = shrinkage / m
-    chosen = kriging._shrink(kriging._solve(x, odd, agreement, 0.1), x, odd, t)  # one rho of the grid
+    chosen = kriging._shrink(kriging._solve(x, odd, agreement, 0.1, edge_noise), x, odd, t)  # one rho of the grid
     terms = [term for d in range(1, m + 1, 2) for term in itertools.combinations(range(m), d)]
+    edges = np.array([min(n, m - n) == 1 for n in (x > 0).sum(axis=1)])
+    assert edges.sum() == m  # the design enumerates sizes 1 and 5; the grand coalition is not an edge
+    noise = edge_noise * kriging._tables(m, 0.1)[0][m] * edges
     expected_values, expected_variance = _explicit_posterior(
-        x, odd, np.full(m, 1.0 / m), lambda term: 0.1 ** ((len(term) - 3) // 2) / math.comb(m, len(term)), terms, m, t)
+        x, odd, np.full(m, 1.0 / m), lambda term: 0.1 ** ((len(term) - 3) // 2) / math.comb(m, len(term)), terms, m, t,
+        noise)
     np.testing.assert_allclose(2 * chosen["w"] + chosen["map"].T @ chosen["alpha"], expected_values, rtol=1e-5, atol=1e-8)
     scale = chosen["quadratic"] / (len(x) - 1)
     expected_std = np.sqrt(expected_variance)[:, None] * np.sqrt(scale)[None, :]
     np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
     # And the estimate fit() returns is the candidate with the best REML objective: the isotropic
-    # kernels of RHO_GRID, then the product kernels with relevance from the best isotropic fit
-    # (both with flat linear terms), then that kernel's shrinkage from LINEAR_PRIOR_GRID.
-    isotropic = min((kriging._solve(x, odd, agreement, rho) for rho in kriging.RHO_GRID), key=lambda f: f["objective"])
+    # kernels of RHO_GRID with every edge noise of EDGE_NOISE_GRID, then the product kernels with
+    # relevance from the best isotropic fit, at its edge noise (all with flat linear terms), then
+    # that kernel's shrinkage from LINEAR_PRIOR_GRID.
+    isotropic = min((kriging._solve(x, odd, agreement, rho, noise) for rho in kriging.RHO_GRID
+                     for noise in kriging.EDGE_NOISE_GRID), key=lambda f: f["objective"])
     pilot = 2 * isotropic["beta"] + isotropic["map"].T @ isotropic["alpha"]
-    product = [kriging._solve_product(x, odd, kriging.relevance_weights(pilot, gamma, scale))
+    product = [kriging._solve_product(x, odd, kriging.relevance_weights(pilot, gamma, scale), isotropic["edge_noise"])
                for gamma, scale in kriging.RELEVANCE_GRID]
     kernel = min([isotropic] + product, key=lambda f: f["objective"])
     best = min((kriging._shrink(kernel, x, odd, grid / m) for grid in kriging.LINEAR_PRIOR_GRID),
@@ -479,6 +487,36 @@ def test_product_kernel_mean_and_std_equal_the_bayesian_posterior_over_fourier_c
     scale = chosen["quadratic"] / (len(x) - 1)
     expected_std = np.sqrt(expected_variance)[:, None] * np.sqrt(scale)[None, :]
     np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
+
+
+def test_kriging_gives_the_edge_pairs_noise_where_the_game_jumps_next_to_the_full_coalition(rng, monkeypatch):
+    """A linear game plus a jump g(z) = c [|z| = M - 1] (every all-but-one coalition shifted alike,
+    as removing any one superpixel from a full photo can move a convnet's output): g is symmetric
+    and g(1) = g(0), so its Shapley values are 0 and the game's are the linear weights. Only the
+    pairs of sizes 1 and M - 1 see the jump. Kriging that interpolates them exactly bends its
+    linear terms to fit it; REML gives them noise and the fit is over ten times closer. A smooth game's
+    edge pairs are left exact (a linear model is recovered to 1e-8: the test above)."""
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+
+    m = 30
+    weights = rng.normal(size=(m, 1))
+
+    def value_of(z):
+        return z.astype(float) @ weights + 3.0 * (z.sum(axis=1, keepdims=True) == m - 1)
+
+    design = CoalitionDesign.create(m, 600, 0)
+    assert design.enumerated_sizes[:2] == (1, m - 1) and design.n_pairs > 0
+    rows = _design_rows(design, value_of)
+    chosen = []  # the edge noise of the kernel whose shrinkage is chosen
+    shrink = kriging._shrink
+    monkeypatch.setattr(kriging, "_shrink", lambda flat, *args: chosen.append(flat["edge_noise"]) or shrink(flat, *args))
+    values, _ = kriging.fit(design, *rows)
+    assert min(chosen) > 0
+    monkeypatch.setattr(kriging, "EDGE_NOISE_GRID", (0.0,))
+    exact_edges, _ = kriging.fit(design, *rows)
+    error, exact_edges_error = (np.linalg.norm(v - weights) / np.linalg.norm(weights) for v in (values, exact_edges))
+    assert error < exact_edges_error / 10, (error, exact_edges_error)  # 30 times, with the suite's seed
 
 
 def test_kriging_is_closer_to_exact_values_than_the_cubic_surrogate(rng):
