@@ -98,7 +98,7 @@ from .sessions import available_cpus
 
 #: The decays rho that REML chooses among (higher odd orders smaller by rho per step of two). Finer
 #: between 0.1 and 1, where photos under convnets fall: on EfficientNet-Lite0 at 49 superpixels
-#: REML chose 0.4 or 0.5 in 10 of 12 fits (6 seeds, 1,000 and 4,000 evaluations; 0.3 before, the
+#: REML chose 0.4 or 0.5 in 11 of 12 fits (6 seeds, 1,000 and 4,000 evaluations; 0.3 before, the
 #: nearest step), and the error fell 6% at 1,000 evaluations (README, "At 49 and 196 superpixels").
 RHO_GRID = (0.003, 0.01, 0.03, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 #: The product kernel's (gamma, c): how strongly relevance follows the pilot's |phi|, and the
