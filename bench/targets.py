@@ -102,7 +102,7 @@ def _fixed_precision(plan, game: CachedGame, classifier, budget: int, target: Ta
     """The precision a fixed ``budget`` run of ``plan``'s seed reaches (its largest std over max |value|)."""
     design = CoalitionDesign.create(plan.n_players, budget, plan.design.seed)
     stats = evaluate_units(plan, design, design.units, 0, classifier.predict, predict_coalitions=game)
-    result = estimate(design, stats, plan.v_empty, plan.v_full, plan.settings.estimator)
+    result = estimate(design, stats, plan.v_empty, plan.v_full, plan.settings.estimator, plan.player_adjacency)
     return target.precision(result.values, result.std)
 
 

@@ -489,6 +489,117 @@ def test_product_kernel_mean_and_std_equal_the_bayesian_posterior_over_fourier_c
     np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
 
 
+def test_local_terms_mean_and_std_equal_the_bayesian_posterior_over_fourier_coefficients(rng):
+    """The isotropic kernel with local terms (extra prior variance lam v / S on each of S given
+    triples' coefficients, v the kernel's variance at a point) against the explicit regression, at
+    an edge noise and a shrinkage: the kernel matrix c F F^T, the Shapley map c F G and the prior
+    variances c (2/3)^2 #{T : i in T} added to the kernel's must give the same posterior."""
+    import itertools
+    import math
+
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+
+    m, rho, edge_noise, weight, t = 7, 0.1, 0.3, 0.7, 0.05
+    weights = rng.normal(size=(m, 2))
+
+    def value_of(z):
+        zf = z.astype(float)
+        return np.tanh(zf @ weights) + zf[:, :1] * zf[:, 1:2] * (1 - zf[:, 2:3])
+
+    design = CoalitionDesign.create(m, 40, seed=3)
+    rows = _design_rows(design, value_of)
+    x, odd = kriging.pair_observations(np.concatenate([rows[0], rows[2]]), np.concatenate([rows[1], rows[3]]), rows[5])
+    agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
+    triples = np.array([[0, 1, 2], [1, 2, 3], [2, 5, 6]])
+    local = kriging.LocalTerms(x, triples)
+    chosen = kriging._shrink(kriging._solve(x, odd, agreement, rho, edge_noise, local, weight), x, odd, t)
+    kernel_variance = kriging._tables(m, rho)[0][m]
+    per_set = weight * kernel_variance / len(triples)
+    terms = [term for d in range(1, m + 1, 2) for term in itertools.combinations(range(m), d)]
+    local_sets = {tuple(row) for row in triples.tolist()}
+    edges = np.array([min(n, m - n) == 1 for n in (x > 0).sum(axis=1)])
+    noise = edge_noise * (kernel_variance + per_set * len(triples)) * edges  # relative to the whole diagonal
+
+    def higher_prior(term):
+        return 0.1 ** ((len(term) - 3) // 2) / math.comb(m, len(term)) + (per_set if term in local_sets else 0.0)
+
+    expected_values, expected_variance = _explicit_posterior(x, odd, np.full(m, 1.0 / m), higher_prior, terms, m, t,
+                                                             noise)
+    np.testing.assert_allclose(2 * chosen["w"] + chosen["map"].T @ chosen["alpha"], expected_values, rtol=1e-5, atol=1e-8)
+    scale = chosen["quadratic"] / (len(x) - 1)
+    expected_std = np.sqrt(expected_variance)[:, None] * np.sqrt(scale)[None, :]
+    np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
+    # On a subset of the points the local terms are the same sets seen at those points.
+    points = np.array([0, 3, 5, len(x) - 1])
+    np.testing.assert_array_equal(local.subset(points).gram, kriging.LocalTerms(x[points], triples).gram)
+
+
+def test_connected_triples_are_the_paths_and_triangles_of_the_superpixels_adjacency():
+    """A 2 x 3 grid of superpixels (0 1 2 over 3 4 5) touches along rows and columns only; its
+    connected triples are every path of two edges (no triangles on a grid), each set once."""
+    import itertools
+
+    from shapfleet.workers.engine.kriging import connected_triples
+    from shapfleet.workers.engine.segmentation import adjacent_superpixels
+
+    segments = np.repeat(np.repeat(np.arange(6).reshape(2, 3), 4, axis=0), 5, axis=1)
+    adjacency = adjacent_superpixels(segments)
+    expected_edges = {(0, 1), (1, 2), (3, 4), (4, 5), (0, 3), (1, 4), (2, 5)}
+    assert {(i, j) for i, j in zip(*np.nonzero(adjacency)) if i < j} == expected_edges
+    assert (adjacency == adjacency.T).all() and not adjacency.diagonal().any()
+    triples = {tuple(row) for row in connected_triples(adjacency).tolist()}
+    brute = {t for t in itertools.combinations(range(6), 3)
+             if sum((a, b) in expected_edges for a in t for b in t if a < b) >= 2}
+    assert triples == brute and len(connected_triples(adjacency)) == len(brute) == 10
+    # A triangle (three mutually adjacent superpixels) is one set, not three paths.
+    triangle = np.array([[0, 0, 1], [2, 2, 1]])
+    assert connected_triples(adjacent_superpixels(triangle)).tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_kriging_local_terms_help_where_touching_superpixels_interact_and_stay_out_where_not(rng, local):
+    """A 6 x 6 grid of superpixels and a game v(z) = w.z + sum_T c_T prod_{i in T} z_i over 148
+    triples: the connected ones (paths in the grid) or, with ``local`` False, as many triples of
+    which no two members touch. Each unanimity term gives c_T / 3 to its members, so the exact
+    values are known. With the adjacency, kriging's median error over 3 draws at 600 coalitions is
+    under 0.6 of its error without it on the local game (0.2-0.5 when written); on the other game
+    REML leaves the local terms out and the error is the same (within 5%)."""
+    import itertools
+
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine.segmentation import adjacent_superpixels
+
+    side = 6
+    m = side * side
+    adjacency = adjacent_superpixels(np.repeat(np.repeat(np.arange(m).reshape(side, side), 3, axis=0), 3, axis=1))
+    triples = kriging.connected_triples(adjacency)
+    assert len(triples) == 148
+    if not local:
+        apart = [t for t in itertools.combinations(range(m), 3) if not adjacency[np.ix_(t, t)].any()]
+        triples = np.array(apart)[rng.choice(len(apart), len(triples), replace=False)]
+    ratios = []
+    for draw in range(3):
+        weights, strengths = rng.normal(size=m), rng.normal(size=len(triples))
+
+        def value_of(z):
+            zf = z.astype(float)
+            return (zf @ weights + np.prod(zf[:, triples], axis=2) @ strengths)[:, None]
+
+        exact = weights.copy()
+        np.add.at(exact, triples.ravel(), np.repeat(strengths / 3, 3))
+        design = CoalitionDesign.create(m, 600, draw)
+        rows = _design_rows(design, value_of)
+        without, _ = kriging.fit(design, *rows)
+        with_local, _ = kriging.fit(design, *rows, adjacency=adjacency)
+        ratios.append(np.linalg.norm(with_local[:, 0] - exact) / np.linalg.norm(without[:, 0] - exact))
+    if local:
+        assert np.median(ratios) < 0.6, ratios
+    else:
+        assert max(ratios) < 1.05, ratios
+
+
 def test_kriging_gives_the_edge_pairs_noise_where_the_game_jumps_next_to_the_full_coalition(rng, monkeypatch):
     """A linear game plus a jump g(z) = c [|z| = M - 1] (every all-but-one coalition shifted alike,
     as removing any one superpixel from a full photo can move a convnet's output): g is symmetric

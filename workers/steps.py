@@ -391,7 +391,8 @@ def kernel_round(runtime: Runtime, job_id: str, image_index: int, round_index: i
     decided = False
     if not runtime.has_record(outcome_key):
         stats = _round_statistics(runtime, job_id, image_index, round_index, record.design)
-        result = estimate(record.design, stats, plan.v_empty, plan.v_full, plan.settings.estimator)
+        result = estimate(record.design, stats, plan.v_empty, plan.v_full, plan.settings.estimator,
+                          plan.player_adjacency)
         target = Target.of(plan.settings)
         history = [(o.budget, o.precision) for o in
                    (_outcome(runtime, job_id, image_index, f"outcome-{r}.json") for r in range(round_index))]

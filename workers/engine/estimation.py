@@ -199,7 +199,7 @@ class Estimate:
 
 
 def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
-             estimator: str = "linear") -> Estimate:
+             estimator: str = "linear", adjacency: np.ndarray | None = None) -> Estimate:
     """Shapley values and standard errors from combined statistics (the delete-a-group jackknife;
     kriging's are its posterior standard deviations).
 
@@ -208,13 +208,14 @@ def estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarra
     model of :mod:`shapfleet.workers.engine.kriging`; ``auto`` picks kriging where
     :func:`~shapfleet.workers.engine.kriging.use_kriging` allows it, else the surrogate where
     :func:`~shapfleet.workers.engine.interactions.use_interactions` says it is determined. A fit too
-    ill-conditioned to solve falls back to the additive one."""
+    ill-conditioned to solve falls back to the additive one. ``adjacency`` (M x M bool, which
+    players' superpixels touch; the plan's ``player_adjacency``) gives kriging its local terms."""
     with one_blas_thread():  # see shapfleet.workers.engine.threads: spinning BLAS threads would slow the next model calls
-        return _estimate(design, stats, v_empty, v_full, estimator)
+        return _estimate(design, stats, v_empty, v_full, estimator, adjacency)
 
 
 def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarray, v_full: np.ndarray,
-              estimator: str) -> Estimate:
+              estimator: str, adjacency: np.ndarray | None) -> Estimate:
     v_empty = np.asarray(v_empty, dtype=np.float64)
     v_full = np.asarray(v_full, dtype=np.float64)
     total = v_full - v_empty
@@ -230,7 +231,7 @@ def _estimate(design: CoalitionDesign, stats: ShardStatistics, v_empty: np.ndarr
         fitted = module.fit(
             design, np.unpackbits(stats.enumerated_bits, axis=1, count=m).astype(bool), stats.enumerated_y,
             np.unpackbits(stats.sampled_bits, axis=1, count=m).astype(bool), stats.sampled_y,
-            design.groups_of(stats.sampled_pair), total)
+            design.groups_of(stats.sampled_pair), total, **({"adjacency": adjacency} if module is kriging else {}))
         if fitted is not None:
             values, std = fitted
             return Estimate(values, std, values.sum(axis=0) - total, name)

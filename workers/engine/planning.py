@@ -21,7 +21,7 @@ from . import interactions, kriging, rounds
 from .design import CoalitionDesign, WorkUnit
 from .maskers import Masker, build_masker, masker_from_arrays
 from .model import transform_outputs
-from .segmentation import segment
+from .segmentation import adjacent_superpixels, segment
 from .settings import DEFAULT_MAX_NSAMPLES, ExplainSettings
 
 
@@ -122,6 +122,13 @@ class JobPlan(ImagePlan):
         lookup = np.zeros(self.n_superpixels, dtype=np.int32)
         lookup[self.players] = np.arange(len(self.players), dtype=np.int32)
         return lookup[self.segments]
+
+    @cached_property
+    def player_adjacency(self) -> np.ndarray:
+        """``P x P`` bool: which players' superpixels touch in the label map (see
+        :func:`~shapfleet.workers.engine.segmentation.adjacent_superpixels`); what kriging's local
+        terms are built on."""
+        return adjacent_superpixels(self.segments)[np.ix_(self.players, self.players)]
 
     def superpixel_values(self, values: np.ndarray) -> np.ndarray:
         """Per-player rows (``P x K``) as per-superpixel rows (``M x K``), null superpixels 0."""

@@ -197,7 +197,8 @@ def collection_npz_bytes(explanations: list[Explanation]) -> bytes:
 def reduce_shards(plan: JobPlan, shards: list[ShardStatistics]) -> Explanation:
     """Sum the shards' statistics in index order, solve, and package the result."""
     total = combine(shards, plan.n_shards)
-    return explanation_of(plan, total, estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator))
+    return explanation_of(plan, total, estimate(plan.design, total, plan.v_empty, plan.v_full, plan.settings.estimator,
+                                                 plan.player_adjacency))
 
 
 def explanation_of(plan: JobPlan, total: ShardStatistics, result: Estimate) -> Explanation:
@@ -233,7 +234,7 @@ def explain_to_target(plan: JobPlan, evaluate: Callable[[CoalitionDesign, tuple[
         for chunk in (design.shard_units(n_parts, units) if units else []):
             parts.append(evaluate(design, chunk, len(parts)))
         total = restrict(combine(parts, len(parts)), design)
-        result = estimate(design, total, plan.v_empty, plan.v_full, plan.settings.estimator)
+        result = estimate(design, total, plan.v_empty, plan.v_full, plan.settings.estimator, plan.player_adjacency)
         history.append((design.n_coalitions, target.precision(result.values, result.std)))
         outcome = decide(history, target, largest, design.is_exact, INITIAL_RATES[result.estimator])
         if on_round is not None:

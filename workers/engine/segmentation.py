@@ -101,3 +101,16 @@ def check_segments(labels: np.ndarray, shape: tuple[int, int], name: str = "segm
     if tuple(labels.shape) != tuple(shape):
         raise ImageError(f"{name} is {labels.shape[0]}x{labels.shape[1]} but the image is {shape[0]}x{shape[1]}")
     return renumber(labels)
+
+
+def adjacent_superpixels(segments: np.ndarray) -> np.ndarray:
+    """``M x M`` bool: which superpixels touch, i.e. have pixels that are horizontal or vertical
+    neighbours (4-connectivity; the diagonal is False). ``segments``: labels ``0..M-1``."""
+    labels = np.asarray(segments, dtype=np.int64)
+    n_superpixels = int(labels.max()) + 1
+    adjacency = np.zeros((n_superpixels, n_superpixels), dtype=bool)
+    for first, second in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        differ = first != second
+        adjacency[first[differ], second[differ]] = True
+    adjacency |= adjacency.T
+    return adjacency
