@@ -512,7 +512,7 @@ def test_local_terms_mean_and_std_equal_the_bayesian_posterior_over_fourier_coef
     x, odd = kriging.pair_observations(np.concatenate([rows[0], rows[2]]), np.concatenate([rows[1], rows[3]]), rows[5])
     agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)
     triples = np.array([[0, 1, 2], [1, 2, 3], [2, 5, 6]])
-    local = kriging.LocalTerms(x, triples)
+    local = kriging.LocalTerms.at(x, triples)
     chosen = kriging._shrink(kriging._solve(x, odd, agreement, rho, edge_noise, local, weight), x, odd, t)
     kernel_variance = kriging._tables(m, rho)[0][m]
     per_set = weight * kernel_variance / len(triples)
@@ -532,7 +532,7 @@ def test_local_terms_mean_and_std_equal_the_bayesian_posterior_over_fourier_coef
     np.testing.assert_allclose(kriging._posterior_std(chosen, m, True), expected_std, rtol=1e-4)
     # On a subset of the points the local terms are the same sets seen at those points.
     points = np.array([0, 3, 5, len(x) - 1])
-    np.testing.assert_array_equal(local.subset(points).gram, kriging.LocalTerms(x[points], triples).gram)
+    np.testing.assert_array_equal(local.subset(points).gram, kriging.LocalTerms.at(x[points], triples).gram)
 
 
 def test_connected_triples_are_the_paths_and_triangles_of_the_superpixels_adjacency():

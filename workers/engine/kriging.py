@@ -214,24 +214,29 @@ def connected_triples(adjacency: np.ndarray) -> np.ndarray:
 
 class LocalTerms:
     """A fixed family of odd Fourier terms given extra prior variance: the S sets T of one odd size
-    d in the rows of ``sets`` (player indices), observed at the points ``x`` through their
-    features F_jT = chi_T(x_j) = prod_{i in T} x_ji. At weight c per set (c = lam v / S, see
-    :func:`_with_local`) the kernel matrix gains c F F^T, the Shapley map c F G (G_Ti = 2 / d for
-    i in T) and phi_i's prior variance c (2 / d)^2 #{T : i in T}."""
+    d in the rows of ``sets`` (player indices, of ``n_players``), seen at n points through their
+    ``features`` F_jT = chi_T(x_j) = prod_{i in T} x_ji (n x S; :meth:`at` forms them). At weight
+    c per set (c = lam v / S, see :func:`_with_local`) the kernel matrix gains c F F^T, the Shapley
+    map c F G (G_Ti = 2 / d for i in T) and phi_i's prior variance c (2 / d)^2 #{T : i in T}."""
 
-    def __init__(self, x: np.ndarray, sets: np.ndarray, features: np.ndarray | None = None) -> None:
+    def __init__(self, sets: np.ndarray, features: np.ndarray, n_players: int) -> None:
         self.sets = np.asarray(sets, dtype=np.int64)
-        self.n_players = x.shape[1]
-        if features is None:
-            features = np.ones((len(x), len(self.sets)))
-            for column in self.sets.T:
-                features *= x[:, column]
         self.features = features
+        self.n_players = n_players
         self._gram: np.ndarray | None = None
+
+    @classmethod
+    def at(cls, x: np.ndarray, sets: np.ndarray) -> "LocalTerms":
+        """The sets' terms at the points ``x`` (n x M, entries +-1)."""
+        sets = np.asarray(sets, dtype=np.int64)
+        features = np.ones((len(x), len(sets)))
+        for column in sets.T:
+            features *= x[:, column]
+        return cls(sets, features, x.shape[1])
 
     def subset(self, points: np.ndarray) -> "LocalTerms":
         """The same sets at the points ``x[points]``."""
-        return LocalTerms(np.empty((len(points), self.n_players)), self.sets, self.features[points])
+        return LocalTerms(self.sets, self.features[points], self.n_players)
 
     @property
     def gram(self) -> np.ndarray:
@@ -333,7 +338,7 @@ def _fit_one(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np
     if len(x) <= m:
         return None
     agreement = np.rint((m + x @ x.T) / 2).astype(np.int64)  # players on which two points agree
-    local = LocalTerms(x, triples) if triples is not None and len(triples) else None
+    local = LocalTerms.at(x, triples) if triples is not None and len(triples) else None
     chosen = _reml_choice(x, odd, agreement, len(z_sampled) > 0, local)
     if chosen is None:
         return None
