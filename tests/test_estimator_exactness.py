@@ -600,6 +600,38 @@ def test_kriging_local_terms_help_where_touching_superpixels_interact_and_stay_o
         assert max(ratios) < 1.05, ratios
 
 
+def test_kriging_leaves_out_local_terms_beyond_their_cap(rng, monkeypatch):
+    """A label map where one region touches every other (a frame round a grid) has a connected
+    triple for every pair of the others: beyond MAX_LOCAL_SETS the fit takes none, and gives the
+    same values as without the adjacency."""
+    from shapfleet.workers.engine import kriging
+    from shapfleet.workers.engine.design import CoalitionDesign
+    from shapfleet.workers.engine.segmentation import adjacent_superpixels
+
+    cells = np.repeat(np.repeat(np.arange(1, 26).reshape(5, 5), 2, axis=0), 2, axis=1)
+    segments = np.zeros((12, 12), dtype=np.int64)
+    segments[1:11, 1:11] = cells  # label 0 frames the 25 cells: it touches only the border cells
+    segments[1:11:2, 1:11:2] = 0  # and, through holes, every cell
+    adjacency = adjacent_superpixels(segments)
+    assert adjacency[0, 1:].all()
+    triples = kriging.connected_triples(adjacency)
+    monkeypatch.setattr(kriging, "MAX_LOCAL_SETS", len(triples) - 1)
+    m = adjacency.shape[0]
+    weights = rng.normal(size=(m, 1))
+    design = CoalitionDesign.create(m, 300, 0)
+    rows = _design_rows(design, lambda z: np.tanh(z.astype(float) @ weights))
+    built = []  # the local terms' sizes, as fits build them
+    at = kriging.LocalTerms.at
+    monkeypatch.setattr(kriging.LocalTerms, "at", lambda x, sets: built.append(len(sets)) or at(x, sets))
+    without, _ = kriging.fit(design, *rows)
+    capped, _ = kriging.fit(design, *rows, adjacency=adjacency)
+    np.testing.assert_array_equal(capped, without)
+    assert built == []
+    monkeypatch.setattr(kriging, "MAX_LOCAL_SETS", len(triples))
+    kriging.fit(design, *rows, adjacency=adjacency)
+    assert built == [len(triples)]
+
+
 def test_kriging_gives_the_edge_pairs_noise_where_the_game_jumps_next_to_the_full_coalition(rng, monkeypatch):
     """A linear game plus a jump g(z) = c [|z| = M - 1] (every all-but-one coalition shifted alike,
     as removing any one superpixel from a full photo can move a convnet's output): g is symmetric

@@ -144,6 +144,11 @@ EDGE_NOISE_GRID = (0.0, 0.03, 0.1, 0.3, 1.0)
 #: The local terms' weights lam that REML chooses among (see :class:`LocalTerms`): the connected
 #: triples' total extra prior variance, relative to the kernel's variance at a point.
 LOCAL_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+#: Most local terms a fit takes: they cost an n x S matrix and an n x n x S product (at n = 2,048
+#: pairs and S = 4,096, 64 MiB and 34 GFLOP). SLIC's superpixels touch about 6 others, about 15 S per
+#: superpixel (371 at M = 49 on the benchmark's photo); a label map where one region touches hundreds
+#: (a frame around a grid) has more, and is fitted without local terms.
+MAX_LOCAL_SETS = 4096
 #: Relative jitter on the kernel's diagonal, for round-off only.
 JITTER = 1e-10
 
@@ -292,7 +297,8 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     coalition with ``y = v(z) - v(0)``. None when the pairs do not determine the linear terms or a
     matrix is singular (the caller then uses the additive fit). ``sampled_group`` is unused: the
     signature is the cubic surrogate's, whose error bars need the groups. ``adjacency`` (M x M
-    bool, which players' superpixels touch) gives the local terms' triples; None: no local terms. Its caller,
+    bool, which players' superpixels touch) gives the local terms' triples; None, or more than
+    :data:`MAX_LOCAL_SETS` of them: no local terms. Its caller,
     :func:`shapfleet.workers.engine.estimation.estimate`, keeps BLAS on one thread.
 
     More than :data:`MAX_PAIRS` pairs are fitted by a committee (see there): chunk c takes the
@@ -300,6 +306,8 @@ def fit(design: CoalitionDesign, z_enumerated: np.ndarray, y_enumerated: np.ndar
     sum_c phi_c / var_c / sum_c 1 / var_c, with standard deviation (sum_c 1 / var_c)^-1/2, the
     chunks' errors being independent draws."""
     triples = connected_triples(adjacency) if adjacency is not None else None
+    if triples is not None and len(triples) > MAX_LOCAL_SETS:
+        triples = None
     chunks = -(-n_pairs(design) // MAX_PAIRS)
     if chunks > 1 and len(z_sampled):
         fits = []
