@@ -145,9 +145,9 @@ EDGE_NOISE_GRID = (0.0, 0.03, 0.1, 0.3, 1.0)
 #: triples' total extra prior variance, relative to the kernel's variance at a point.
 LOCAL_WEIGHT_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 #: Most local terms a fit takes: they cost an n x S matrix and an n x n x S product (at n = 2,048
-#: pairs and S = 4,096, 64 MiB and 34 GFLOP). SLIC's superpixels touch about 6 others, about 15 S per
-#: superpixel (371 at M = 49 on the benchmark's photo); a label map where one region touches hundreds
-#: (a frame around a grid) has more, and is fitted without local terms.
+#: pairs and S = 4,096, 64 MiB and 34 GFLOP). SLIC's superpixels touch about 6 others, which gives
+#: about 15 triples a superpixel (371 at M = 49 on the benchmark's photo); a label map where one
+#: region touches hundreds (a frame around a grid) has more, and is fitted without local terms.
 MAX_LOCAL_SETS = 4096
 #: Relative jitter on the kernel's diagonal, for round-off only.
 JITTER = 1e-10
