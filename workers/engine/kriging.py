@@ -265,7 +265,7 @@ class LocalTerms:
 def _with_local(k: np.ndarray, shapley_map, prior, local: LocalTerms | None, weight: float):
     """The kernel matrix ``k``, Shapley map and prior variances (callables) with the local terms
     added at weight ``weight`` (lam): c = lam v / S per set, v the largest of k's diagonal."""
-    if local is None or weight == 0 or not len(local.sets):
+    if local is None or weight == 0:
         return k, shapley_map, prior
     per_set = weight * float(np.max(np.diag(k))) / len(local.sets)
     return (k + per_set * local.gram, lambda: shapley_map() + per_set * local.shapley_map(),
@@ -392,6 +392,7 @@ def _reml_choice(x: np.ndarray, odd: np.ndarray, agreement: np.ndarray, sampled:
         if product is not None and product["objective"] < best["objective"]:
             best = product
         if sub_local is not None:
+            sub_local.gram  # formed here once, not by each weight's thread at the same time
             weighted = _best(pool.map(lambda weight: _refit({**best, "local_weight": weight}, sub_x, sub_odd,
                                                             sub_agreement, sub_local),
                                       [weight for weight in LOCAL_WEIGHT_GRID if weight > 0]))
