@@ -27,6 +27,9 @@ superpixels  error and time at 49 and 196 superpixels (dianna's MNIST model, Eff
 targets   --target-error on the exact M <= 16 cases and the 49/196-superpixel cases over 20 seeds: the
           largest error against the truth over the target, and the evaluations spent over the fewest a
           fixed-budget run of the same seed needs (bench/targets.py; ``--cases`` applies too).
+residual  how much of the EfficientNet 49-superpixel game's odd part any model fitted to pairs
+          predicts on held-out pairs, and the floor that puts under every such fit's error
+          (bench/residual.py).
 """
 
 from __future__ import annotations
@@ -780,6 +783,10 @@ def markdown(results: dict) -> str:
         from targets import markdown as targets_markdown
 
         lines += targets_markdown(results["targets"])
+    if "residual" in results:
+        from residual import markdown as residual_markdown
+
+        lines += residual_markdown(results["residual"])
     return "\n".join(lines) + "\n"
 
 
@@ -789,7 +796,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per budget in the accuracy study (default: 9 on the MNIST cases, 3 on EfficientNet)")
     parser.add_argument("--budgets", default="256,384,512,768,1024,1536,2048,3072,4096")
-    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead,superpixels,targets")
+    parser.add_argument("--only", default="limit,accuracy,service,scaling,overhead,superpixels,targets,residual")
     parser.add_argument("--cases", default=None, help="the superpixels and targets sections' cases (default: all)")
     args = parser.parse_args()
     import onnxruntime
@@ -824,6 +831,10 @@ def main() -> None:
         results["targets"] = {**results.get("targets", {}), **case_sections["targets"]}
     if "superpixels" in parts:
         case_sections["superpixels"] = measured
+    if "residual" in parts:
+        from residual import measure_residual
+
+        results["residual"] = measure_residual()
     if previous.exists():  # another run may have written since this one began: keep what it measured
         latest = json.loads(previous.read_text())
         for section, fresh in case_sections.items():  # only the cases this run measured replace the file's
