@@ -63,6 +63,8 @@ def pooled_pairs(game, seeds: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def measure_residual(seeds: int = 6, name: str = "efficientnet-M49") -> dict:
+    """Each predictor's share of the held-out odd part's variance left (see the module's docstring),
+    and the floor sqrt(best share / additive share) it puts under a fit of the pairs."""
     from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.neural_network import MLPRegressor
     from superpixels import Game, cases
@@ -81,15 +83,16 @@ def measure_residual(seeds: int = 6, name: str = "efficientnet-M49") -> dict:
         residual = h - features @ coef
         return float(np.mean(residual[test] ** 2) / variance), residual
 
-    shares = {}
+    shares, residuals = {}, {}
     for label, features in (("additive", x), ("additive + connected triples", np.hstack([x, triples])),
                             ("additive + size-varying", np.hstack([x, size_varying])),
                             ("additive + connected triples + size-varying", np.hstack([x, triples, size_varying]))):
-        shares[label], residual = left(features)
+        shares[label], residuals[label] = left(features)
         print(f"[residual] {label}: {100 * shares[label]:.2f}% of the odd part's variance left", flush=True)
+    residual = residuals["additive + connected triples + size-varying"]  # the richest linear family's
     inputs = np.vstack([x[~test], -x[~test]])
     targets = np.concatenate([residual[~test], -residual[~test]])
-    for label, model in (("... + gradient-boosted trees on its residual", HistGradientBoostingRegressor(max_iter=500, learning_rate=0.05)),
+    for label, model in (("... + gradient-boosted trees on its residual", HistGradientBoostingRegressor(max_iter=500, learning_rate=0.05, random_state=0)),
                          ("... + perceptron (128, 128) on its residual",
                           MLPRegressor(hidden_layer_sizes=(128, 128), alpha=1e-3, max_iter=500, early_stopping=True, random_state=0))):
         model.fit(inputs, targets)
@@ -97,14 +100,11 @@ def measure_residual(seeds: int = 6, name: str = "efficientnet-M49") -> dict:
         shares[label] = float(np.mean((residual[test] - predicted) ** 2) / variance)
         print(f"[residual] {label}: {100 * shares[label]:.2f}%", flush=True)
     train, held = np.flatnonzero(~test)[:KRIGING_TRAIN], np.flatnonzero(test)
+    agreement = np.rint((m + x @ x[train].T) / 2).astype(np.int64)  # players on which two points agree
     for rho in (0.2, 0.4, 0.7):
-        kernel = kriging._tables(m, rho)[0]
-        covariance = lambda a, b: kernel[np.rint((m + a @ b.T) / 2).astype(np.int64)]  # noqa: E731
-        factor = kriging.Cholesky(covariance(x[train], x[train]) + 1e-8 * kernel[m] * np.eye(len(train)))
-        k_inv_x = factor.solve(x[train])
-        beta = np.linalg.solve(x[train].T @ k_inv_x, k_inv_x.T @ h[train])
-        alpha = factor.solve(h[train] - x[train] @ beta)
-        predicted = x[held] @ beta + covariance(x[held], x[train]) @ alpha
+        # kriging's own universal-kriging solve (flat linear terms), then its posterior mean off the points
+        fitted = kriging._solve(x[train], h[train, None], agreement[train], rho)
+        predicted = x[held] @ fitted["beta"][:, 0] + kriging._tables(m, rho)[0][agreement[held]] @ fitted["alpha"][:, 0]
         label = f"kriging, isotropic kernel rho={rho} ({KRIGING_TRAIN:,} training pairs)"
         shares[label] = float(np.mean((h[held] - predicted) ** 2) / variance)
         print(f"[residual] {label}: {100 * shares[label]:.2f}%", flush=True)
